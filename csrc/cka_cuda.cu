@@ -1,0 +1,92 @@
+// CUDA implementation of the streaming-CKA ops: a fused shift + row-norm kernel (one block per row,
+// shared-memory tree reduction), cuBLAS (through ATen) for the O(m d^2) cross-products.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cka_kernel.h"
+
+namespace metalign {
+namespace {
+
+constexpr int kThreads = 256;  // power of two: the tree reduction halves it
+
+template <typename T, typename C>
+__global__ void cka_shift_rows_kernel(const T* __restrict__ x, int64_t row_stride, int64_t col_stride,
+                                      const C* __restrict__ shift, C* __restrict__ out, double* __restrict__ sq,
+                                      int64_t d) {
+  __shared__ double buf[kThreads];
+  const int64_t row = blockIdx.x;
+  const int64_t tid = threadIdx.x;
+  buf[tid] = cka_shift_row_partial<T, C>(x + row * row_stride, col_stride, shift, out + row * d, d, tid, kThreads);
+  __syncthreads();
+  for (int64_t s = kThreads / 2; s > 0; s >>= 1) {
+    cka_tree_step(buf, tid, s);
+    __syncthreads();
+  }
+  if (tid == 0) sq[row] = buf[0];
+}
+
+at::ScalarType compute_dtype(const at::Tensor& a, const at::Tensor& b) {
+  return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> cka_shift_rows_cuda(const at::Tensor& x, const at::Tensor& shift) {
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D (n_rows, d), got ", x.sizes());
+  TORCH_CHECK(x.is_cuda() && shift.is_cuda(), "x and shift must be CUDA tensors");
+  TORCH_CHECK(shift.dim() == 1 && shift.size(0) == x.size(1), "shift must be 1-D of length ", x.size(1),
+              ", got ", shift.sizes());
+  const at::cuda::CUDAGuard guard(x.device());
+  const auto ct = compute_dtype(x, shift);
+  auto sh = shift.to(ct).contiguous();
+  const int64_t n = x.size(0), d = x.size(1);
+  auto xs = at::empty({n, d}, x.options().dtype(ct));
+  auto sq = at::empty({n}, x.options().dtype(at::kDouble));
+  if (n == 0) return {xs, sq};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(ct, "cka_shift_rows_cuda", [&] {
+    using C = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cka_shift_rows_cuda_x", [&] {
+      cka_shift_rows_kernel<scalar_t, C><<<n, kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), sh.data_ptr<C>(), xs.data_ptr<C>(),
+          sq.data_ptr<double>(), d);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {xs, sq};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cka_moments_cuda(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& shift_x, const at::Tensor& shift_y) {
+  TORCH_CHECK(x.size(0) == y.size(0), "x and y must have the same number of rows, got ", x.size(0), " and ",
+              y.size(0));
+  auto [xs, p] = cka_shift_rows_cuda(x, shift_x);
+  auto [ys, q] = cka_shift_rows_cuda(y, shift_y);
+  const auto ct = compute_dtype(x, y);
+  xs = xs.to(ct);
+  ys = ys.to(ct);
+  auto xx = at::mm(xs.t(), xs).to(at::kDouble);
+  auto yy = at::mm(ys.t(), ys).to(at::kDouble);
+  auto xy = at::mm(xs.t(), ys).to(at::kDouble);
+  auto xsd = xs.to(at::kDouble), ysd = ys.to(at::kDouble);
+  auto ones = at::ones_like(p);
+  auto w = at::stack({ones, q, p}, 1);   // (m, 3): weights of the x-side column sums
+  auto wy = at::stack({ones, p, q}, 1);  // (m, 3): weights of the y-side column sums
+  auto vx = at::mm(w.t(), xsd);
+  auto vy = at::mm(wy.t(), ysd);
+  auto s = at::stack({at::full({}, static_cast<double>(x.size(0)), p.options()), p.sum(), q.sum(), (p * q).sum(),
+                      (p * p).sum(), (q * q).sum()});
+  return {xx, yy, xy, vx, vy, s};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metalign_ops, CUDA, m) {
+  m.impl("cka_moments", &cka_moments_cuda);
+  m.impl("cka_shift_rows", &cka_shift_rows_cuda);
+}
+
+}  // namespace metalign
