@@ -1,0 +1,338 @@
+"""HDF5 contract between stages and loaders for the real human-data formats.
+
+Flat shared module (see DESIGN.md "HDF5 between stages" and "Real human data formats"). Every loader
+raises DataError (a ValueError) whose message names the file, the field or column, and what was expected,
+so a user with a half-downloaded data folder learns what to fix without reading a traceback.
+
+    from data import read_features, load_triplets
+    X, ids = read_features("out/features/things.h5")         # (n_images, d) float32, list[str]
+    t = load_triplets("data/external", n_concepts=1854)       # dict of (N, 3) / (N,) int64, 0-based
+"""
+import contextlib
+import datetime
+import json
+import os
+import pickle
+import platform
+
+import h5py
+import numpy as np
+import pandas as pd
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file, the field and what was expected."""
+
+
+def versions():
+    """Versions of the interpreter and the libraries that shape numerical results (skips missing ones)."""
+    out = {"python": platform.python_version()}
+    for name in ["numpy", "scipy", "torch", "h5py", "pandas", "tables", "sklearn"]:
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "unknown")
+        except Exception:
+            pass
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it to `path` on success, delete it on error.
+
+    os.replace is atomic within one file system, which is why the temp file lives in the same folder:
+    a killed job leaves either the old file, the new file, or a stray .tmp-<pid>, never a half-written path.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"{os.path.basename(path)}.tmp-{os.getpid()}")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if not os.path.exists(tmp):
+        raise DataError(f"{path}: nothing was written to the temporary file {tmp}")
+    os.replace(tmp, path)
+
+
+def _attr_value(v):
+    # HDF5 attrs hold scalars, strings and arrays; nested containers go in as JSON so they round-trip.
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, default=str)
+    if isinstance(v, (np.generic, np.ndarray, str, bytes, int, float, bool)):
+        return v
+    return str(v)
+
+
+def write_h5_attrs(f, attrs=None):
+    """Set attrs on an open h5py File/Group: JSON for containers, `config` always JSON, plus created/versions."""
+    for k, v in (attrs or {}).items():
+        if v is None:
+            continue
+        f.attrs[k] = json.dumps(v, default=str) if k == "config" else _attr_value(v)
+    f.attrs["created"] = datetime.datetime.now().isoformat(timespec="seconds")
+    f.attrs["versions"] = json.dumps(versions())
+
+
+def write_features(path, features, image_ids, attrs=None, layers=None, chunk_rows=1024):
+    """Write /features (n, d), /image_ids (n,) utf-8 and optional /layers/<name> atomically.
+
+    features: (n_images, d) float16 kept as is, anything else stored float32; rows chunked by chunk_rows
+    so later stages can stream row blocks.
+    """
+    features = np.asarray(features)
+    if features.ndim != 2:
+        raise DataError(f"{path}: /features must be 2-d (n_images, d), got shape {features.shape}")
+    if features.dtype != np.float16:
+        features = features.astype(np.float32, copy=False)
+    image_ids = [str(s) for s in image_ids]
+    if len(image_ids) != features.shape[0]:
+        raise DataError(f"{path}: {len(image_ids)} image_ids for {features.shape[0]} feature rows")
+    n = features.shape[0]
+
+    def chunks(a):
+        return (max(1, min(chunk_rows, n)),) + a.shape[1:] if n > 0 else None
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=features, chunks=chunks(features))
+            f.create_dataset("image_ids", data=np.array(image_ids, dtype=object),
+                             dtype=h5py.string_dtype("utf-8"))
+            for name, arr in (layers or {}).items():
+                arr = np.asarray(arr)
+                if arr.shape[0] != n:
+                    raise DataError(f"{path}: /layers/{name} has {arr.shape[0]} rows, expected {n}")
+                f.create_dataset(f"layers/{name}", data=arr, chunks=chunks(arr))
+            write_h5_attrs(f, attrs)
+    return path
+
+
+def _decode(a):
+    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in a]
+
+
+def read_features(path, field="features", check_finite=True):
+    """Read (features (n, d) float32, image_ids list[str]) from a features HDF5 file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path} not found; expected an HDF5 file with /features and /image_ids, see README")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
+    with f:
+        present = []
+        f.visit(lambda name: present.append(name) if isinstance(f[name], h5py.Dataset) else None)
+        if field not in f or not isinstance(f[field], h5py.Dataset):
+            raise DataError(f"{path}: field '/{field}' missing; datasets present: {present}")
+        if "image_ids" not in f:
+            raise DataError(f"{path}: field '/image_ids' missing (needed to match rows to images); "
+                            f"datasets present: {present}")
+        X = np.asarray(f[field][...], dtype=np.float32)
+        ids = _decode(f["image_ids"][...])
+    if X.ndim != 2:
+        raise DataError(f"{path}: /{field} must be 2-d (n_images, d), got shape {X.shape}")
+    if X.shape[0] != len(ids):
+        raise DataError(f"{path}: /{field} has {X.shape[0]} rows but /image_ids has {len(ids)} entries")
+    if check_finite:
+        bad = ~np.isfinite(X)
+        if bad.any():
+            rows = np.nonzero(bad.any(1))[0]
+            raise DataError(f"{path}: /{field} has {int(bad.sum())} non-finite values, first at row {rows[0]}")
+    return X, ids
+
+
+def _need(path, what="file"):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path} not found; expected the {what} (see README, 'Real human data formats')")
+    return path
+
+
+def _check_columns(path, df, required):
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; expected {list(required)}, "
+                        f"found {list(df.columns)}")
+
+
+def load_concepts(data_dir):
+    """Concept names from unique_id.txt, in SPoSE row order -> list[str] (n_concepts,)."""
+    path = _need(os.path.join(data_dir, "unique_id.txt"), "list of THINGS concepts, one per line")
+    with open(path, encoding="utf-8") as fh:
+        names = [line.strip() for line in fh if line.strip()]
+    if not names:
+        raise DataError(f"{path}: no concept names found")
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: concept names are not unique")
+    return names
+
+
+def load_spose(data_dir, n_concepts=None):
+    """SPoSE embedding (n_concepts, n_dims) float32; the 66-d file, else the 49-d variant."""
+    path = os.path.join(data_dir, "spose_embedding_66d_sorted.txt")
+    alt = os.path.join(data_dir, "spose_embedding_49d_sorted.txt")
+    if not os.path.exists(path) and os.path.exists(alt):
+        path = alt
+    _need(path, "SPoSE embedding (whitespace-separated, one concept per row)")
+    try:
+        E = pd.read_csv(path, sep=r"\s+", header=None, dtype=np.float64, engine="c").to_numpy(np.float32)
+    except ValueError as e:
+        raise DataError(f"{path}: could not parse as whitespace-separated numbers ({e})") from None
+    if n_concepts is not None and E.shape[0] != n_concepts:
+        raise DataError(f"{path}: {E.shape[0]} rows, expected {n_concepts} (one per concept in unique_id.txt)")
+    bad = ~np.isfinite(E)
+    if bad.any():
+        raise DataError(f"{path}: {int(bad.sum())} non-finite values, first at row {np.nonzero(bad.any(1))[0][0]}")
+    return E
+
+
+def concept_rows(image_ids, concepts, path="features"):
+    """Row of the first sorted image "<concept>/..." of each concept -> (n_concepts,) int64.
+
+    DESIGN: a backbone's concept representation is the features of the first sorted image per concept.
+    """
+    first = {}
+    for i, iid in enumerate(image_ids):
+        c = iid.split("/", 1)[0]
+        if c not in first or iid < image_ids[first[c]]:
+            first[c] = i
+    missing = [c for c in concepts if c not in first]
+    if missing:
+        raise DataError(f"{path}: /image_ids has no image for {len(missing)} of {len(concepts)} concepts, "
+                        f"first missing: {missing[:5]} (expected ids like '{missing[0]}/<image>.jpg')")
+    return np.array([first[c] for c in concepts], dtype=np.int64)
+
+
+def load_triplets(data_dir, n_concepts):
+    """THINGS odd-one-out triplets -> dict(triplets (N, 3), choice (N,), subject (N,)), int64, 0-based.
+
+    choice is the 0-based position (0..2) of the odd one out within the row's triplet.
+    """
+    path = _need(os.path.join(data_dir, "THINGS_triplets.csv"), "tab-separated THINGS triplet file")
+    cols = ["image1", "image2", "image3", "choice", "subject_id"]
+    header = pd.read_csv(path, sep="\t", nrows=0)
+    _check_columns(path, header, cols)
+    try:
+        # explicit int64 dtypes keep the C parser on its fast path (4.7M rows in a few seconds)
+        df = pd.read_csv(path, sep="\t", usecols=cols, engine="c",
+                         dtype={c: np.int64 for c in cols[:4]})
+    except ValueError as e:
+        raise DataError(f"{path}: columns {cols[:4]} must be integers without gaps ({e})") from None
+    for c in cols[:3]:
+        v = df[c].to_numpy()
+        bad = np.nonzero((v < 1) | (v > n_concepts))[0]
+        if len(bad):
+            r = bad[0]
+            raise DataError(f"{path}: column '{c}' has index {v[r]} out of range 1..{n_concepts} "
+                            f"(row {r + 1}, {len(bad)} bad rows)")
+    ch = df["choice"].to_numpy()
+    bad = np.nonzero((ch < 1) | (ch > 3))[0]
+    if len(bad):
+        raise DataError(f"{path}: column 'choice' has value {ch[bad[0]]} not in 1..3 (row {bad[0] + 1})")
+    subj = df["subject_id"]
+    if pd.api.types.is_integer_dtype(subj):
+        subject = subj.to_numpy(np.int64)
+    else:  # hashed / string subject ids: stable integer codes in order of appearance
+        subject = pd.factorize(subj)[0].astype(np.int64)
+    return dict(triplets=df[cols[:3]].to_numpy(np.int64) - 1, choice=ch.astype(np.int64) - 1,
+                subject=subject)
+
+
+def load_levels(data_dir):
+    """Levels triplets -> (trials DataFrame, image_keys sorted list[str]).
+
+    trials: participant, image1, image2, image3 (image keys = file base names), selected (0-based position
+    0..2 of the chosen odd one out), triplet_type; only exp_trial_type == "exp_trial" rows.
+    """
+    path = _need(os.path.join(data_dir, "levels.pkl"), "Levels pickle (dict participant -> list of trials)")
+    try:
+        with open(path, "rb") as fh:
+            raw = pickle.load(fh)
+    except Exception as e:
+        raise DataError(f"{path}: could not unpickle ({e})") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a dict participant_id -> list of trial dicts, got {type(raw).__name__}")
+    rows = [dict(t, participant=p) for p, trials in raw.items() for t in trials]
+    df = pd.DataFrame(rows)
+    need = ["image1Path", "image2Path", "image3Path", "selected_image", "triplet_type", "exp_trial_type"]
+    _check_columns(path, df, need)
+    df = df[df["exp_trial_type"] == "exp_trial"].reset_index(drop=True)
+    for c in need:  # a field absent from some trial dicts shows up as NaN after the DataFrame union
+        gap = np.nonzero(df[c].isna().to_numpy())[0]
+        if len(gap):
+            raise DataError(f"{path}: field '{c}' missing in {len(gap)} exp trials, first of participant "
+                            f"{df['participant'][gap[0]]!r}")
+    key = lambda s: s.astype(str).map(lambda p: p.replace("\\", "/").rsplit("/", 1)[-1])
+    imgs = np.stack([key(df[f"image{j}Path"]).to_numpy() for j in (1, 2, 3)], 1)  # (n_trials, 3)
+    sel = key(df["selected_image"]).to_numpy()
+    hit = imgs == sel[:, None]
+    bad = np.nonzero(hit.sum(1) != 1)[0]
+    if len(bad):
+        r = bad[0]
+        raise DataError(f"{path}: field 'selected_image' = {sel[r]!r} is not one of the trial's three images "
+                        f"(exp trial {r}, participant {df['participant'][r]!r})")
+    trials = pd.DataFrame(dict(participant=df["participant"].to_numpy(), image1=imgs[:, 0], image2=imgs[:, 1],
+                               image3=imgs[:, 2], selected=hit.argmax(1).astype(np.int64),
+                               triplet_type=df["triplet_type"].to_numpy()))
+    return trials, sorted(set(imgs.ravel().tolist()))
+
+
+def load_category_learning(data_dir):
+    """category_learning.csv -> DataFrame (participant, image, choice, true_category_binary[, trial, dimension, correct])."""
+    path = _need(os.path.join(data_dir, "category_learning.csv"), "category learning CSV")
+    df = pd.read_csv(path)
+    req = ["participant", "image", "choice", "true_category_binary"]
+    _check_columns(path, df, req)
+    return df[req + [c for c in ["trial", "dimension", "correct"] if c in df.columns]]
+
+
+def load_reward_learning(data_dir):
+    """reward_learning.csv -> DataFrame (participant, left_image, right_image, left_reward, right_reward, choice).
+
+    choice: 0 = left, 1 = right (the embedded world's coding; a `trial` column is kept when present).
+    """
+    path = _need(os.path.join(data_dir, "reward_learning.csv"), "reward learning CSV")
+    df = pd.read_csv(path)
+    req = ["participant", "left_image", "right_image", "left_reward", "right_reward", "choice"]
+    _check_columns(path, df, req)
+    return df[req + (["trial"] if "trial" in df.columns else [])]
+
+
+def load_fmri(data_dir, subject):
+    """THINGS-fMRI single-trial responses of one subject (1, "01" or "sub-01").
+
+    Returns dict(responses (n_voxels, n_trials) float32, voxel_ids (n_voxels,) int64,
+    voxels = VoxelMetadata rows in response order, stimuli = StimulusMetadata, one row per trial).
+    """
+    s = str(subject)
+    sub = s if s.startswith("sub-") else f"sub-{int(s):02d}"
+    folder = os.path.join(data_dir, "brain_data")
+    rpath = _need(os.path.join(folder, f"{sub}_ResponseData.h5"), "pandas HDF file of single-trial responses")
+    vpath = _need(os.path.join(folder, f"{sub}_VoxelMetadata.csv"), "voxel metadata CSV")
+    spath = _need(os.path.join(folder, f"{sub}_StimulusMetadata.csv"), "stimulus metadata CSV")
+    try:
+        rd = pd.read_hdf(rpath)
+    except Exception as e:
+        raise DataError(f"{rpath}: could not read as a pandas HDF table ({e})") from None
+    _check_columns(rpath, rd, ["voxel_id"])
+    voxel_ids = rd["voxel_id"].to_numpy(np.int64)
+    responses = rd.drop(columns=["voxel_id"]).to_numpy(np.float32)  # (n_voxels, n_trials)
+    voxels = pd.read_csv(vpath)
+    _check_columns(vpath, voxels, ["voxel_id", "nc_singletrial"])
+    idx = pd.Index(voxels["voxel_id"].to_numpy(np.int64))
+    pos = idx.get_indexer(voxel_ids)
+    if (pos < 0).any():
+        raise DataError(f"{vpath}: column 'voxel_id' lacks {int((pos < 0).sum())} voxels of {rpath}, "
+                        f"first {voxel_ids[pos < 0][0]}")
+    voxels = voxels.iloc[pos].reset_index(drop=True)
+    stimuli = pd.read_csv(spath)
+    _check_columns(spath, stimuli, ["session", "concept", "stimulus"])
+    if len(stimuli) != responses.shape[1]:
+        raise DataError(f"{spath}: {len(stimuli)} rows (trials) but {rpath} has {responses.shape[1]} trial columns")
+    return dict(responses=responses, voxel_ids=voxel_ids, voxels=voxels, stimuli=stimuli)

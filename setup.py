@@ -1,0 +1,26 @@
+"""Ahead-of-time build of csrc/ (the same sources kernels.py JIT-compiles): `make build` runs
+
+    python setup.py build_ext --inplace     # -> metalign_ops*.so beside kernels.py
+
+kernels.py loads that library when it is newer than every source, so ranks started by torchrun never
+race on a first JIT build. CUDA sources are compiled when torch sees a GPU (or FORCE_CUDA=1).
+"""
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+import kernels
+
+with_cuda = os.environ.get("FORCE_CUDA") == "1" or (torch.cuda.is_available() and kernels._cuda_home() is not None)
+Ext = CUDAExtension if with_cuda else CppExtension
+sources = kernels.SOURCES + (kernels.CUDA_SOURCES if with_cuda else [])
+
+setup(
+    name="metalign_ops",
+    ext_modules=[Ext("metalign_ops", [os.path.relpath(s) for s in sources], include_dirs=[str(kernels.CSRC)],
+                     extra_compile_args={"cxx": kernels.CFLAGS, "nvcc": kernels.CUDA_CFLAGS},
+                     extra_link_args=kernels.LDFLAGS)],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

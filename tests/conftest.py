@@ -1,0 +1,17 @@
+"""Shared fixtures: the small embedded world, built once per test session."""
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """dict: every path make_world wrote, plus dir (world root) and data (the human-data folder)."""
+    from world import make_world
+    out = tmp_path_factory.mktemp("world")
+    paths = make_world(str(out), size="small", seed=0, verbose=False)
+    return dict(paths, dir=str(out), data=str(out / "data"))
