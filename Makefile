@@ -8,6 +8,8 @@ TASK    ?= things-ooo
 STAGE   ?= sae
 FEATURES?= $(WORLD)/features/things.h5
 DATA    ?= $(WORLD)/data
+CKPT    ?= $(RUN)/meta/world.pt
+META_STEPS ?= 600
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
 .PHONY: demo test bench build nvcc world evaluate train clean
@@ -32,13 +34,51 @@ $(WORLD)/world_truth.h5: .venv/ok world.py extract.py data.py
 
 world: $(WORLD)/world_truth.h5
 
-$(RUN)/things-ooo.json: $(WORLD)/world_truth.h5 evaluate.py
-	$(PY) evaluate.py --task things-ooo --features $(FEATURES) --data $(DATA) --out $@
+$(RUN)/things-ooo.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py $(CKPT)
+	$(PY) evaluate.py --task things-ooo --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/cka.json: $(WORLD)/world_truth.h5 evaluate.py kernels.py
-	$(PY) evaluate.py --task cka --features $(FEATURES) --data $(DATA) --out $@
+$(RUN)/cka.json: $(WORLD)/world_truth.h5 evaluate.py kernels.py $(CKPT)
+	$(PY) evaluate.py --task cka --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --spose-dims 0,1,2 --out $@
 
-demo: build $(RUN)/things-ooo.json $(RUN)/cka.json
+# representational geometry (issue 7): one file target per task, each with the aligned checkpoint
+GEOMETRY = rsa class-separation tsne probe
+$(GEOMETRY:%=$(RUN)/%.json): $(RUN)/%.json: $(WORLD)/world_truth.h5 evaluate.py geometry.py $(CKPT)
+	$(PY) evaluate.py --task $* --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
+
+$(RUN)/similarity.json: $(WORLD)/world_truth.h5 evaluate.py geometry.py
+	$(PY) evaluate.py --task similarity --models "$(WORLD)/features/{dataset}.h5,$(WORLD)/features/{dataset}_b1.h5,$(WORLD)/features/{dataset}_b2.h5,$(WORLD)/features/{dataset}_b3.h5" --datasets things,levels,coco --data $(DATA) --out $@
+
+$(RUN)/fmri.json: $(WORLD)/world_truth.h5 evaluate.py fmri.py kernels.py
+	$(PY) evaluate.py --task fmri --features $(FEATURES) --data $(DATA) --out $@
+
+$(RUN)/levels-ooo.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py $(CKPT)
+	$(PY) evaluate.py --task levels-ooo --levels-features $(WORLD)/features/levels.h5 --data $(DATA) --ckpt $(CKPT) --out $@
+
+$(RUN)/category-learning.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py $(CKPT)
+	$(PY) evaluate.py --task category-learning --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
+
+$(RUN)/reward-learning.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py $(CKPT)
+	$(PY) evaluate.py --task reward-learning --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
+
+$(RUN)/icl.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py $(CKPT)
+	$(PY) evaluate.py --task icl --data $(DATA) --ckpt $(CKPT) --out $@
+
+# SAE on the world's unlabelled pool, then its codes in a separate file (the world's features stay as written)
+$(RUN)/sae/world.pt: $(WORLD)/world_truth.h5 train.py models.py kernels.py
+	$(PY) train.py --stage sae --features $(WORLD)/features/coco.h5 --n-latents 4x --k 16 --epochs 30 --rows-per-step 256 --sae-lr 0.003 --no-progress --out $@
+
+$(RUN)/coco_codes.h5: $(RUN)/sae/world.pt
+	$(PY) train.py --stage sae --encode --ckpt $< --features $(WORLD)/features/coco.h5 --codes-out $@
+
+$(RUN)/things_codes.h5: $(RUN)/sae/world.pt
+	$(PY) train.py --stage sae --encode --ckpt $< --features $(WORLD)/features/things.h5 --codes-out $@
+
+# meta-learning on the pool's SAE functions, held-out evaluation on the THINGS images' own codes
+$(RUN)/meta/world.pt: $(RUN)/coco_codes.h5 $(RUN)/things_codes.h5 models.py
+	$(PY) train.py --stage meta --features $(WORLD)/features/coco.h5 --codes $(RUN)/coco_codes.h5 --eval-features $(FEATURES) --eval-codes $(RUN)/things_codes.h5 --min-nonzero 40 --length 32 --batch 32 --steps $(META_STEPS) --d-model 64 --lr 2e-3 --eval-every 100 --no-progress --out $@
+
+
+demo: build $(RUN)/things-ooo.json $(RUN)/levels-ooo.json $(RUN)/category-learning.json $(RUN)/reward-learning.json $(RUN)/icl.json $(RUN)/cka.json $(RUN)/fmri.json $(RUN)/coco_codes.h5 $(GEOMETRY:%=$(RUN)/%.json) $(RUN)/similarity.json
 	$(PY) evaluate.py --task report --results $(RUN) --out $(RUN)/report.md
 	@cat $(RUN)/report.md
 

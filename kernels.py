@@ -14,10 +14,26 @@ Ops and entry points:
     cka(X, Y, kernel="linear", debiased=False)   streaming CKA over row chunks      oracle: cka_ref
     cka_moments(x, y, shift_x, shift_y)          one chunk's moments (op)          oracle: cka_moments_ref
     cka_shift_rows(x, shift)                     shifted rows + squared norms (op) oracle: cka_shift_rows_ref
+    cka(X, Y, kernel="rbf", sigma=None)          RBF CKA from Gram tiles             oracle: cka_ref
+    cka_rbf_tile(gx, gy, nxi, nxj, nyi, nyj, ...) one tile's kernel sums (op)       oracle: cka_rbf_tile_ref
+    median_sq_dist(X)                            exact median squared distance (tiles), as np.median
+    episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed)
+                                                 B meta-learning episodes (op)     oracle: episodes_ref
+    ridge_cv(X, Y, alphas, cv=5|"loo"|"gcv"|groups, fit_intercept=True)  per-target RidgeCV, Y streamed
+                                                 from HDF5 in target batches       oracle: ridge_cv_ref
+    ridge_score_kfold(s, z, b, yy, quad, alphas, rows)  every alpha x target, one fold (op)  ridge_score_kfold_ref
+    ridge_score_loo(xr, y, s, z, alphas, h0, chunk_rows) exact LOO + argmin (op)    oracle: ridge_score_loo_ref
+    ridge_score_gcv(s, z, yy, alphas, n, df0)    GCV + argmin, O(p) per alpha (op)  oracle: ridge_score_gcv_ref
+    ridge_score_loo_basis(xr, y, s, z, alphas, h0, basis, coef, chunk_rows)  LOO via a few alpha-basis GEMMs
+                                                 (op; basis from ridge_alpha_basis)  oracle: ridge_score_loo_basis_ref
+    topk_encode(x, W_enc, b_enc, k, b_pre=None)  fused SAE encode: matmul tiles + bias + ReLU + running top-k
+                                                 per row (op)                      oracle: topk_encode_ref
 """
+import bisect
 import functools
 import logging
 import glob
+import math
 import os
 import shutil
 import subprocess
@@ -25,6 +41,7 @@ import sys
 import sysconfig
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +56,7 @@ CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr"]
 CHUNK_ROWS = 8192  # rows per chunk when streaming: O(chunk * d) memory, large enough to keep BLAS busy
+RBF_TILE = 2048    # Gram tile edge for RBF CKA: two float64 tiles = 64 MiB, whatever n is
 
 
 def _cuda_home():
@@ -173,8 +191,13 @@ def _cka_from_moments(xx, yy, xy, vx, vy, s, debiased):
     return hxy / torch.sqrt(hxx * hyy)
 
 
-def cka(X, Y, kernel="linear", debiased=False, chunk_rows=CHUNK_ROWS):
-    """Exact linear CKA between X (n, d1) and Y (n, d2) from one pass over row chunks -> 0-d float64 tensor.
+def cka(X, Y, kernel="linear", debiased=False, sigma=None, sigma_frac=1.0, chunk_rows=CHUNK_ROWS, tile=RBF_TILE):
+    """Exact CKA between X (n, d1) and Y (n, d2) -> 0-d float64 tensor.
+
+    kernel="linear": one pass over row chunks (below). kernel="rbf": k(x, y) = exp(-|x - y|^2 / (2 sigma^2));
+    a number `sigma` is the bandwidth for both X and Y; sigma=None is the median heuristic per matrix,
+    sigma = sigma_frac * sqrt(median squared distance) (Kornblith et al. 2019). RBF CKA is computed from
+    (tile x tile) Gram tiles that are never stored whole: memory O(n + tile^2), see _cka_rbf.
 
     X and Y may be torch tensors, numpy arrays or h5py datasets (read chunk by chunk, so data larger
     than memory works); memory is O(d1^2 + d2^2 + d1 d2 + chunk_rows (d1 + d2)), never O(n^2).
@@ -182,13 +205,15 @@ def cka(X, Y, kernel="linear", debiased=False, chunk_rows=CHUNK_ROWS):
     one pass, BLAS for the cross-products), accumulated in float64. debiased=True gives the unbiased
     HSIC estimator (Song et al. 2012) as in Kornblith et al. 2019 / Nguyen et al. 2021.
     """
-    if kernel != "linear":
-        raise ValueError(f"kernel={kernel!r}: only 'linear' is implemented (the RBF kernel is tracked in issue 7)")
+    if kernel not in ("linear", "rbf"):
+        raise ValueError(f"kernel={kernel!r}: expected 'linear' or 'rbf'")
     n = X.shape[0]
     if Y.shape[0] != n:
         raise ValueError(f"X and Y must have the same number of rows (images), got {n} and {Y.shape[0]}")
     if n < (4 if debiased else 2):
         raise ValueError(f"CKA needs at least {4 if debiased else 2} rows{' when debiased' if debiased else ''}, got {n}")
+    if kernel == "rbf":
+        return _cka_rbf(X, Y, sigma, sigma_frac, debiased, tile)
     tot, shift_x, shift_y = None, None, None
     for start in range(0, n, chunk_rows):
         x, y = _as_tensor(X[start:start + chunk_rows]), _as_tensor(Y[start:start + chunk_rows])
@@ -202,13 +227,22 @@ def cka(X, Y, kernel="linear", debiased=False, chunk_rows=CHUNK_ROWS):
     return value
 
 
-def cka_ref(X, Y, kernel="linear", debiased=False):
-    """Gram-matrix CKA in float64 (the oracle): n x n linear kernels centred by row/column means, as
-    thingsvision computes it; debiased uses the unbiased HSIC of Song et al. 2012 on the raw kernels."""
-    if kernel != "linear":
-        raise ValueError(f"kernel={kernel!r}: only 'linear' is implemented")
+def cka_ref(X, Y, kernel="linear", debiased=False, sigma=None, sigma_frac=1.0):
+    """Gram-matrix CKA in float64 (the oracle): n x n kernels centred by row/column means, as thingsvision
+    computes it; debiased uses the unbiased HSIC of Song et al. 2012 on the raw kernels. RBF bandwidths as
+    Kornblith et al.'s reference code: sigma^2 = sigma_frac^2 * np.median of the full squared-distance matrix."""
     X, Y = _as_tensor(X).double(), _as_tensor(Y).double()
-    K, L = X @ X.T, Y @ Y.T
+    if kernel == "linear":
+        K, L = X @ X.T, Y @ Y.T
+    elif kernel == "rbf":
+        def rbf(A):
+            D = torch.cdist(A, A) ** 2
+            D.fill_diagonal_(0)
+            s2 = sigma ** 2 if sigma is not None else sigma_frac ** 2 * float(np.median(D.numpy()))
+            return torch.exp(-D / (2 * s2))
+        K, L = rbf(X), rbf(Y)
+    else:
+        raise ValueError(f"kernel={kernel!r}: expected 'linear' or 'rbf'")
     n = K.shape[0]
 
     def hsic(K, L):
@@ -222,6 +256,613 @@ def cka_ref(X, Y, kernel="linear", debiased=False):
                 - 2 / (n - 2) * (one @ Kt @ Lt @ one)) / (n * (n - 3))
 
     return hsic(K, L) / torch.sqrt(hsic(K, K) * hsic(L, L))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# episodes: fused episode construction for meta-learning (issue 4)
+# ---------------------------------------------------------------------------------------------------------
+
+_M64 = (1 << 64) - 1
+
+
+def _ep_mix(z):
+    """splitmix64 finalizer on Python ints (csrc/episodes_kernel.h ep_mix)."""
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _ep_draws(seed, b):
+    key = _ep_mix((seed & _M64) ^ _ep_mix(b))
+    return lambda i: _ep_mix((key + i * 0xD1B54A32D192ED03) & _M64)
+
+
+def _ep_floyd(draw, first, k, m):
+    out = []
+    for c in range(k):
+        j = m - k + c
+        t = (draw(first + c) * (j + 1)) >> 64
+        out.append(j if t in out else t)
+    return out
+
+
+def episodes_ref(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed):
+    """The oracle of kernels.episodes: the same RNG contract (csrc/episodes_kernel.h) in Python integers,
+    one episode at a time; same signature and outputs."""
+    n, d = features.shape
+    F, L = pos_ptr.numel() - 1, length
+    pp, pi, pv = pos_ptr.tolist(), pos_idx.tolist(), pos_val.double().tolist()
+    has_neg = neg_ptr.numel() > 0
+    if has_neg:
+        npp, ni, nv = neg_ptr.tolist(), neg_idx.tolist(), neg_val.double().tolist()
+    scale = mag_scale.double().tolist()
+    rows = torch.empty(n_episodes, L, dtype=torch.int64)
+    y = torch.empty(n_episodes, L, dtype=torch.float64)
+    mag = torch.empty(n_episodes, L, dtype=torch.float64)
+    fn = torch.empty(n_episodes, dtype=torch.int64)
+    for b in range(n_episodes):
+        draw = _ep_draws(seed, b)
+        f = (draw(0) * F) >> 64
+        u1 = ((draw(1) >> 11) + 0.5) * 2.0 ** -53
+        u2 = (draw(2) >> 11) * 2.0 ** -53
+        z = math.sqrt(-2.0 * math.log(u1)) * math.cos(6.283185307179586 * u2)
+        n_pos = int(min(max(math.floor(0.5 * L + 0.05 * L * z + 0.5), 0), L))
+        p0, pc = pp[f], pp[f + 1] - pp[f]
+        r, yy, mm = [], [], []
+        for k in _ep_floyd(draw, 3, n_pos, pc):
+            r.append(pi[p0 + k]); yy.append(1.0); mm.append(pv[p0 + k] * scale[f])
+        if has_neg:
+            n0, nc = npp[f], npp[f + 1] - npp[f]
+        else:
+            keys, nc = [p - q for q, p in enumerate(pi[p0:p0 + pc])], n - pc  # P[q] - q, non-decreasing
+        for k in _ep_floyd(draw, 3 + n_pos, L - n_pos, nc):
+            if has_neg:
+                r.append(ni[n0 + k]); mm.append(nv[n0 + k] * scale[f])
+            else:  # the k-th row that is not a positive
+                r.append(k + bisect.bisect_right(keys, k)); mm.append(0.0)
+            yy.append(0.0)
+        for i in range(L - 1, 0, -1):  # Fisher-Yates
+            j = (draw(3 + L + (L - 1 - i)) * (i + 1)) >> 64
+            for a in (r, yy, mm):
+                a[i], a[j] = a[j], a[i]
+        rows[b], y[b], fn[b] = torch.tensor(r), torch.tensor(yy), f
+        mag[b] = torch.tensor(mm, dtype=torch.float64)
+    dt = features.dtype
+    mag = mag.to(dt)
+    prev = torch.cat([torch.zeros(n_episodes, 1, dtype=dt), mag[:, :-1]], 1)  # previous item's magnitude
+    x = torch.cat([prev[..., None], features[rows]], 2)  # (B, L, 1 + d)
+    return x, y.to(dt), mag, fn, rows
+
+
+def episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed):
+    """Batched episodes in one fused op -> x (B, L, 1+d), y (B, L), mag (B, L), fn (B,), rows (B, L).
+
+    features (n_images, d) float (output dtype = features dtype); functions as CSR over image rows:
+    pos_ptr (F+1,) int64, pos_idx (nnz,) int64 strictly increasing per function, pos_val (nnz,) magnitudes;
+    neg_ptr/neg_idx/neg_val the same for negatives, or empty tensors for "negatives = every other row,
+    magnitude 0" (SAE functions); mag_scale (F,) (1 / magnitude std per function, dtype of pos_val).
+    Episode b picks f uniformly, n_pos ~ round(N(L/2, L/20)) clamped to [0, L], n_pos positives and L - n_pos
+    negatives without replacement, shuffled; x[b, t] = [mag[b, t-1] (0 at t = 0), features[rows[b, t]]],
+    y = 1 for positives, mag = magnitude * mag_scale[f]. Every function needs >= L positives and negatives.
+    Deterministic given seed (counter-based RNG, csrc/episodes_kernel.h), whatever the thread count.
+    """
+    args = (features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, int(n_episodes), int(length),
+            int(seed))
+    if _ext():
+        return torch.ops.metalign_ops.episodes(*args)
+    return episodes_ref(*args)
+
+
+def cka_rbf_tile_ref(gx, gy, nxi, nxj, nyi, nyj, gamma_x, gamma_y, diagonal):
+    """One Gram-tile pair -> (row_k, col_k, row_l, col_l, [sum kl, sum k^2, sum l^2]), all float64."""
+    def kern(g, ni, nj, gamma):
+        d2 = (ni[:, None] + nj[None, :] - 2 * g).clamp_min(0)
+        if diagonal:
+            d2.fill_diagonal_(0)
+        return torch.exp(-gamma * d2)
+    K, L = kern(gx, nxi, nxj, gamma_x), kern(gy, nyi, nyj, gamma_y)
+    return K.sum(1), K.sum(0), L.sum(1), L.sum(0), torch.stack([(K * L).sum(), (K * K).sum(), (L * L).sum()])
+
+
+def cka_rbf_tile(gx, gy, nxi, nxj, nyi, nyj, gamma_x, gamma_y, diagonal):
+    if _ext():
+        return torch.ops.metalign_ops.cka_rbf_tile(gx, gy, nxi, nxj, nyi, nyj, gamma_x, gamma_y, diagonal)
+    return cka_rbf_tile_ref(gx, gy, nxi, nxj, nyi, nyj, gamma_x, gamma_y, diagonal)
+
+
+def _centred(X):
+    """(centred rows in the compute dtype, their squared norms in float64): distances are translation
+    invariant, and centring keeps |xi|^2 + |xj|^2 - 2 xi.xj from cancelling catastrophically."""
+    X = _as_tensor(X[:] if not isinstance(X, torch.Tensor) else X)
+    ct = _compute_dtype(X)
+    Xd = X.double()
+    Xc = Xd - Xd.mean(0)
+    return Xc.to(ct), (Xc ** 2).sum(1)
+
+
+def _tile_pairs(n, tile):
+    """Upper-triangle tile pairs (i0, i1, j0, j1), j0 >= i0: each unordered pair of rows once."""
+    edges = list(range(0, n, tile)) + [n]
+    for a in range(len(edges) - 1):
+        for b in range(a, len(edges) - 1):
+            yield edges[a], edges[a + 1], edges[b], edges[b + 1]
+
+
+def _offdiag_sq_dists(Xc, norms, tile):
+    """Squared distances of every unordered pair i < j, one float64 tile at a time (generator)."""
+    for i0, i1, j0, j1 in _tile_pairs(Xc.shape[0], tile):
+        d2 = (norms[i0:i1, None] + norms[None, j0:j1] - 2 * (Xc[i0:i1] @ Xc[j0:j1].T).double()).clamp_min(0)
+        yield d2[torch.triu_indices(i1 - i0, j1 - j0, offset=1, device=d2.device).unbind()] if i0 == j0 else d2.ravel()
+
+
+def _select_ranks(stream, n_values, ranks, upper, cap=1 << 24, bins=1 << 16):
+    """Exact order statistics (0-based `ranks`) of n_values >= 0 produced by stream(), never holding more
+    than `cap` of them: histogram passes narrow [lo, hi) around the ranks, then one pass collects it."""
+    lo, hi = 0.0, float(upper) * (1 + 1e-9) + 1e-300
+    count_in = n_values
+    while True:
+        if count_in <= cap:  # collect [lo, hi) and count what lies below it, with the same comparisons
+            below, kept = 0, []
+            for d in stream():
+                below += int((d < lo).sum())
+                kept.append(d[(d >= lo) & (d < hi)])
+            vals = torch.sort(torch.cat(kept)).values
+            if all(0 <= r - below < len(vals) for r in ranks):
+                return [float(vals[r - below]) for r in ranks]
+            lo, hi, count_in = 0.0, float(upper) * (1 + 1e-9) + 1e-300, n_values + cap + 1  # float edge case: restart wide
+        edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+        hist, below = torch.zeros(bins, dtype=torch.int64), 0
+        for d in stream():
+            below += int((d < lo).sum())
+            inside = d[(d >= lo) & (d < hi)]
+            idx = (torch.bucketize(inside, edges, right=True) - 1).clamp(0, bins - 1)
+            hist += torch.bincount(idx, minlength=bins)
+        cum = below + torch.cumsum(hist, 0)
+        first = [int(torch.searchsorted(cum, torch.tensor(r, dtype=cum.dtype), right=True)) for r in ranks]
+        b0, b1 = min(first), min(max(first), bins - 1)
+        lo, hi = float(edges[b0]), float(edges[b1 + 1])
+        count_in = int(hist[b0:b1 + 1].sum())
+
+
+def median_sq_dist(X, tile=RBF_TILE, cap=1 << 24):
+    """np.median of the full (n, n) squared-distance matrix of X's rows (zero diagonal and both triangles
+    included, as Kornblith et al.'s reference code), exact, from Gram tiles: memory O(n + tile^2)."""
+    Xc, norms = _centred(X)
+    n = Xc.shape[0]
+    N = n * n
+    ranks = [N // 2 - 1, N // 2] if N % 2 == 0 else [(N - 1) // 2]
+    # sorted full matrix = n zeros (the diagonal), then every off-diagonal value twice
+    offdiag = sorted({(r - n) // 2 for r in ranks if r >= n})
+    got = dict(zip(offdiag, _select_ranks(lambda: _offdiag_sq_dists(Xc, norms, tile), n * (n - 1) // 2, offdiag,
+                                          4 * float(norms.max()), cap=cap))) if offdiag else {}
+    return float(np.mean([0.0 if r < n else got[(r - n) // 2] for r in ranks]))
+
+
+def rbf_sigma(X, sigma_frac=1.0, tile=RBF_TILE):
+    """Median-heuristic bandwidth sigma_frac * sqrt(median squared distance)."""
+    return sigma_frac * float(np.sqrt(median_sq_dist(X, tile)))
+
+
+def _cka_rbf(X, Y, sigma, sigma_frac, debiased, tile):
+    """RBF CKA from upper-triangle Gram tile pairs: per pair, BLAS gives Xi Xj' and Yi Yj', the op turns
+    them into kernel values and reduces them to row/column sums and [sum KL, sum K^2, sum L^2]. With the
+    row sums r_K = K1, r_L = L1 (O(n)), HSIC(K, L) = sum KL - 2/n r_K.r_L + (1'r_K)(1'r_L)/n^2 (biased);
+    debiased with the zero-diagonal kernels (diag K = 1): tr(K~L~) = sum KL - n, 1'K~1 = 1'r_K - n,
+    1'K~L~1 = (r_K - 1).(r_L - 1) (Song et al. 2012)."""
+    (Xc, nx), (Yc, ny) = _centred(X), _centred(Y)
+    n = Xc.shape[0]
+    sx = sigma if sigma is not None else sigma_frac * float(np.sqrt(median_sq_dist(Xc, tile)))
+    sy = sigma if sigma is not None else sigma_frac * float(np.sqrt(median_sq_dist(Yc, tile)))
+    if not (sx > 0 and sy > 0):
+        raise ValueError(f"RBF CKA is undefined: bandwidth sigma_x={sx}, sigma_y={sy} (constant representation?)")
+    gx_, gy_ = 1 / (2 * sx ** 2), 1 / (2 * sy ** 2)
+    f64 = dict(dtype=torch.float64, device=Xc.device)
+    rk, rl, S = torch.zeros(n, **f64), torch.zeros(n, **f64), torch.zeros(3, **f64)
+    for i0, i1, j0, j1 in _tile_pairs(n, tile):
+        diag = i0 == j0
+        row_k, col_k, row_l, col_l, sums = cka_rbf_tile(
+            (Xc[i0:i1] @ Xc[j0:j1].T).double(), (Yc[i0:i1] @ Yc[j0:j1].T).double(),
+            nx[i0:i1], nx[j0:j1], ny[i0:i1], ny[j0:j1], gx_, gy_, diag)
+        S += sums if diag else 2 * sums  # an off-diagonal tile stands for itself and its transpose
+        rk[i0:i1] += row_k
+        rl[i0:i1] += row_l
+        if not diag:
+            rk[j0:j1] += col_k
+            rl[j0:j1] += col_l
+
+    def hsic(s_ab, ra, rb):
+        if not debiased:
+            return s_ab - 2 / n * (ra @ rb) + ra.sum() * rb.sum() / n ** 2
+        return (s_ab - n + (ra.sum() - n) * (rb.sum() - n) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * ((ra - 1) @ (rb - 1))) / (n * (n - 3))
+
+    return hsic(S[0], rk, rl) / torch.sqrt(hsic(S[1], rk, rk) * hsic(S[2], rl, rl))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# streaming ridge (issue 6): X'X / X'Y from row blocks, one eigendecomposition per fold, every alpha scored
+# for every target by the fused ops ridge_score_{kfold,loo,gcv} (csrc/ridge_cpu.cpp), refit of the chosen alphas
+# ---------------------------------------------------------------------------------------------------------
+
+def ridge_score_kfold_ref(s, z, b, yy, quad, alphas, rows):
+    """Validation SSE (n_alphas, t) float64 of one fold from the spectrum (see csrc/ridge_cpu.cpp)."""
+    d = 1.0 / (s.double()[None, :, None] + torch.as_tensor(alphas, dtype=torch.float64)[:, None, None])  # (a, p, 1)
+    dz = d * z.double()                                                                                # (a, p, t)
+    q = ((quad.double() @ dz) ** 2).sum(1) if rows else (dz * (quad.double() @ dz)).sum(1)
+    return yy.double() - 2 * (b.double() * dz).sum(1) + q
+
+
+def ridge_score_kfold(s, z, b, yy, quad, alphas, rows):
+    if _ext():
+        return torch.ops.metalign_ops.ridge_score_kfold(s, z, b, yy, quad, alphas, rows)
+    return ridge_score_kfold_ref(s, z, b, yy, quad, alphas, rows)
+
+
+def ridge_score_loo_ref(xr, y, s, z, alphas, h0, chunk_rows):
+    """Exact LOO mean squared error (n_alphas, t) float64 and its first argmin (t,), from the hat-matrix
+    identity r_i = e_i / (1 - h_ii) (Allen 1974), materialising every (alpha, row, target) residual."""
+    a = torch.as_tensor(alphas, dtype=torch.float64)
+    d = 1.0 / (s.double()[None] + a[:, None])                            # (a, p)
+    xr, y, z = xr.double(), y.double(), z.double()
+    h = h0 + (xr ** 2) @ d.T                                             # (n, a)
+    pred = torch.einsum("np,ap,pt->ant", xr, d, z)                       # (a, n, t)
+    e = (y[None] - pred) / (1 - h.T)[:, :, None]
+    scores = (e ** 2).mean(1)
+    return scores, scores.argmin(0)
+
+
+def ridge_score_loo(xr, y, s, z, alphas, h0, chunk_rows=1024):
+    if _ext():
+        return torch.ops.metalign_ops.ridge_score_loo(xr, y, s, z, alphas, h0, chunk_rows)
+    return ridge_score_loo_ref(xr, y, s, z, alphas, h0, chunk_rows)
+
+
+def ridge_score_gcv_ref(s, z, yy, alphas, n, df0):
+    """GCV (n_alphas, t) float64 = (SSE/n) / (1 - df/n)^2 from the spectrum, and its first argmin (t,)."""
+    a = torch.as_tensor(alphas, dtype=torch.float64)
+    s, z = s.double(), z.double()
+    d = 1.0 / (s[None] + a[:, None])                                      # (a, p)
+    fit = (d * (2 - s[None] * d)) @ (z ** 2)                              # (a, t)
+    sse = (yy.double()[None] - fit).clamp_min(0)
+    df = df0 + (s[None] * d).sum(1, keepdim=True)
+    scores = (sse / n) / (1 - df / n) ** 2
+    return scores, scores.argmin(0)
+
+
+def ridge_score_gcv(s, z, yy, alphas, n, df0):
+    if _ext():
+        return torch.ops.metalign_ops.ridge_score_gcv(s, z, yy, alphas, float(n), float(df0))
+    return ridge_score_gcv_ref(s, z, yy, alphas, n, df0)
+
+
+def ridge_alpha_basis(s, alphas, tol=1e-8):
+    """Truncated SVD of the spectral weights D_ja = 1/(s_j + a) (p, n_alphas), columns scaled to unit norm:
+    -> basis (p, r), coef (n_alphas, r) float64 with D ~ basis @ coef.T to `tol` relative in every entry, r the
+    smallest rank that achieves it, and the amplification max_ja sum_m |basis_jm coef_am| / D_ja (how much
+    rounding in the r basis products is magnified when they are recombined). 1/(s + a) is a Cauchy kernel of
+    positive nodes, so r is small (measured 6-9 at 1e-6, 10-15 at 1e-8 for logspace(-6, 3, 100), p = 768)."""
+    s = torch.as_tensor(s, dtype=torch.float64)
+    a = torch.as_tensor(alphas, dtype=torch.float64)
+    D = 1.0 / (s[:, None] + a[None, :])
+    scale = D.norm(dim=0)
+    U, S, Wt = torch.linalg.svd(D / scale, full_matrices=False)
+    for r in range(1, len(S) + 1):
+        coef = Wt[:r].T * S[:r] * scale[:, None]
+        if float(((U[:, :r] @ coef.T - D).abs() / D).max()) <= tol:
+            break
+    amplification = float(((U[:, :r].abs() @ coef.abs().T) / D).max())
+    return U[:, :r].contiguous(), coef.contiguous(), amplification
+
+
+def ridge_score_loo_basis_ref(xr, y, s, z, alphas, h0, basis, coef, chunk_rows):
+    """LOO as ridge_score_loo_ref with the fit's spectral weights replaced by coef @ basis.T (exact leverages)."""
+    a = torch.as_tensor(alphas, dtype=torch.float64)
+    xr, y, z = xr.double(), y.double(), z.double()
+    h = h0 + (xr ** 2) @ (1.0 / (s.double()[:, None] + a[None, :]))       # (n, a) exact
+    pred = torch.einsum("np,ap,pt->ant", xr, coef.double() @ basis.double().T, z)
+    scores = (((y[None] - pred) / (1 - h.T)[:, :, None]) ** 2).mean(1)
+    return scores, scores.argmin(0)
+
+
+def ridge_score_loo_basis(xr, y, s, z, alphas, h0, basis, coef, chunk_rows=1024):
+    if _ext():
+        return torch.ops.metalign_ops.ridge_score_loo_basis(xr, y, s, z, alphas, h0, basis, coef, chunk_rows)
+    return ridge_score_loo_basis_ref(xr, y, s, z, alphas, h0, basis, coef, chunk_rows)
+
+
+class RidgeCVResult(NamedTuple):
+    """What ridge_cv returns; `.predict(X)` applies it. Shapes: (n_targets,) and (n_features, n_targets)."""
+    best_alphas: torch.Tensor   # (n_targets,) float64, the alpha chosen per target (or the shared one)
+    coef: torch.Tensor          # (n_features, n_targets), refit on all rows with the chosen alphas
+    intercept: torch.Tensor     # (n_targets,), zeros when fit_intercept=False
+    cv_scores: torch.Tensor     # (n_targets,) float64: CV criterion at the chosen alpha (MSE for k-fold/groups/loo, GCV)
+
+    def predict(self, X):
+        return _as_tensor(X).to(self.coef.dtype) @ self.coef + self.intercept
+
+
+def _ridge_folds(cv, n):
+    """Validation index arrays of a partition of range(n): int k (contiguous KFold, sklearn/himalaya order) or
+    a group vector (leave-one-group-out, groups in sorted order)."""
+    if isinstance(cv, (int, np.integer)) and not isinstance(cv, bool):
+        if not 2 <= cv <= n:
+            raise ValueError(f"cv={cv}: k-fold needs 2 <= k <= n_samples ({n})")
+        sizes = np.full(cv, n // cv)
+        sizes[: n % cv] += 1
+        edges = np.r_[0, np.cumsum(sizes)]
+        return [np.arange(edges[f], edges[f + 1]) for f in range(cv)]
+    groups = np.asarray(cv.cpu() if isinstance(cv, torch.Tensor) else cv)
+    if groups.ndim != 1 or len(groups) != n:
+        raise ValueError(f"cv: expected an int, 'loo', 'gcv' or a group vector of length n_samples={n}, "
+                         f"got {type(cv).__name__} of shape {getattr(groups, 'shape', None)}")
+    labels = np.unique(groups)
+    if len(labels) < 2:
+        raise ValueError(f"cv: the group vector has {len(labels)} distinct group(s); leave-one-group-out needs >= 2")
+    return [np.nonzero(groups == g)[0] for g in labels]
+
+
+def _read_columns(Y, c0, c1, dtype):
+    """Columns c0:c1 of Y (n, t): torch tensor, numpy array or h5py dataset (read from disk) -> (n, c1-c0)."""
+    block = Y[:, c0:c1]
+    return _as_tensor(block).to(dtype)
+
+
+def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_batch=4096, chunk_rows=1024,
+             loo_basis=True):
+    """Ridge regression with the regularisation chosen by cross-validation per target (or shared).
+
+    X (n_samples, n_features) in memory; Y (n_samples, n_targets) a torch tensor, numpy array or h5py dataset
+    (streamed from disk `target_batch` columns at a time, so memory is O(n p + p^2 + n target_batch)
+    plus the returned coefficients). float64 input computes in float64, anything else in float32; the moments
+    are accumulated and diagonalised in float64 (negative eigenvalues clamped to 0, as himalaya does).
+    cv: an int k (k-fold, contiguous folds: himalaya's RidgeCV/KFold semantics, MSE averaged over folds),
+        "loo" (exact leave-one-out: sklearn RidgeCV semantics), "gcv" (generalised CV, O(p) per alpha per
+        target), or a group vector of length n_samples (leave-one-group-out).
+    fit_intercept centres X and Y on each training set (sklearn semantics; the intercept is not penalised).
+    loo_basis: for cv="loo", expand 1/(s + alpha) in a few alpha-basis functions (ridge_alpha_basis: 1e-6
+        relative per entry in float32, 1e-10 in float64) when that needs fewer than half as many GEMMs as
+        alphas and does not magnify rounding; False scores every alpha directly.
+    Returns RidgeCVResult(best_alphas, coef, intercept, cv_scores) with .predict(X).
+    """
+    Xt = _as_tensor(X)
+    if Xt.dim() != 2:
+        raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {tuple(Xt.shape)}")
+    ct = torch.float64 if Xt.dtype == torch.float64 else torch.float32
+    n, p = Xt.shape
+    if len(Y.shape) != 2 or Y.shape[0] != n:
+        raise ValueError(f"Y must be 2-D (n_samples={n}, n_targets), got shape {tuple(Y.shape)}")
+    t = Y.shape[1]
+    alphas = torch.as_tensor(np.asarray(alphas, dtype=np.float64).ravel())
+    if len(alphas) == 0 or not bool((alphas > 0).all()):
+        raise ValueError(f"alphas must be a non-empty list of positive numbers, got {alphas.tolist()}")
+    if not bool(torch.isfinite(Xt).all()):
+        raise ValueError(f"X has {int((~torch.isfinite(Xt)).sum())} non-finite values")
+    mode = cv if isinstance(cv, str) else "folds"
+    if mode not in ("loo", "gcv", "folds"):
+        raise ValueError(f"cv={cv!r}: expected an int (k-fold), 'loo', 'gcv' or a group vector")
+    folds = _ridge_folds(cv, n) if mode == "folds" else []
+    f64 = torch.float64
+
+    # X moments, shifted by the global mean so the float64 sums do not lose precision when centred
+    mx_all = Xt.double().mean(0) if fit_intercept else torch.zeros(p, dtype=f64)
+    Xs = (Xt.double() - mx_all).to(ct)                                     # (n, p)
+
+    def moments(idx):  # (X'X, sum x) of rows idx, accumulated over row chunks in float64
+        G, sx = torch.zeros(p, p, dtype=f64), torch.zeros(p, dtype=f64)
+        for c in range(0, len(idx), chunk_rows):
+            xb = Xs[torch.as_tensor(idx[c:c + chunk_rows])]
+            G += (xb.T @ xb).double()
+            sx += xb.double().sum(0)
+        return G, sx
+
+    def eig(C):
+        # LAPACK syevd on one thread: at p <= a few thousand it is fast either way, and its threaded version
+        # stalls badly when the cores are shared (measured 7.2 s vs 0.3 s at p = 768 on 2 busy cores)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            s, V = torch.linalg.eigh(C)
+        finally:
+            torch.set_num_threads(threads)
+        return s.clamp_min(0), V                                           # float32/rounding: no negative spectrum
+
+    parts = [moments(v) for v in folds] if folds else [moments(np.arange(n))]
+    G_all, sx_all = sum(P[0] for P in parts), sum(P[1] for P in parts)     # totals = sum of the fold blocks
+    centre = (lambda m: m) if fit_intercept else (lambda m: torch.zeros_like(m))
+    m_all = centre(sx_all / n)
+    s_all, V_all = eig(G_all - n * torch.outer(m_all, m_all))
+    Vc_all = V_all.to(ct)
+    fold_state = []
+    for v, (Gf, sxf) in zip(folds, parts):
+        nf, ntr = len(v), n - len(v)
+        mtr = centre((sx_all - sxf) / ntr)
+        s_f, V_f = eig((G_all - Gf) - ntr * torch.outer(mtr, mtr))        # training fold by subtraction
+        rows = nf < p  # the cheaper exact quadratic form: validation rows (n_val < p) or the rotated Gram
+        if rows:
+            quad = ((Xs[torch.as_tensor(v)].double() - mtr) @ V_f).to(ct)                    # (n_val, p)
+        else:
+            Gv = Gf - torch.outer(mtr, sxf) - torch.outer(sxf, mtr) + nf * torch.outer(mtr, mtr)
+            quad = (V_f.T @ Gv @ V_f).to(ct)                                                # (p, p)
+        fold_state.append(dict(idx=torch.as_tensor(v), n=nf, sx=sxf, mtr=mtr, s=s_f.to(ct), V=V_f.to(ct), quad=quad,
+                               rows=rows))
+    xr = ((Xs.double() - m_all) @ V_all).to(ct) if mode == "loo" else None  # (n, p) rotated centred rows
+    basis = None
+    if mode == "loo" and loo_basis:
+        eps = torch.finfo(ct).eps
+        *basis, amp = ridge_alpha_basis(s_all, alphas, tol=1e-6 if ct == torch.float32 else 1e-10)
+        # too few alphas for the expansion to pay, or its recombination would magnify rounding beyond 1e-4
+        # (clamped zero eigenvalues next to tiny alphas): score every alpha directly
+        if 2 * basis[0].shape[1] > len(alphas) or amp * eps > 1e-4:
+            basis = None
+
+    best_alphas = torch.empty(t, dtype=f64)
+    cv_scores = torch.empty(t, dtype=f64)
+    coef = torch.empty(p, t, dtype=ct)
+    intercept = torch.zeros(t, dtype=ct)
+    shared_total = torch.zeros(len(alphas), dtype=f64)
+    log_slope = 1e-10 * torch.log(alphas)[:, None]  # himalaya's tie-break: equal scores -> the larger alpha
+
+    def batch_moments(c0, c1):
+        Yb = _read_columns(Y, c0, c1, ct)
+        bad = ~torch.isfinite(Yb)
+        if bool(bad.any()):
+            cols = torch.nonzero(bad.any(0)).ravel()
+            raise ValueError(f"Y has non-finite values in {len(cols)} of targets {c0}..{c1 - 1} "
+                             f"(first target {c0 + int(cols[0])}, {int(bad[:, cols[0]].sum())} of {n} rows)")
+        my_b = Yb.double().mean(0) if fit_intercept else torch.zeros(c1 - c0, dtype=f64)
+        Ys = (Yb.double() - my_b).to(ct)                                   # (n, tb)
+        return Ys, my_b
+
+    def fold_cross(Ys, idx):
+        xy = torch.zeros(p, Ys.shape[1], dtype=f64)
+        sy, yy = torch.zeros(Ys.shape[1], dtype=f64), torch.zeros(Ys.shape[1], dtype=f64)
+        for c in range(0, len(idx), chunk_rows):
+            j = torch.as_tensor(idx[c:c + chunk_rows])
+            xb, yb = Xs[j], Ys[j]
+            xy += (xb.T @ yb).double()
+            yd = yb.double()
+            sy += yd.sum(0)
+            yy += (yd * yd).sum(0)
+        return xy, sy, yy
+
+    def refit(Ys, my_b, xy_all, sy_all, chosen):  # coef and intercept for the chosen alpha per target
+        mys = centre(sy_all / n)
+        # the rotations are GEMMs in the compute dtype (their inputs are float64 sums, rounded once)
+        zc = Vc_all.T @ (xy_all - n * torch.outer(m_all, mys)).to(ct)      # (p, tb)
+        W = torch.empty_like(zc)
+        for a in torch.unique(chosen):
+            sel = chosen == a
+            W[:, sel] = Vc_all @ (zc[:, sel] / (s_all + alphas[a]).to(ct)[:, None])
+        icpt = (my_b + mys) - (mx_all + m_all) @ W.double() if fit_intercept else torch.zeros(W.shape[1], dtype=f64)
+        return W, icpt.to(ct)
+
+    stash = []
+    for c0 in range(0, t, target_batch):
+        c1 = min(t, c0 + target_batch)
+        Ys, my_b = batch_moments(c0, c1)
+        if folds:
+            cross = [fold_cross(Ys, st["idx"].numpy()) for st in fold_state]
+            xy_all = sum(c[0] for c in cross)
+            sy_all = sum(c[1] for c in cross)
+            total = torch.zeros(len(alphas), c1 - c0, dtype=f64)
+            for st, (xyf, syf, yyf) in zip(fold_state, cross):
+                nf, ntr, mtr = st["n"], n - st["n"], st["mtr"]
+                my_tr = centre((sy_all - syf) / ntr)
+                z = st["V"].T @ ((xy_all - xyf) - ntr * torch.outer(mtr, my_tr)).to(ct)
+                bv = xyf - torch.outer(mtr, syf) - torch.outer(st["sx"], my_tr) + nf * torch.outer(mtr, my_tr)
+                b = st["V"].T @ bv.to(ct)
+                yy = yyf - 2 * my_tr * syf + nf * my_tr ** 2
+                total += ridge_score_kfold(st["s"], z, b, yy, st["quad"], alphas, st["rows"]) / nf
+            total /= len(fold_state)                                      # mean over folds of the validation MSE
+            crit = total - log_slope
+        else:
+            xy_all, sy_all, _ = fold_cross(Ys, np.arange(n))
+            mys = centre(sy_all / n)
+            z = Vc_all.T @ (xy_all - n * torch.outer(m_all, mys)).to(ct)
+            if mode == "loo" and basis is not None:
+                total, _ = ridge_score_loo_basis(xr, (Ys.double() - mys).to(ct), s_all.to(ct), z, alphas,
+                                                 1.0 / n if fit_intercept else 0.0, *basis, chunk_rows)
+            elif mode == "loo":
+                total, _ = ridge_score_loo(xr, (Ys.double() - mys).to(ct), s_all.to(ct), z, alphas,
+                                           1.0 / n if fit_intercept else 0.0, chunk_rows)
+            else:
+                yy = ((Ys.double() - mys) ** 2).sum(0)
+                total, _ = ridge_score_gcv(s_all.to(ct), z, yy, alphas, n, 1.0 if fit_intercept else 0.0)
+            crit = total
+        if local_alpha:
+            chosen = crit.argmin(0)
+            best_alphas[c0:c1] = alphas[chosen]
+            cv_scores[c0:c1] = total.gather(0, chosen[None]).ravel()
+            coef[:, c0:c1], intercept[c0:c1] = refit(Ys, my_b, xy_all, sy_all, chosen)
+        else:
+            shared_total += crit.sum(1)
+            stash.append((c0, c1, total))
+    if not local_alpha:  # one alpha for all targets: the best summed criterion, then a second pass to refit
+        a = int(shared_total.argmin())
+        best_alphas[:] = alphas[a]
+        for c0, c1, total in stash:
+            cv_scores[c0:c1] = total[a]
+            Ys, my_b = batch_moments(c0, c1)
+            xy_all, sy_all, _ = fold_cross(Ys, np.arange(n))
+            coef[:, c0:c1], intercept[c0:c1] = refit(Ys, my_b, xy_all, sy_all,
+                                                      torch.full((c1 - c0,), a, dtype=torch.long))
+    return RidgeCVResult(best_alphas, coef, intercept, cv_scores)
+
+
+def ridge_cv_ref(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_batch=4096, chunk_rows=1024,
+                 loo_basis=True):
+    """The oracle: for every fold and alpha, solve (Xtr'Xtr + a I) W = Xtr'Ytr in float64 on explicitly centred
+    training rows and score the validation rows; LOO and GCV from the explicit n x n hat matrix."""
+    X, Y = _as_tensor(X).double(), _as_tensor(np.asarray(Y[:]) if not isinstance(Y, torch.Tensor) else Y).double()
+    n, p = X.shape
+    alphas = torch.as_tensor(np.asarray(alphas, dtype=np.float64).ravel())
+    eye = torch.eye(p, dtype=torch.float64)
+
+    def fit(Xa, Ya, a):
+        mx = Xa.mean(0) if fit_intercept else torch.zeros(p, dtype=torch.float64)
+        my = Ya.mean(0) if fit_intercept else torch.zeros(Ya.shape[1], dtype=torch.float64)
+        W = torch.linalg.solve((Xa - mx).T @ (Xa - mx) + a * eye, (Xa - mx).T @ (Ya - my))
+        return W, my - mx @ W
+
+    scores = torch.zeros(len(alphas), Y.shape[1], dtype=torch.float64)
+    if isinstance(cv, str):
+        Xc = X - X.mean(0) if fit_intercept else X
+        Yc = Y - Y.mean(0) if fit_intercept else Y
+        for k, a in enumerate(alphas):
+            H = Xc @ torch.linalg.solve(Xc.T @ Xc + a * eye, Xc.T) + (1.0 / n if fit_intercept else 0.0)
+            e = Yc - H @ Yc
+            if cv == "loo":
+                scores[k] = ((e / (1 - torch.diag(H))[:, None]) ** 2).mean(0)
+            else:
+                scores[k] = (e ** 2).mean(0) / (1 - torch.trace(H) / n) ** 2
+        crit = scores
+    else:
+        folds = _ridge_folds(cv, n)
+        for v in folds:
+            tr = np.setdiff1d(np.arange(n), v)
+            for k, a in enumerate(alphas):
+                W, b = fit(X[tr], Y[tr], a)
+                scores[k] += ((Y[v] - X[v] @ W - b) ** 2).mean(0) / len(folds)
+        crit = scores - 1e-10 * torch.log(alphas)[:, None]
+    chosen = crit.argmin(0) if local_alpha else torch.full((Y.shape[1],), int(crit.sum(1).argmin()))
+    W = torch.empty(p, Y.shape[1], dtype=torch.float64)
+    b = torch.empty(Y.shape[1], dtype=torch.float64)
+    for a in torch.unique(chosen):
+        sel = chosen == a
+        W[:, sel], b[sel] = fit(X, Y[:, sel], alphas[a])
+    return RidgeCVResult(alphas[chosen], W, b, scores.gather(0, chosen[None]).ravel())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SAE top-k encode (issue 3)
+# ---------------------------------------------------------------------------------------------------------
+
+def topk_encode_ref(x, W_enc, b_enc, k, b_pre=None):
+    """The oracle: relu((x - b_pre) @ W_enc + b_enc), its k largest per row, sorted descending, ties to the
+    lower latent index (a stable sort) -> values (n, k) float32|64, indices (n, k) int64."""
+    ts = [t for t in (x, W_enc, b_enc, b_pre) if t is not None]
+    ct = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+    xc = x.to(ct) - (b_pre.to(ct) if b_pre is not None else 0)
+    z = torch.relu(xc @ W_enc.to(ct) + b_enc.to(ct))  # (n, n_latents): what the fused op never stores
+    v, i = torch.sort(z, dim=1, descending=True, stable=True)
+    return v[:, :k].contiguous(), i[:, :k].contiguous()
+
+
+def topk_encode(x, W_enc, b_enc, k, b_pre=None):
+    """Top-k SAE codes of x (n, d) under the encoder W_enc (d, n_latents), b_enc (n_latents,), optional
+    pre-encoder bias b_pre (d,) -> (values (n, k), indices (n, k) int64), as topk_encode_ref.
+
+    Fused (csrc/topk_*): per block of rows, BLAS on (rows x latent-tile) tiles kept in cache, bias + ReLU and a
+    running per-row top-k; memory O(n k + tile), never the (n, n_latents) pre-activations."""
+    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc), ("b_pre", b_pre)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"topk_encode: {name} has {int((~torch.isfinite(t)).sum())} NaN/inf values")
+    if W_enc.dim() == 2 and not 1 <= k <= W_enc.shape[1]:
+        raise ValueError(f"topk_encode: k = {k} must be in 1..n_latents = {W_enc.shape[1]}")
+    if _ext() and has_kernel("topk_encode", "CUDA" if x.is_cuda else "CPU"):
+        return torch.ops.metalign_ops.topk_encode(x, W_enc, b_enc, k, b_pre)
+    return topk_encode_ref(x, W_enc, b_enc, k, b_pre)
 
 
 # ---------------------------------------------------------------------------------------------------------

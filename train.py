@@ -1,12 +1,29 @@
 """Features -> checkpoints.
 
     python train.py --stage sae  --features F.h5 --out sae/NAME.pt     # top-k sparse autoencoder (issue 3)
+    python train.py --stage sae --encode --ckpt sae/NAME.pt --features F.h5 [--codes-out C.h5]
+                                                                       # its codes -> /sae/indices, /sae/values
     python train.py --stage meta --features F.h5 --out meta/NAME.pt    # meta-learned Transformer (issue 4)
 
-Neither stage has landed yet: each exits with status 2 and says so, rather than pretending to train.
+Meta stage (issue 4), on the embedded world, codes from --codes (default: the features file itself):
+    python train.py --stage meta --features data/world/features/coco.h5 --codes CODES.h5 \
+        --eval-features data/world/features/things.h5 --eval-codes THINGS_CODES.h5 --out runs/meta/world.pt
+    torchrun --nproc_per_node=2 train.py --stage meta ...     # DDP: gloo on CPU, NCCL on GPU; same global batch
+    sbatch slurm/train_meta.sbatch                            # SLURM: one node, torchrun inside
+Writes the best checkpoint (--out, with config + versions), <out>.last.pt (for --resume), <out>.csv, <out>.png.
+
+SAE stage (issue 3): top-k SAE (Gao et al. 2024) on rows streamed from HDF5; writes --out (config + versions)
+and <out>.last.pt (for --resume). --ckpt also reads ViT-Prisma top-k SAEs. On the embedded world:
+    python train.py --stage sae --features data/world/features/coco.h5 --n-latents 8x --k 8 --out runs/sae/world.pt
+    python train.py --stage sae --encode --ckpt runs/sae/world.pt --features data/world/features/coco.h5
 """
 import argparse
+import os
 import sys
+
+import torch
+
+from data import atomic_path
 
 # ----------------------------------------------------------------------------------------------- defaults
 defaults = dict(
@@ -18,11 +35,508 @@ defaults = dict(
 STAGES = {"sae": "issue 3 (top-k sparse autoencoders)", "meta": "issue 4 (meta-learning)"}
 
 
+# ------------------------------------------------------------------------------------- sae stage (issue 3)
+defaults_sae = dict(
+    n_latents="16x",                            # SAE latents: a count ("12288") or a multiple of d ("16x")
+    k=64,                                       # active latents per row (top-k)
+    normalize="expected_average",               # expected_average (E|x|^2 = d) | none | layer_norm | constant_norm_rescale
+    aux_k=0,                                    # AuxK: dead latents used to model the residual (0 = d / 2, Gao et al.)
+    aux_coef=1 / 32,                            # weight of the AuxK loss
+    dead_rows=0,                                # a latent is dead after this many training rows without firing (0 = one epoch)
+    epochs=20,                                  # passes over the features
+    rows_per_step=1024,                         # rows per Adam step
+    sae_lr=0.0,                                 # Adam learning rate (0 = 2e-4 / sqrt(n_latents / 2^14), Gao et al.)
+    chunk_rows=65536,                           # rows read from HDF5 at once (shuffled within the chunk; chunk order shuffled)
+    log_every=50,                               # steps between log lines (FVU, L0, dead fraction)
+    ckpt_every=500,                             # steps between resumable checkpoints <out>.last.pt
+    encode=False,                               # encode --features with --ckpt into /sae/indices, /sae/values
+    ckpt="",                                    # SAE checkpoint to encode with (own or ViT-Prisma format)
+    codes_out="",                               # write the codes here ('' = into --features itself)
+    codes_dtype="float16",                      # dtype of /sae/values: float16 | float32
+)
+
+
+def _sae_features(path):
+    """Open a features file for streaming -> (h5py File, /features dataset); clear errors otherwise."""
+    import h5py
+    from data import DataError
+    if not os.path.exists(path):
+        raise DataError(f"{path} not found; expected an HDF5 features file with /features (n_images, d)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
+    if "features" not in f or not isinstance(f["features"], h5py.Dataset) or f["features"].ndim != 2:
+        present = list(f.keys())
+        f.close()
+        raise DataError(f"{path}: field '/features' missing or not 2-d (n_images, d); top-level entries: {present}")
+    return f, f["features"]
+
+
+def _sae_rows(path, dset, start, stop):
+    """Rows [start, stop) of /features as float32, refusing NaN/inf with the file, field and row."""
+    import numpy as np
+    from data import DataError
+    x = np.asarray(dset[start:stop], dtype=np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        r = start + int(np.nonzero(bad.any(1))[0][0])
+        raise DataError(f"{path}: /features has {int(bad.sum())} NaN/inf values in rows {start}..{stop - 1}, first at row {r}")
+    return torch.from_numpy(x)
+
+
+def _sae_epoch_batches(n, chunk, batch, seed, epoch):
+    """The batches of one epoch, deterministic in (seed, epoch): chunk order shuffled, rows shuffled within
+    each chunk -> list of (chunk_start, chunk_stop, permutation of the chunk, [(b0, b1), ...])."""
+    import numpy as np
+    rng = np.random.default_rng([seed, epoch])
+    out = []
+    for c in rng.permutation((n + chunk - 1) // chunk):
+        c0, c1 = c * chunk, min(n, (c + 1) * chunk)
+        out.append((c0, c1, rng.permutation(c1 - c0), [(b, min(b + batch, c1 - c0)) for b in range(0, c1 - c0, batch)]))
+    return out
+
+
+def _sae_loss(sae, xn, rows_since_fired, dead_rows, aux_k, aux_coef):
+    """Normalised MSE + aux_coef * AuxK (Gao et al. 2024) -> (loss, fvu, values, indices)."""
+    recon, values, indices, pre = sae(xn)
+    err = xn - recon
+    denom = ((xn - xn.mean(0)) ** 2).sum().clamp_min(1e-12)
+    fvu = (err ** 2).sum() / denom
+    loss = fvu
+    dead = rows_since_fired > dead_rows
+    if aux_coef > 0 and bool(dead.any()):
+        ka = min(aux_k, int(dead.sum()))
+        av, ai = torch.relu(pre.masked_fill(~dead.to(pre.device), float("-inf"))).topk(ka, dim=1)
+        e_hat = torch.nn.functional.embedding_bag(ai, sae.W_dec, per_sample_weights=av, mode="sum")
+        e = err.detach()
+        loss = loss + aux_coef * ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum().clamp_min(1e-12)
+    return loss, fvu, values, indices
+
+
+def _sae_save(path, sae, cfg, step, epoch, opt=None, rows_since_fired=None, metrics=None):
+    import data
+    ckpt = dict(kind="metalign.sae", sae_args=sae.args(), state_dict={k: v.detach().cpu() for k, v in sae.state_dict().items()},
+                config=cfg, versions=data.versions(), step=step, epoch=epoch, metrics=metrics or {},
+                optimizer=opt.state_dict() if opt is not None else None,
+                rows_since_fired=rows_since_fired.cpu() if rows_since_fired is not None else None)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def stage_sae(cfg):
+    """Train a top-k SAE on --features (streamed from HDF5), or with --encode write its codes; returns metrics."""
+    import math
+    import numpy as np
+    from tqdm import tqdm
+    from models import TopKSAE, geometric_median
+    if cfg["encode"]:
+        return sae_encode(cfg)
+    if not cfg["out"]:
+        sys.exit("train.py: error: --stage sae needs --out sae/NAME.pt (or --encode --ckpt CKPT)")
+    f, dset = _sae_features(cfg["features"])
+    n, d = dset.shape
+    nl = cfg["n_latents"]
+    try:
+        n_latents = int(float(nl[:-1]) * d) if nl.endswith("x") else int(nl)
+    except ValueError:
+        sys.exit(f"train.py: error: --n-latents {nl!r}; expected a count (12288) or a multiple of d (16x)")
+    if not 1 <= cfg["k"] <= n_latents:
+        sys.exit(f"train.py: error: --k {cfg['k']} must be in 1..n_latents = {n_latents}")
+    dev = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
+                       ("cpu" if cfg["device"] == "auto" else cfg["device"]))
+    torch.manual_seed(cfg["seed"])
+    B, chunk = cfg["rows_per_step"], max(cfg["chunk_rows"], cfg["rows_per_step"])
+    aux_k = cfg["aux_k"] or max(1, d // 2)
+    dead_rows = cfg["dead_rows"] or n
+    lr = cfg["sae_lr"] or 2e-4 / math.sqrt(n_latents / 2 ** 14)
+    sae = TopKSAE(d, n_latents, cfg["k"], cfg["normalize"]).to(dev)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)  # Gao et al.: a small eps
+    rows_since_fired = torch.zeros(n_latents, dtype=torch.int64, device=dev)
+    last = cfg["out"] + ".last.pt"
+    step, epoch0 = 0, 0
+    if cfg["resume"] and os.path.exists(last):
+        ck = torch.load(last, map_location=dev, weights_only=False)
+        if ck.get("sae_args") != sae.args():
+            sys.exit(f"train.py: error: {last}: checkpoint of another shape {ck.get('sae_args')}; these flags give "
+                     f"{sae.args()} (remove it or match the flags)")
+        sae.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        rows_since_fired = ck["rows_since_fired"].to(dev)
+        step, epoch0 = ck["step"], ck["epoch"]
+        print(f"train.py: resuming {last} at step {step} (epoch {epoch0})")
+    else:  # init: normalisation scale and b_dec (geometric median) from a random sample of rows
+        rows = np.sort(np.random.default_rng(cfg["seed"]).choice(n, size=min(n, 8192), replace=False))
+        sample = torch.from_numpy(np.asarray(dset[rows], dtype=np.float32)).to(dev)
+        if not bool(torch.isfinite(sample).all()):
+            raise ValueError(f"{cfg['features']}: /features has NaN/inf values (in the initialisation sample)")
+        sae.fit_normalization(sample)
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(sae.normalize_in(sample)[0]))
+    steps_per_epoch = sum(len(b[3]) for b in _sae_epoch_batches(n, chunk, B, cfg["seed"], 0))
+    total = cfg["epochs"] * steps_per_epoch
+    print(f"train.py: SAE d={d} n_latents={n_latents} k={cfg['k']} normalize={cfg['normalize']} lr={lr:.2e} on "
+          f"{n} rows of {cfg['features']}: {cfg['epochs']} epochs x {steps_per_epoch} steps of {B} rows ({dev})")
+    bar = tqdm(total=total, initial=step, disable=not cfg["progress"], desc="sae", leave=False)
+    hist, win = [], dict(fvu=0.0, l0=0.0, m=0)
+    for epoch in range(epoch0, cfg["epochs"]):
+        skip = step - epoch * steps_per_epoch  # batches of this epoch already done (a resumed run)
+        for c0, c1, perm, batches in _sae_epoch_batches(n, chunk, B, cfg["seed"], epoch):
+            if skip >= len(batches):
+                skip -= len(batches)
+                continue
+            X = _sae_rows(cfg["features"], dset, c0, c1)[torch.from_numpy(perm)].to(dev)
+            for b0, b1 in batches[skip:]:
+                xn, _ = sae.normalize_in(X[b0:b1])
+                loss, fvu, values, indices = _sae_loss(sae, xn, rows_since_fired, dead_rows, aux_k, cfg["aux_coef"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                sae.remove_parallel_grad()
+                opt.step()
+                sae.renorm_decoder()
+                with torch.no_grad():
+                    rows_since_fired += b1 - b0
+                    rows_since_fired[indices[values > 0]] = 0
+                step += 1
+                bar.update(1)
+                win["fvu"] += fvu.item(); win["l0"] += float((values > 0).sum(1).float().mean()); win["m"] += 1
+                if step % cfg["log_every"] == 0 or step == total:
+                    row = dict(step=step, epoch=epoch, fvu=win["fvu"] / win["m"], l0=win["l0"] / win["m"],
+                               dead=float((rows_since_fired > dead_rows).float().mean()))
+                    hist.append(row)
+                    win = dict(fvu=0.0, l0=0.0, m=0)
+                    bar.write(f"step {step:6d}/{total}  fvu {row['fvu']:.4f}  L0 {row['l0']:.1f}  dead {row['dead']:.3f}")
+                if step % cfg["ckpt_every"] == 0:
+                    _sae_save(last, sae, cfg, step, epoch, opt, rows_since_fired)
+            skip = 0
+        _sae_save(last, sae, cfg, step, epoch + 1, opt, rows_since_fired)
+    bar.close()
+    # final metrics over every row, with the fused encode (the path --encode takes)
+    sse = sst = 0.0
+    mean = None
+    fired = torch.zeros(n_latents, dtype=torch.bool)
+    with torch.no_grad():
+        for c0 in range(0, n, chunk):  # two streamed passes: the mean, then the residual and total sums
+            x = _sae_rows(cfg["features"], dset, c0, min(n, c0 + chunk)).to(dev)
+            mean = x.sum(0) if mean is None else mean + x.sum(0)
+        mean = mean / n
+        for c0 in range(0, n, chunk):
+            x = _sae_rows(cfg["features"], dset, c0, min(n, c0 + chunk)).to(dev)
+            v, i = sae.encode(x)
+            xr = sae.decode(x, v, i)
+            sse += float(((x - xr) ** 2).sum())
+            sst += float(((x - mean) ** 2).sum())
+            fired[i[v > 0].cpu()] = True
+    f.close()
+    metrics = dict(fvu=sse / sst, dead_fraction=float(1 - fired.float().mean()), steps=step, history=hist)
+    _sae_save(cfg["out"], sae.cpu(), cfg, step, cfg["epochs"], metrics=metrics)
+    print(f"train.py: SAE -> {cfg['out']}: FVU {metrics['fvu']:.4f} over all {n} rows, never-firing latents "
+          f"{metrics['dead_fraction']:.3f} (resume state in {last})")
+    return metrics
+
+
+def sae_encode(cfg):
+    """Top-k codes of every row of --features -> /sae/indices (n, k) int32, /sae/values (n, k) float16 in
+    --codes-out, or in --features itself. Written chunk by chunk into a temporary copy that replaces the
+    target only when complete (data.atomic_path): a killed job leaves the old file untouched."""
+    import shutil
+    import h5py
+    import numpy as np
+    import data
+    from models import load_sae
+    if not cfg["ckpt"]:
+        sys.exit("train.py: error: --encode needs --ckpt (an SAE checkpoint: train.py --stage sae --out, or ViT-Prisma)")
+    sae, info = load_sae(cfg["ckpt"])
+    if cfg["codes_dtype"] not in ("float16", "float32"):
+        sys.exit(f"train.py: error: --codes-dtype {cfg['codes_dtype']!r}; expected float16 | float32")
+    src = cfg["features"]
+    dst = cfg["codes_out"] or src
+    f, dset = _sae_features(src)
+    n, d = dset.shape
+    if d != sae.d:
+        f.close()
+        raise data.DataError(f"{cfg['ckpt']}: checkpoint of another shape: the SAE takes d = {sae.d} features, "
+                             f"{src} /features has d = {d}")
+    k, chunk = sae.k, cfg["chunk_rows"]
+    with data.atomic_path(dst) as tmp:
+        if dst == src:
+            f.close()
+            shutil.copyfile(src, tmp)  # the copy gets the codes; the original stays intact until the rename
+            f, dset = _sae_features(src)
+        with h5py.File(tmp, "r+" if dst == src else "w") as fo:
+            if dst != src and "image_ids" in f:
+                fo.create_dataset("image_ids", data=f["image_ids"][...], dtype=f["image_ids"].dtype)
+            if "sae" in fo:
+                del fo["sae"]
+            g = fo.create_group("sae")
+            cr = (max(1, min(chunk, n, 8192)), k) if n else None
+            di = g.create_dataset("indices", shape=(n, k), dtype=np.int32, chunks=cr)
+            dv = g.create_dataset("values", shape=(n, k), dtype=np.dtype(cfg["codes_dtype"]), chunks=cr)
+            for c0 in range(0, n, chunk):
+                c1 = min(n, c0 + chunk)
+                v, i = sae.encode(_sae_rows(src, dset, c0, c1))
+                if cfg["codes_dtype"] == "float16" and float(v.max()) > 65504:
+                    raise ValueError(f"{src}: SAE values up to {float(v.max()):.3g} overflow float16; use --codes-dtype float32")
+                di[c0:c1] = i.numpy().astype(np.int32)
+                dv[c0:c1] = v.numpy().astype(cfg["codes_dtype"])
+            data.write_h5_attrs(g, dict(config=cfg, checkpoint=os.path.abspath(cfg["ckpt"]), checkpoint_format=info["format"],
+                                        sae=sae.args(), features=os.path.abspath(src)))
+    f.close()
+    print(f"train.py: /sae/indices, /sae/values ({n} x {k}) -> {dst}")
+    return dict(n=n, k=k, out=dst)
+
+
+# ------------------------------------------------------------------------------------ meta stage (issue 4)
+defaults_meta = dict(
+    codes="",                                   # HDF5 with /sae/indices, /sae/values row-aligned with --features ('' = --features)
+    eval_features="data/world/features/things.h5",  # held-out image pool (HDF5)
+    eval_codes="",                              # its codes ('' = --eval-features)
+    functions="sae",                            # sae (latents of the codes) | neurons (feature dims split at the median)
+    min_nonzero=120,                            # a latent is a function if active on at least this many training images
+    holdout=0.0,                                # share of functions held out of training (0: the same functions on the eval pool)
+    model="transformer",                        # transformer | lstm | static_linear (non-meta multitask baseline)
+    no_embed=False,                             # ablation: frozen identity embedding (encode(x) = x)
+    d_model=0,                                  # model width (0 = feature width d)
+    n_layers=2,                                 # Transformer blocks / LSTM layers
+    n_heads=4,                                  # attention heads (head size must be even: RoPE)
+    mlp=True,                                   # MLP in each block
+    dropout=0.0,                                # attention dropout
+    length=120,                                 # episode length L
+    batch=64,                                   # episodes per step (global: split over torchrun ranks)
+    steps=3000,                                 # optimisation steps
+    lr=3e-4,                                    # peak learning rate
+    weight_decay=0.05,                          # AdamW decoupled weight decay (matrices only)
+    warmup=100,                                 # linear warm-up steps
+    clip=1.0,                                   # gradient-norm clipping (0 = off)
+    optimizer="adamw",                          # adamw (warm-up + cosine) | schedulefree (schedule-free AdamW)
+    eval_every=100,                             # steps between held-out evaluations
+    eval_episodes=256,                          # held-out episodes per evaluation (fixed seed)
+    patience=10,                                # early stopping: evaluations without improvement (0 = off)
+    compile=False,                              # torch.compile the model
+    resume=False,                               # continue from <out>.last.pt
+    device="auto",                              # auto | cpu | cuda
+    progress=True,                              # tqdm progress bar
+)
+
+
+def _meta_functions(cfg, X, ids, Xe, ide):
+    """Training and held-out functions: (train_fns, eval_fns, heads of eval fns for static_linear or None)."""
+    import numpy as np
+    from models import functions_from_codes, functions_from_neurons, read_codes
+    L = cfg["length"]
+    if cfg["functions"] == "sae":
+        if cfg["min_nonzero"] < L:
+            sys.exit(f"train.py: error: --min-nonzero {cfg['min_nonzero']} < --length {L}: every function needs at "
+                     f"least L positives per episode")
+        idx, val = read_codes(cfg["codes"] or cfg["features"], len(X), ids)
+        every = functions_from_codes(idx, val, cfg["min_nonzero"])
+    elif cfg["functions"] == "neurons":
+        every = functions_from_neurons(X)
+    else:
+        sys.exit(f"train.py: error: --functions {cfg['functions']!r}; expected sae | neurons")
+    latents = every["latents"].numpy()
+    n_hold = 0 if cfg["model"] == "static_linear" or cfg["holdout"] <= 0 else \
+        min(len(latents) - 1, max(1, round(cfg["holdout"] * len(latents))))
+    held = np.sort(np.random.default_rng(cfg["seed"]).permutation(latents)[:n_hold])
+    train_lat = np.setdiff1d(latents, held)
+    if len(train_lat) == 0:
+        sys.exit("train.py: error: no training function left after the hold-out; lower --holdout")
+    if cfg["functions"] == "sae":
+        train = functions_from_codes(idx, val, cfg["min_nonzero"], latents=train_lat)
+        eidx, evals = read_codes(cfg["eval_codes"] or cfg["eval_features"], len(Xe), ide)
+        eval_fns = functions_from_codes(eidx, evals, L, latents=held if n_hold else train_lat)
+    else:
+        train = functions_from_neurons(X, latents=train_lat)
+        eval_fns = functions_from_neurons(Xe, latents=held if n_hold else train_lat)
+    n_eval = Xe.shape[0]
+    ok = (eval_fns["pos_ptr"].diff() >= L) & ((n_eval - eval_fns["pos_ptr"].diff() if cfg["functions"] == "sae"
+                                               else eval_fns["neg_ptr"].diff()) >= L)
+    if not ok.all():
+        sys.exit(f"train.py: error: {int((~ok).sum())} held-out functions have fewer than L = {L} positives or "
+                 f"negatives in {cfg['eval_features']}; shorten --length or use a larger eval pool")
+    heads = torch.from_numpy(np.searchsorted(train_lat, eval_fns["latents"].numpy())) if cfg["model"] == "static_linear" else None
+    return train, eval_fns, heads
+
+
+def _plot_curve(csv_path, png_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    df = pd.read_csv(csv_path)
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(df["step"], df["loss"], lw=0.8)
+    ax[0].set(xlabel="step", ylabel="training loss (uncertainty-weighted)")
+    ev = df.dropna(subset=["eval_accuracy"])
+    ax[1].plot(ev["step"], ev["eval_accuracy"], marker="o", ms=3, label="held-out accuracy")
+    ax[1].plot(ev["step"], ev["eval_magnitude_r2"], marker="s", ms=3, label="held-out magnitude R$^2$")
+    ax[1].axhline(0.5, color="grey", lw=0.6, ls="--")
+    ax[1].set(xlabel="step", ylim=(min(0.0, ev["eval_magnitude_r2"].min() if len(ev) else 0), 1))
+    ax[1].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def stage_meta(cfg):
+    """Meta-train the in-context learner on episodes of SAE (or neuron) functions; returns the best metrics."""
+    import csv
+    import time
+    import numpy as np
+    import torch.distributed as dist
+    from tqdm import tqdm
+    import data
+    from models import MetaLearner, evaluate_meta, make_episodes
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    rank, world = 0, 1
+    if ddp:  # torchrun: NCCL on GPU, gloo on CPU
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if cfg["batch"] % world:
+        sys.exit(f"train.py: error: --batch {cfg['batch']} must be divisible by the {world} ranks")
+    out = cfg["out"] or os.path.join("runs", "meta", os.path.splitext(os.path.basename(cfg["features"]))[0] + ".pt")
+    stem = os.path.splitext(out)[0]
+    last, csv_path, png_path = stem + ".last.pt", stem + ".csv", stem + ".png"
+    torch.manual_seed(cfg["seed"])
+
+    X, ids = data.read_features(cfg["features"])
+    Xe, ide = data.read_features(cfg["eval_features"])
+    if Xe.shape[1] != X.shape[1]:
+        sys.exit(f"train.py: error: {cfg['eval_features']} has d = {Xe.shape[1]}, {cfg['features']} has {X.shape[1]}")
+    train_fns, eval_fns, heads = _meta_functions(cfg, X, ids, Xe, ide)
+    X, Xe = torch.from_numpy(X), torch.from_numpy(Xe)
+    F = len(train_fns["latents"])
+    model_args = dict(d=X.shape[1], d_model=cfg["d_model"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
+                      mlp=cfg["mlp"], model=cfg["model"], n_functions=F, no_embed=cfg["no_embed"],
+                      dropout=cfg["dropout"])
+    model = MetaLearner(**model_args).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg["weight_decay"]),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]  # biases, LayerNorms, log_vars
+    if cfg["optimizer"] == "schedulefree":
+        import schedulefree
+        opt = schedulefree.AdamWScheduleFree(groups, lr=cfg["lr"], warmup_steps=cfg["warmup"])
+    elif cfg["optimizer"] == "adamw":
+        opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.95))
+    else:
+        sys.exit(f"train.py: error: --optimizer {cfg['optimizer']!r}; expected adamw | schedulefree")
+    sf = cfg["optimizer"] == "schedulefree"
+
+    def lr_at(step):  # warm-up, then cosine to 10 % (AdamW only; schedule-free needs no schedule)
+        if step < cfg["warmup"]:
+            return cfg["lr"] * (step + 1) / cfg["warmup"]
+        t = (step - cfg["warmup"]) / max(1, cfg["steps"] - cfg["warmup"])
+        return cfg["lr"] * (0.1 + 0.45 * (1 + np.cos(np.pi * min(1.0, t))))
+
+    start, best, since_best, best_metrics = 0, -float("inf"), 0, {}
+    if cfg["resume"] and os.path.exists(last):
+        ck = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start, best, since_best, best_metrics = ck["step"], ck["best"], ck["since_best"], ck["metrics"]
+        torch.set_rng_state(ck["rng"])
+        if rank == 0:
+            print(f"train.py: resumed {last} at step {start} (best held-out accuracy {best:.4f})")
+    net = torch.compile(model) if cfg["compile"] else model
+    if ddp:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if use_cuda else None)
+    mse_pos = cfg["functions"] == "sae"
+    per_rank = cfg["batch"] // world
+    fields = ["step", "loss", "bce", "mse", "lr", "eval_accuracy", "eval_magnitude_r2", "eval_bce", "seconds"]
+    if rank == 0 and not (cfg["resume"] and os.path.exists(csv_path)):
+        os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+        with open(csv_path, "w", newline="") as fh:
+            csv.writer(fh).writerow(fields)
+
+    def save(path, step, metrics, with_opt):
+        ck = dict(model=model.state_dict(), model_args=model_args, config=cfg, versions=data.versions(), step=step,
+                  metrics=metrics, best=best, since_best=since_best, latents=train_fns["latents"],
+                  eval_latents=eval_fns["latents"], rng=torch.get_rng_state())
+        if with_opt:
+            ck["optimizer"] = opt.state_dict()
+        with atomic_path(path) as tmp:
+            torch.save(ck, tmp)
+
+    if rank == 0:
+        print(f"train.py: meta | {cfg['model']} on {F} training functions ({cfg['functions']}), "
+              f"{len(eval_fns['latents'])} evaluated on {cfg['eval_features']} | d={X.shape[1]}, L={cfg['length']}, "
+              f"batch={cfg['batch']} x {world} rank(s), {sum(p.numel() for p in params):,} parameters")
+    t0, step = time.time(), start
+    bar = tqdm(range(start, cfg["steps"]), disable=rank != 0 or not cfg["progress"], mininterval=1.0)
+    for step in bar:
+        lr = cfg["lr"] if sf else lr_at(step)
+        if not sf:
+            for g in opt.param_groups:
+                g["lr"] = lr
+        if sf:
+            opt.train()
+        # every rank builds the same global batch (seeded by step) and takes its slice, so N ranks follow
+        # the trajectory of one process with the same global batch
+        x, y, mag, fn, _ = make_episodes(X, train_fns, cfg["batch"], cfg["length"], cfg["seed"] * 1_000_003 + step)
+        sl = slice(rank * per_rank, (rank + 1) * per_rank)
+        x, y, mag, fn = x[sl].to(device), y[sl].to(device), mag[sl].to(device), fn[sl].to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
+            logit, mpred = net(x, fn)
+        loss, bce, mse = model.loss(logit, mpred, y, mag, mse_on_positives=mse_pos)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg["clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
+        opt.step()
+        stats = torch.stack([loss.detach(), bce.detach(), mse.detach()]).float().cpu()
+        if ddp:
+            dist.all_reduce(stats)
+            stats /= world
+        row = dict(step=step + 1, loss=float(stats[0]), bce=float(stats[1]), mse=float(stats[2]), lr=lr,
+                   seconds=round(time.time() - t0, 3))
+        stop = False
+        if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
+            if sf:
+                opt.eval()  # schedule-free: evaluate (and save) the averaged weights
+            if rank == 0:
+                ev = evaluate_meta(model, Xe, eval_fns, cfg["length"], cfg["eval_episodes"], seed=cfg["seed"] + 777,
+                                   heads=heads, mse_on_positives=mse_pos)
+                row.update(eval_accuracy=ev["accuracy"], eval_magnitude_r2=ev["magnitude_r2"], eval_bce=ev["bce"])
+                if ev["accuracy"] > best:
+                    best, since_best = ev["accuracy"], 0
+                    best_metrics = dict(ev, step=step + 1)
+                    save(out, step + 1, best_metrics, with_opt=False)
+                else:
+                    since_best += 1
+                save(last, step + 1, best_metrics, with_opt=True)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{ev['accuracy']:.3f}", best=f"{best:.3f}")
+                stop = cfg["patience"] > 0 and since_best >= cfg["patience"]
+            if ddp:
+                flag = torch.tensor([float(stop)])
+                dist.broadcast(flag, 0)
+                stop = bool(flag.item())
+        if rank == 0:
+            with open(csv_path, "a", newline="") as fh:
+                csv.writer(fh).writerow([row.get(k, "") for k in fields])
+        if stop:
+            if rank == 0:
+                print(f"train.py: early stop at step {step + 1}: no held-out improvement in {cfg['patience']} evaluations")
+            break
+    if rank == 0:
+        _plot_curve(csv_path, png_path)
+        print(f"train.py: best held-out accuracy {best:.4f} (magnitude R^2 {best_metrics.get('magnitude_r2', float('nan')):.3f}) "
+              f"at step {best_metrics.get('step')} -> {out}; log {csv_path}, curve {png_path}")
+    if ddp:
+        dist.destroy_process_group()
+    return best_metrics
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    for k, v in defaults.items():
-        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    for k, v in {**defaults, **defaults_sae, **defaults_meta}.items():
+        if isinstance(v, bool):  # --mlp / --no-mlp
+            p.add_argument("--" + k.replace("_", "-"), action=argparse.BooleanOptionalAction, default=v)
+        else:
+            p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     return vars(p.parse_args(argv))
 
 
@@ -30,6 +544,10 @@ def main(argv=None):
     cfg = parse(argv)
     if cfg["stage"] not in STAGES:
         sys.exit(f"train.py: error: --stage {cfg['stage']!r}; expected one of {sorted(STAGES)}")
+    if cfg["stage"] == "sae":
+        return stage_sae(cfg)
+    if cfg["stage"] == "meta":
+        return stage_meta(cfg)
     print(f"train.py: stage {cfg['stage']!r} not implemented yet (arrives with {STAGES[cfg['stage']]})", file=sys.stderr)
     sys.exit(2)
 

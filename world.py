@@ -78,6 +78,7 @@ COMMON = dict(
     reward_noise=0.5,          # sd of reward noise around the linear reward function
     reward_beta=3.0,           # reward learner: inverse temperature of the left/right choice
     fmri_subjects=3,
+    n_backbones=3,             # extra synthetic backbones over the same images (model-similarity analyses)
 )
 ROIS_EARLY = ["V1", "V2", "V3", "hV4"]
 ROIS_HIGH = ["LOC", "FFA", "PPA", "EBA", "OFA", "STS", "RSC", "TOS"]
@@ -133,6 +134,25 @@ def backbone(rng, codes, W):
     X = (codes ** W["warp"]) @ W["D"] + u @ W["N"] + W["offset"]
     X += rng.normal(0.0, W["noise_sd"], size=X.shape)
     return X.astype(np.float32), u
+
+
+def write_backbones(out_dir, rng, sets, W, n_backbones, cfg):
+    """Extra synthetic backbones b1..bK over the same images (same codes and nuisance u), each with its own
+    random directions and nuisance weight a_k = 2^(k - K/2): a graded model-similarity structure (nearby
+    a_k -> more similar geometry) that is the same on every image set. Writes features/<set>_b<k>.h5."""
+    paths = {}
+    d = W["D"].shape[1]
+    for k in range(1, n_backbones + 1):
+        Q = np.linalg.qr(rng.normal(size=(d, W["D"].shape[0] + W["N"].shape[0])))[0].T
+        Dk, Nk = Q[:W["D"].shape[0]], Q[W["D"].shape[0]:]
+        a_k = 2.0 ** (k - (n_backbones + 1) / 2)
+        for name, (ids, codes, u) in sets.items():
+            X = (codes ** W["warp"]) @ Dk + a_k * u @ Nk + rng.normal(0.0, W["noise_sd"], size=(len(ids), d))
+            p = os.path.join(out_dir, "features", f"{name}_b{k}.h5")
+            write_features(p, X.astype(np.float32), ids, attrs=dict(backbone=f"synthetic-b{k}", weights=f"world seed {cfg['seed']}",
+                                                                     pooling="n/a", dataset=name, nuisance_weight=a_k, config=cfg))
+            paths[f"features/{name}_b{k}"] = p
+    return paths
 
 
 def softmax_odd_one_out(rng, S, temperature):
@@ -449,6 +469,20 @@ def make_world(out_dir, size="small", seed=0, verbose=True, **overrides):
             for k, v in tf.items():
                 f[f"fmri/{tag}/{k}"] = v
         write_h5_attrs(f, dict(config=cfg, rois_early=ROIS_EARLY, rois_high=ROIS_HIGH))
+
+    # --- model zoo + category table, from their own generator so every file above is unchanged by them
+    zoo_rng = np.random.default_rng([seed, 1000])
+    sets = dict(things=(things_ids, things_codes, things_u), levels=(lv_ids, lv_codes, lv_u),
+                coco=(coco_ids, coco_codes, coco_u))
+    paths.update(write_backbones(out_dir, zoo_rng, sets, W, c["n_backbones"], cfg))
+    paths["categories"] = os.path.join(data_dir, "categories.tsv")
+    labels = np.eye(c["n_super"], dtype=int)[superclass]  # (n_concepts, n_super) one label each ...
+    second = np.nonzero(zoo_rng.random(n_c) < 0.1)[0]    # ... and a second label for 10% of concepts
+    labels[second, zoo_rng.integers(c["n_super"], size=len(second))] = 1
+    cat = pd.DataFrame(labels, columns=[f"category{k:02d}" for k in range(c["n_super"])])
+    cat.insert(0, "uniqueID", concepts)
+    with atomic_path(paths["categories"]) as tmp:
+        cat.to_csv(tmp, sep="\t", index=False)
 
     say(f"world ({size}, seed {seed}) -> {out_dir}: {n_c} concepts x {k_h} dims, {len(things_ids)} THINGS / "
         f"{len(lv_ids)} Levels / {len(coco_ids)} COCO images, d={d}, {len(trip)} triplets, "

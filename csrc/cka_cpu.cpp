@@ -184,6 +184,117 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {xx, yy, xy, vx, vy, s};
 }
 
+// ---- RBF CKA: one Gram tile of X and of Y -> kernel values, consumed on the fly --------------------------
+
+void check_rbf_tile(const at::Tensor& gx, const at::Tensor& gy, const at::Tensor& nxi, const at::Tensor& nxj,
+                    const at::Tensor& nyi, const at::Tensor& nyj) {
+  TORCH_CHECK(gx.dim() == 2 && gx.sizes() == gy.sizes(), "gx and gy must be 2-D tiles of one shape, got ",
+              gx.sizes(), " and ", gy.sizes());
+  TORCH_CHECK(gx.scalar_type() == at::kDouble && gy.scalar_type() == at::kDouble, "gx and gy must be float64");
+  const int64_t ti = gx.size(0), tj = gx.size(1);
+  for (auto [t, name, len] : {std::tuple{&nxi, "nxi", ti}, {&nxj, "nxj", tj}, {&nyi, "nyi", ti}, {&nyj, "nyj", tj}})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == len && t->scalar_type() == at::kDouble, name,
+                " must be float64 of length ", len, ", got ", t->sizes());
+}
+
+template <typename F>
+void rbf_tile_loop(int64_t ti, int64_t tj, F&& element, double* row_k, double* row_l, double* col_k,
+                   double* col_l, double* sums) {
+  int n_threads = 1;
+#ifdef _OPENMP
+  n_threads = omp_get_max_threads();
+#endif
+  std::vector<double> priv(static_cast<size_t>(n_threads) * (2 * tj + 3), 0.0);
+#pragma omp parallel num_threads(n_threads)
+  {
+    int tid = 0;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+#endif
+    double* ck = priv.data() + static_cast<size_t>(tid) * (2 * tj + 3);
+    double *cl = ck + tj, *sm = ck + 2 * tj;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < ti; ++r) {
+      double rk = 0, rl = 0;
+      for (int64_t c = 0; c < tj; ++c) {
+        double k, l;
+        element(r, c, k, l);
+        rk += k; rl += l; ck[c] += k; cl[c] += l;
+        sm[0] += k * l; sm[1] += k * k; sm[2] += l * l;
+      }
+      row_k[r] = rk; row_l[r] = rl;
+    }
+  }
+  for (int t = 0; t < n_threads; ++t) {
+    const double* b = priv.data() + static_cast<size_t>(t) * (2 * tj + 3);
+    for (int64_t c = 0; c < tj; ++c) { col_k[c] += b[c]; col_l[c] += b[tj + c]; }
+    for (int j = 0; j < 3; ++j) sums[j] += b[2 * tj + j];
+  }
+}
+
+// One RBF tile's inputs (made contiguous and kept alive for the raw pointers) and zeroed outputs.
+struct RbfTile {
+  at::Tensor gx, gy, nxi, nxj, nyi, nyj, row_k, col_k, row_l, col_l, sums;
+  int64_t ti, tj;
+  double gamma_x, gamma_y;
+  bool diagonal;
+  RbfTile(const at::Tensor& gx_, const at::Tensor& gy_, const at::Tensor& nxi_, const at::Tensor& nxj_,
+          const at::Tensor& nyi_, const at::Tensor& nyj_, double gamma_x_, double gamma_y_, bool diagonal_)
+      : gamma_x(gamma_x_), gamma_y(gamma_y_), diagonal(diagonal_) {
+    check_rbf_tile(gx_, gy_, nxi_, nxj_, nyi_, nyj_);
+    gx = gx_.contiguous(); gy = gy_.contiguous();
+    nxi = nxi_.contiguous(); nxj = nxj_.contiguous(); nyi = nyi_.contiguous(); nyj = nyj_.contiguous();
+    ti = gx.size(0); tj = gx.size(1);
+    auto f64 = gx.options();
+    row_k = at::zeros({ti}, f64); row_l = at::zeros({ti}, f64);
+    col_k = at::zeros({tj}, f64); col_l = at::zeros({tj}, f64); sums = at::zeros({3}, f64);
+  }
+  // the kernel values of element (r, c) of the X and the Y tile
+  void element(int64_t r, int64_t c, double& k, double& l) const {
+    const bool self = diagonal && r == c;
+    k = rbf_from_gram(gx.data_ptr<double>()[r * tj + c], nxi.data_ptr<double>()[r], nxj.data_ptr<double>()[c],
+                      gamma_x, self);
+    l = rbf_from_gram(gy.data_ptr<double>()[r * tj + c], nyi.data_ptr<double>()[r], nyj.data_ptr<double>()[c],
+                      gamma_y, self);
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result() const {
+    return {row_k, col_k, row_l, col_l, sums};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cka_rbf_tile_cpu(
+    const at::Tensor& gx, const at::Tensor& gy, const at::Tensor& nxi, const at::Tensor& nxj,
+    const at::Tensor& nyi, const at::Tensor& nyj, double gamma_x, double gamma_y, bool diagonal) {
+  const RbfTile t(gx, gy, nxi, nxj, nyi, nyj, gamma_x, gamma_y, diagonal);
+  rbf_tile_loop(t.ti, t.tj, [&](int64_t r, int64_t c, double& k, double& l) { t.element(r, c, k, l); },
+                t.row_k.data_ptr<double>(), t.row_l.data_ptr<double>(), t.col_k.data_ptr<double>(),
+                t.col_l.data_ptr<double>(), t.sums.data_ptr<double>());
+  return t.result();
+}
+
+// The CUDA launch grid of cka_rbf_tile_kernel on the CPU: 2-D blocks of (block x block) threads, one tile
+// element each, calling rbf_from_gram; the kernel's atomic adds become plain adds in block order.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cka_rbf_tile_grid_cpu(
+    const at::Tensor& gx, const at::Tensor& gy, const at::Tensor& nxi, const at::Tensor& nxj,
+    const at::Tensor& nyi, const at::Tensor& nyj, double gamma_x, double gamma_y, bool diagonal, int64_t block) {
+  const RbfTile t(gx, gy, nxi, nxj, nyi, nyj, gamma_x, gamma_y, diagonal);
+  const int64_t ti = t.ti, tj = t.tj;
+  double *rk = t.row_k.data_ptr<double>(), *rl = t.row_l.data_ptr<double>(), *ck = t.col_k.data_ptr<double>(),
+         *cl = t.col_l.data_ptr<double>(), *sm = t.sums.data_ptr<double>();
+  for (int64_t by = 0; by < (ti + block - 1) / block; ++by)
+    for (int64_t bx = 0; bx < (tj + block - 1) / block; ++bx)
+      for (int64_t ty = 0; ty < block; ++ty)
+        for (int64_t tx = 0; tx < block; ++tx) {
+          const int64_t r = by * block + ty, c = bx * block + tx;  // as in the kernel: blockIdx * blockDim + threadIdx
+          if (r >= ti || c >= tj) continue;
+          double k, l;
+          t.element(r, c, k, l);
+          rk[r] += k; rl[r] += l; ck[c] += k; cl[c] += l;
+          sm[0] += k * l; sm[1] += k * k; sm[2] += l * l;
+        }
+  return t.result();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(metalign_ops, m) {
@@ -201,12 +312,23 @@ TORCH_LIBRARY_FRAGMENT(metalign_ops, m) {
   // CPU emulation of the CUDA launch grid of cka_shift_rows (one block per row, `threads` threads per
   // block, shared-memory tree reduction), calling the same __host__ __device__ functions.
   m.def("cka_shift_rows_grid(Tensor x, Tensor shift, int threads) -> (Tensor xs, Tensor sq)");
+  // RBF CKA from one pair of Gram tiles gx = Xi Xj', gy = Yi Yj' (float64, (ti, tj)) and squared row norms:
+  // k = exp(-gamma_x d2), l = exp(-gamma_y d2) element by element (never stored), returning row and column
+  // sums of the K and L tiles and [sum k l, sum k^2, sum l^2]; `diagonal` marks a tile on the diagonal
+  // (element (r, r) is a point with itself: distance 0).
+  m.def("cka_rbf_tile(Tensor gx, Tensor gy, Tensor nxi, Tensor nxj, Tensor nyi, Tensor nyj, float gamma_x, "
+        "float gamma_y, bool diagonal) -> (Tensor row_k, Tensor col_k, Tensor row_l, Tensor col_l, Tensor sums)");
+  m.def("cka_rbf_tile_grid(Tensor gx, Tensor gy, Tensor nxi, Tensor nxj, Tensor nyi, Tensor nyj, float gamma_x, "
+        "float gamma_y, bool diagonal, int block) -> (Tensor row_k, Tensor col_k, Tensor row_l, Tensor col_l, "
+        "Tensor sums)");
 }
 
 TORCH_LIBRARY_IMPL(metalign_ops, CPU, m) {
   m.impl("cka_moments", &cka_moments_cpu);
   m.impl("cka_shift_rows", &cka_shift_rows_cpu);
   m.impl("cka_shift_rows_grid", &cka_shift_rows_grid_cpu);
+  m.impl("cka_rbf_tile", &cka_rbf_tile_cpu);
+  m.impl("cka_rbf_tile_grid", &cka_rbf_tile_grid_cpu);
 }
 
 }  // namespace metalign

@@ -2,6 +2,7 @@
 // CPU emulation of the CUDA launch grid (tests run the latter, so the GPU arithmetic and indexing are
 // checked on machines without a GPU).
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -32,6 +33,22 @@ METALIGN_HD double cka_shift_row_partial(const T* x_row, int64_t col_stride, con
 // (n_threads a power of two); step s adds buf[tid + s] into buf[tid] for tid < s.
 METALIGN_HD void cka_tree_step(double* buf, int64_t tid, int64_t s) {
   if (tid < s) buf[tid] += buf[tid + s];
+}
+
+}  // namespace metalign
+
+namespace metalign {
+
+// RBF kernel value from a Gram-tile entry: k = exp(-gamma * max(|xi|^2 + |xj|^2 - 2 xi.xj, 0)), with the
+// distance of a point to itself forced to 0 (`self`), so the diagonal is exactly 1 as the estimators assume.
+METALIGN_HD double rbf_from_gram(double g, double ni, double nj, double gamma, bool self) {
+  double d2 = self ? 0.0 : ni + nj - 2.0 * g;
+  d2 = d2 > 0.0 ? d2 : 0.0;  // float error can make near-duplicate points slightly negative
+#if defined(__CUDA_ARCH__)
+  return ::exp(-gamma * d2);
+#else
+  return std::exp(-gamma * d2);
+#endif
 }
 
 }  // namespace metalign

@@ -140,3 +140,49 @@ def test_unknown_flag_is_an_error():
     with pytest.raises(SystemExit):
         evaluate.parse(["--taks", "cka"])
     assert evaluate.parse(["--task=cka"])["task"] == "cka"
+
+
+def test_ckpt_gives_aligned_representation(world, tmp_path):
+    """--ckpt: encode(features) of a meta checkpoint is scored as `aligned`, identical to scoring it by hand."""
+    from models import MetaLearner
+    X, ids = data.read_features(world["dir"] + "/features/things.h5")
+    torch.manual_seed(0)
+    args = dict(d=X.shape[1], d_model=16, n_layers=1, n_heads=2)
+    model = MetaLearner(**args)
+    ck = tmp_path / "meta.pt"
+    torch.save(dict(model=model.state_dict(), model_args=args, config={}, versions={}), ck)
+    r = run(world, "things-ooo", tmp_path / "ooo.json", ckpt=str(ck))
+    concepts = data.load_concepts(world["data"])
+    t = data.load_triplets(world["data"], len(concepts))
+    with torch.no_grad():
+        Z = model.encode(torch.as_tensor(X[data.concept_rows(ids, concepts)])).numpy()
+    want = np.mean(evaluate.odd_one_out(evaluate.cosine_similarity_matrix(Z), t["triplets"]) == t["choice"])
+    assert r["aligned"]["accuracy"] == pytest.approx(want) and r["aligned"]["dims"] == 16
+    bad = tmp_path / "bad.pt"
+    wide = dict(args, d=X.shape[1] + 1)
+    torch.save(dict(model=MetaLearner(**wide).state_dict(), model_args=wide, config={}), bad)
+    with pytest.raises(SystemExit, match=f"bad.pt: the checkpoint embeds {X.shape[1] + 1}-d features"):
+        run(world, "things-ooo", tmp_path / "x.json", ckpt=str(bad))
+
+
+def test_cka_layers_traced_by_hooks(world, tmp_path):
+    """--task cka --ckpt: per-layer CKA from forward hooks on `embedding` and `layers`; layer 0 is encode."""
+    from models import MetaLearner
+    X, ids = data.read_features(world["dir"] + "/features/things.h5")
+    torch.manual_seed(1)
+    args = dict(d=X.shape[1], d_model=16, n_layers=2, n_heads=2)
+    model = MetaLearner(**args)
+    ck = tmp_path / "meta.pt"
+    torch.save(dict(model=model.state_dict(), model_args=args, config={}, versions={}), ck)
+    r = run(world, "cka", tmp_path / "cka.json", ckpt=str(ck), n_boot=5, spose_dims="0,1,2")
+    layers = r["aligned"]["layers"]
+    assert len(layers["all"]) == 3 and len(layers["dims"]) == 3  # embedding + 2 blocks
+    assert layers["all"][0] == pytest.approx(r["aligned"]["cka_biased"], abs=1e-9)  # the embedding is encode
+    concepts = data.load_concepts(world["data"])
+    Xc = X[data.concept_rows(ids, concepts)]
+    E = data.load_spose(world["data"])
+    with torch.no_grad():  # oracle for block 1: run the blocks by hand on [0, x]
+        h = model.embedding(torch.nn.functional.pad(torch.as_tensor(Xc), (1, 0)).unsqueeze(1))
+        h1 = model.layers[0](h).squeeze(1).numpy()
+    assert layers["all"][1] == pytest.approx(kernels.cka_ref(h1, E).item(), abs=1e-6)
+    assert (tmp_path / "cka_layers.png").exists()

@@ -10,11 +10,10 @@ import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("stage", ["sae", "meta"])
-def test_train_stage_not_implemented_yet(stage, capsys):
-    with pytest.raises(SystemExit) as e:
-        train.main(["--stage", stage])
-    assert e.value.code == 2 and "not implemented yet" in capsys.readouterr().err
+def test_train_meta_names_missing_features(tmp_path):  # sae and meta landed (tests/test_sae.py, tests/test_meta.py)
+    import data
+    with pytest.raises(data.DataError, match="nope.h5 not found"):
+        train.main(["--stage", "meta", "--features", str(tmp_path / "nope.h5")])
 
 
 def test_train_rejects_unknown_stage_and_flags():

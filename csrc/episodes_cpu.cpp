@@ -1,0 +1,197 @@
+// CPU (C++/OpenMP) implementation of the fused episode-construction op (see csrc/episodes_kernel.h for
+// the sampling and the RNG contract; kernels.episodes for the Python entry point).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "episodes_kernel.h"
+
+namespace metalign {
+
+// Shared by the CPU, CUDA and grid ops: every shape/dtype assumption, and (on CPU tensors) the CSR
+// contents: pointers monotone, indices strictly increasing in [0, n_rows) per function, and at least L
+// positives and L negatives per function.
+void episodes_check(const at::Tensor& features, const at::Tensor& pos_ptr, const at::Tensor& pos_idx,
+                    const at::Tensor& pos_val, const at::Tensor& neg_ptr, const at::Tensor& neg_idx,
+                    const at::Tensor& neg_val, const at::Tensor& mag_scale, int64_t n_episodes, int64_t length) {
+  TORCH_CHECK(features.dim() == 2, "features must be 2-D (n_rows, d), got ", features.sizes());
+  TORCH_CHECK(features.is_floating_point(), "features must be floating point, got ", features.scalar_type());
+  TORCH_CHECK(n_episodes >= 0, "n_episodes must be >= 0, got ", n_episodes);
+  TORCH_CHECK(length >= 1, "length (L) must be >= 1, got ", length);
+  TORCH_CHECK(pos_ptr.dim() == 1 && pos_ptr.size(0) >= 2 && pos_ptr.scalar_type() == at::kLong,
+              "pos_ptr must be 1-D int64 of length n_functions + 1 >= 2, got ", pos_ptr.sizes(), " ",
+              pos_ptr.scalar_type());
+  const int64_t F = pos_ptr.size(0) - 1, n = features.size(0);
+  TORCH_CHECK(pos_idx.dim() == 1 && pos_idx.scalar_type() == at::kLong, "pos_idx must be 1-D int64, got ",
+              pos_idx.sizes(), " ", pos_idx.scalar_type());
+  TORCH_CHECK(pos_val.dim() == 1 && pos_val.size(0) == pos_idx.size(0), "pos_val must be 1-D of length ",
+              pos_idx.size(0), " (pos_idx), got ", pos_val.sizes());
+  TORCH_CHECK(mag_scale.dim() == 1 && mag_scale.size(0) == F, "mag_scale must be 1-D of length ", F,
+              " (n_functions), got ", mag_scale.sizes());
+  TORCH_CHECK(pos_val.scalar_type() == mag_scale.scalar_type(), "pos_val and mag_scale must share a dtype, got ",
+              pos_val.scalar_type(), " and ", mag_scale.scalar_type());
+  const bool has_neg = neg_ptr.numel() > 0;
+  if (has_neg) {
+    TORCH_CHECK(neg_ptr.dim() == 1 && neg_ptr.size(0) == F + 1 && neg_ptr.scalar_type() == at::kLong,
+                "neg_ptr must be empty (negatives = complement of the positives) or 1-D int64 of length ", F + 1,
+                ", got ", neg_ptr.sizes(), " ", neg_ptr.scalar_type());
+    TORCH_CHECK(neg_idx.dim() == 1 && neg_idx.scalar_type() == at::kLong, "neg_idx must be 1-D int64");
+    TORCH_CHECK(neg_val.dim() == 1 && neg_val.size(0) == neg_idx.size(0) &&
+                neg_val.scalar_type() == pos_val.scalar_type(),
+                "neg_val must be 1-D of length ", neg_idx.size(0), " with the dtype of pos_val");
+  }
+  for (const at::Tensor* t : {&pos_ptr, &pos_idx, &pos_val, &neg_ptr, &neg_idx, &neg_val, &mag_scale})
+    TORCH_CHECK(t->numel() == 0 || t->device() == features.device(),
+                "the function tensors must be on the device of features (", features.device(), ")");
+  if (!features.device().is_cpu()) return;  // contents checked on the host only (no device sync here)
+  // name: "pos" | "neg"; complement: count the rows that are not positives instead of the list itself
+  auto check_csr = [&](const at::Tensor& ptr, const at::Tensor& idx, const char* name, bool complement) {
+    const int64_t* p = ptr.data_ptr<int64_t>();
+    const int64_t* ix = idx.data_ptr<int64_t>();
+    const char* what = complement ? "negatives (rows not positive)" : (name[0] == 'p' ? "positives" : "negatives");
+    TORCH_CHECK(p[0] == 0 && p[F] == idx.size(0), name, "_ptr must start at 0 and end at ", idx.size(0),
+                " (the length of ", name, "_idx), got ", p[0], " .. ", p[F]);
+    for (int64_t f = 0; f < F; ++f) {
+      TORCH_CHECK(p[f + 1] >= p[f], name, "_ptr must be non-decreasing (function ", f, ")");
+      const int64_t cnt = complement ? n - (p[f + 1] - p[f]) : p[f + 1] - p[f];
+      TORCH_CHECK(cnt >= length, "function ", f, " has ", cnt, " ", what, ", fewer than the episode length L = ",
+                  length, "; drop it (raise --min-nonzero) or shorten L");
+    }
+    if (complement) return;
+    bool ok = true;
+    int64_t bad = -1;
+#pragma omp parallel for schedule(static) reduction(&& : ok)
+    for (int64_t f = 0; f < F; ++f) {
+      for (int64_t q = p[f]; q < p[f + 1]; ++q) {
+        const bool good = ix[q] >= 0 && ix[q] < n && (q == p[f] || ix[q] > ix[q - 1]);
+        if (!good) {
+          ok = false;
+#pragma omp critical
+          bad = f;
+        }
+      }
+    }
+    TORCH_CHECK(ok, name, "_idx of function ", bad, " must be strictly increasing row indices in [0, ", n, ")");
+  };
+  check_csr(pos_ptr, pos_idx, "pos", false);
+  if (has_neg) check_csr(neg_ptr, neg_idx, "neg", false);
+  else check_csr(pos_ptr, pos_idx, "pos", true);
+}
+
+namespace {
+
+using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Out alloc(const at::Tensor& features, int64_t B, int64_t L) {
+  auto o = features.options();
+  return {at::empty({B, L, features.size(1) + 1}, o), at::empty({B, L}, o), at::empty({B, L}, o),
+          at::empty({B}, o.dtype(at::kLong)), at::empty({B, L}, o.dtype(at::kLong))};
+}
+
+template <typename T, typename V>
+void episodes_loop(uint64_t seed, int64_t F, int64_t n, int64_t d, int64_t B, int64_t L, const T* fp, int64_t rs,
+                   int64_t cs, const int64_t* pp, const int64_t* pi, const V* pv, bool has_neg, const int64_t* np,
+                   const int64_t* ni, const V* nv, const V* scale, T* xp, T* yp, T* mp, int64_t* fnp, int64_t* rp,
+                   int64_t grid_threads) {
+  auto sample = [&](int64_t b) {
+    fnp[b] = ep_sample<V, T>(ep_key(seed, b), F, n, L, pp, pi, pv, has_neg, np, ni, nv, scale, rp + b * L,
+                             yp + b * L, mp + b * L);
+  };
+  if (grid_threads > 0) {  // the CUDA launch grid, serially: block b samples (thread 0), then every thread writes
+    for (int64_t b = 0; b < B; ++b) {
+      sample(b);
+      for (int64_t t = 0; t < grid_threads; ++t)
+        ep_write<T, T>(fp, rs, cs, d, L, rp + b * L, mp + b * L, xp + b * L * (d + 1), t, grid_threads);
+    }
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t b = 0; b < B; ++b) {
+    sample(b);
+    const int64_t* r = rp + b * L;
+    const T* m = mp + b * L;
+    T* xb = xp + b * L * (d + 1);
+    for (int64_t t = 0; t < L; ++t) {  // one row copy per item: the output is written once, in order
+      T* dst = xb + t * (d + 1);
+      dst[0] = t == 0 ? T(0) : m[t - 1];
+      const T* src = fp + r[t] * rs;
+      if (cs == 1) {
+        std::memcpy(dst + 1, src, d * sizeof(T));
+      } else {
+        for (int64_t k = 0; k < d; ++k) dst[1 + k] = src[k * cs];
+      }
+    }
+  }
+}
+
+// grid_threads == 0: the CPU kernel (OpenMP over episodes, row copies); > 0: the CUDA launch grid run
+// serially, block b = episode b, thread 0 sampling, then `grid_threads` threads each calling ep_write.
+Out episodes_impl(const at::Tensor& features, const at::Tensor& pos_ptr_, const at::Tensor& pos_idx_,
+                  const at::Tensor& pos_val_, const at::Tensor& neg_ptr_, const at::Tensor& neg_idx_,
+                  const at::Tensor& neg_val_, const at::Tensor& mag_scale_, int64_t B, int64_t L, int64_t seed,
+                  int64_t grid_threads) {
+  episodes_check(features, pos_ptr_, pos_idx_, pos_val_, neg_ptr_, neg_idx_, neg_val_, mag_scale_, B, L);
+  auto pos_ptr = pos_ptr_.contiguous(), pos_idx = pos_idx_.contiguous(), pos_val = pos_val_.contiguous();
+  auto neg_ptr = neg_ptr_.contiguous(), neg_idx = neg_idx_.contiguous(), neg_val = neg_val_.contiguous();
+  auto mag_scale = mag_scale_.contiguous();
+  auto [x, y, mag, fn, rows] = alloc(features, B, L);
+  const bool has_neg = neg_ptr.numel() > 0;
+  const int64_t F = pos_ptr.size(0) - 1, n = features.size(0), d = features.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "episodes_cpu", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pos_val.scalar_type(), "episodes_cpu_val", [&] {
+      using V = scalar_t;
+      episodes_loop<T, V>(static_cast<uint64_t>(seed), F, n, d, B, L, features.data_ptr<T>(), features.stride(0),
+                          features.stride(1), pos_ptr.data_ptr<int64_t>(), pos_idx.data_ptr<int64_t>(),
+                          pos_val.data_ptr<V>(), has_neg, has_neg ? neg_ptr.data_ptr<int64_t>() : nullptr,
+                          has_neg ? neg_idx.data_ptr<int64_t>() : nullptr, has_neg ? neg_val.data_ptr<V>() : nullptr,
+                          mag_scale.data_ptr<V>(), x.data_ptr<T>(), y.data_ptr<T>(), mag.data_ptr<T>(),
+                          fn.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), grid_threads);
+    });
+  });
+  return {x, y, mag, fn, rows};
+}
+
+Out episodes_cpu(const at::Tensor& features, const at::Tensor& pos_ptr, const at::Tensor& pos_idx,
+                 const at::Tensor& pos_val, const at::Tensor& neg_ptr, const at::Tensor& neg_idx,
+                 const at::Tensor& neg_val, const at::Tensor& mag_scale, int64_t n_episodes, int64_t length,
+                 int64_t seed) {
+  return episodes_impl(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes,
+                       length, seed, 0);
+}
+
+Out episodes_grid_cpu(const at::Tensor& features, const at::Tensor& pos_ptr, const at::Tensor& pos_idx,
+                      const at::Tensor& pos_val, const at::Tensor& neg_ptr, const at::Tensor& neg_idx,
+                      const at::Tensor& neg_val, const at::Tensor& mag_scale, int64_t n_episodes, int64_t length,
+                      int64_t seed, int64_t threads) {
+  TORCH_CHECK(threads > 0, "threads must be > 0, got ", threads);
+  return episodes_impl(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes,
+                       length, seed, threads);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(metalign_ops, m) {
+  // B episodes of length L from F binary functions given as CSR lists of positive image rows (pos_ptr
+  // (F+1,), pos_idx (nnz,) strictly increasing per function, pos_val (nnz,) magnitudes); negatives are the
+  // explicit lists neg_* (same layout) or, when neg_ptr is empty, the complement of the positives with
+  // magnitude 0. Returns x (B, L, 1+d) [previous item's magnitude * mag_scale[f], features of the item],
+  // y (B, L) 1/0, mag (B, L) magnitude * mag_scale[f], fn (B,) int64 function, rows (B, L) int64 image rows.
+  m.def("episodes(Tensor features, Tensor pos_ptr, Tensor pos_idx, Tensor pos_val, Tensor neg_ptr, "
+        "Tensor neg_idx, Tensor neg_val, Tensor mag_scale, int n_episodes, int length, int seed) -> "
+        "(Tensor x, Tensor y, Tensor mag, Tensor fn, Tensor rows)");
+  // CPU emulation of the CUDA launch grid (block = episode, thread 0 samples, `threads` threads write x).
+  m.def("episodes_grid(Tensor features, Tensor pos_ptr, Tensor pos_idx, Tensor pos_val, Tensor neg_ptr, "
+        "Tensor neg_idx, Tensor neg_val, Tensor mag_scale, int n_episodes, int length, int seed, int threads) -> "
+        "(Tensor x, Tensor y, Tensor mag, Tensor fn, Tensor rows)");
+}
+
+TORCH_LIBRARY_IMPL(metalign_ops, CPU, m) {
+  m.impl("episodes", &episodes_cpu);
+  m.impl("episodes_grid", &episodes_grid_cpu);
+}
+
+}  // namespace metalign

@@ -1,0 +1,77 @@
+// CUDA implementation of the fused episode-construction op: one block per episode; thread 0 samples the
+// episode (csrc/episodes_kernel.h, the same functions the CPU kernel and its grid emulation run) into the
+// rows/y/mag outputs, then every thread of the block writes its share of x (L, 1 + d), coalesced.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "episodes_kernel.h"
+
+namespace metalign {
+
+// Shape/dtype/device checks shared with the CPU op (csrc/episodes_cpu.cpp); the CSR contents are checked
+// there for CPU tensors only (kernels.episodes validates device tensors once on the host).
+void episodes_check(const at::Tensor& features, const at::Tensor& pos_ptr, const at::Tensor& pos_idx,
+                    const at::Tensor& pos_val, const at::Tensor& neg_ptr, const at::Tensor& neg_idx,
+                    const at::Tensor& neg_val, const at::Tensor& mag_scale, int64_t n_episodes, int64_t length);
+
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T, typename V>
+__global__ void episodes_kernel(uint64_t seed, int64_t F, int64_t n, int64_t d, int64_t L, const T* __restrict__ fp,
+                                int64_t rs, int64_t cs, const int64_t* __restrict__ pp, const int64_t* __restrict__ pi,
+                                const V* __restrict__ pv, bool has_neg, const int64_t* __restrict__ np,
+                                const int64_t* __restrict__ ni, const V* __restrict__ nv, const V* __restrict__ scale,
+                                T* __restrict__ xp, T* __restrict__ yp, T* __restrict__ mp, int64_t* __restrict__ fnp,
+                                int64_t* __restrict__ rp) {
+  const int64_t b = blockIdx.x;
+  if (threadIdx.x == 0)
+    fnp[b] = ep_sample<V, T>(ep_key(seed, b), F, n, L, pp, pi, pv, has_neg, np, ni, nv, scale, rp + b * L, yp + b * L,
+                             mp + b * L);
+  __syncthreads();  // rows and mag of this episode are in global memory, visible to the block after the barrier
+  ep_write<T, T>(fp, rs, cs, d, L, rp + b * L, mp + b * L, xp + b * L * (d + 1), threadIdx.x, blockDim.x);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> episodes_cuda(
+    const at::Tensor& features, const at::Tensor& pos_ptr_, const at::Tensor& pos_idx_, const at::Tensor& pos_val_,
+    const at::Tensor& neg_ptr_, const at::Tensor& neg_idx_, const at::Tensor& neg_val_, const at::Tensor& mag_scale_,
+    int64_t B, int64_t L, int64_t seed) {
+  episodes_check(features, pos_ptr_, pos_idx_, pos_val_, neg_ptr_, neg_idx_, neg_val_, mag_scale_, B, L);
+  TORCH_CHECK(features.is_cuda(), "features must be a CUDA tensor");
+  const at::cuda::CUDAGuard guard(features.device());
+  auto pos_ptr = pos_ptr_.contiguous(), pos_idx = pos_idx_.contiguous(), pos_val = pos_val_.contiguous();
+  auto neg_ptr = neg_ptr_.contiguous(), neg_idx = neg_idx_.contiguous(), neg_val = neg_val_.contiguous();
+  auto mag_scale = mag_scale_.contiguous();
+  auto o = features.options();
+  const int64_t F = pos_ptr.size(0) - 1, n = features.size(0), d = features.size(1);
+  auto x = at::empty({B, L, d + 1}, o), y = at::empty({B, L}, o), mag = at::empty({B, L}, o);
+  auto fn = at::empty({B}, o.dtype(at::kLong)), rows = at::empty({B, L}, o.dtype(at::kLong));
+  if (B == 0) return {x, y, mag, fn, rows};
+  const bool has_neg = neg_ptr.numel() > 0;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "episodes_cuda", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pos_val.scalar_type(), "episodes_cuda_val", [&] {
+      using V = scalar_t;
+      episodes_kernel<T, V><<<B, kThreads, 0, stream>>>(
+          static_cast<uint64_t>(seed), F, n, d, L, features.data_ptr<T>(), features.stride(0), features.stride(1),
+          pos_ptr.data_ptr<int64_t>(), pos_idx.data_ptr<int64_t>(), pos_val.data_ptr<V>(), has_neg,
+          has_neg ? neg_ptr.data_ptr<int64_t>() : nullptr, has_neg ? neg_idx.data_ptr<int64_t>() : nullptr,
+          has_neg ? neg_val.data_ptr<V>() : nullptr, mag_scale.data_ptr<V>(), x.data_ptr<T>(), y.data_ptr<T>(),
+          mag.data_ptr<T>(), fn.data_ptr<int64_t>(), rows.data_ptr<int64_t>());
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {x, y, mag, fn, rows};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metalign_ops, CUDA, m) { m.impl("episodes", &episodes_cuda); }
+
+}  // namespace metalign

@@ -1,0 +1,424 @@
+// CPU (C++/OpenMP) implementation of the streaming-ridge scoring ops: every alpha scored for every target
+// from the eigen-rotated cross-products (kernels.ridge_cv does the X'X / X'Y accumulation and the
+// eigendecompositions through ATen's BLAS/LAPACK). The per-target arithmetic lives in ridge_kernel.h, shared
+// with the CUDA kernels; the *_grid ops run the CUDA launch grids on the CPU with those same functions.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "ridge_kernel.h"
+
+namespace metalign {
+namespace {
+
+constexpr int64_t kBlock = kRidgeBlock;  // targets per CPU work item: the inner loop over targets vectorises
+
+// Runs fn(col0, ncols) over all targets: OpenMP over blocks of kBlock targets (threads == 0), or the CUDA
+// grid of ridge_cuda.cu (blocks of `threads` threads, one target each: col = block * threads + thread)
+// executed serially.
+template <typename F>
+void for_each_block(int64_t t, int64_t threads, const F& fn) {
+  if (threads == 0) {
+    const int64_t nb = (t + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) if (nb > 1)
+    for (int64_t blk = 0; blk < nb; ++blk) fn(blk * kBlock, std::min(kBlock, t - blk * kBlock));
+    return;
+  }
+  const int64_t blocks = (t + threads - 1) / threads;
+  for (int64_t block = 0; block < blocks; ++block)
+    for (int64_t tid = 0; tid < threads; ++tid) {
+      const int64_t col = block * threads + tid;
+      if (col < t) fn(col, 1);
+    }
+}
+
+void check_threads(int64_t threads) {
+  TORCH_CHECK(threads > 0 && threads <= 1024, "threads must be in 1..1024 (a CUDA block), got ", threads);
+}
+
+void check_spectrum(const at::Tensor& s, const at::Tensor& z, const at::Tensor& alphas) {
+  TORCH_CHECK(s.dim() == 1, "s (eigenvalues) must be 1-D (p,), got ", s.sizes());
+  TORCH_CHECK(z.dim() == 2 && z.size(0) == s.size(0), "z must be 2-D (p, n_targets) with p = ", s.size(0),
+              " (the length of s), got ", z.sizes());
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, "z must be float32 or float64, got ",
+              z.scalar_type());
+  TORCH_CHECK(s.scalar_type() == z.scalar_type(), "s must have the dtype of z (", z.scalar_type(), "), got ",
+              s.scalar_type());
+  TORCH_CHECK(alphas.dim() == 1 && alphas.size(0) > 0, "alphas must be 1-D and non-empty, got ", alphas.sizes());
+  TORCH_CHECK(s.device() == z.device(), "s and z must be on the same device");
+}
+
+void check_like_z(const at::Tensor& x, const at::Tensor& z, const char* name) {
+  TORCH_CHECK(x.sizes() == z.sizes(), name, " must have the shape of z ", z.sizes(), ", got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == z.scalar_type(), name, " must have the dtype of z (", z.scalar_type(), "), got ",
+              x.scalar_type());
+}
+
+void check_yy(const at::Tensor& yy, int64_t t) {
+  TORCH_CHECK(yy.dim() == 1 && yy.size(0) == t, "yy must be 1-D (n_targets,) of length ", t, ", got ", yy.sizes());
+}
+
+std::vector<double> alpha_vector(const at::Tensor& alphas) {
+  auto a = alphas.to(at::kCPU, at::kDouble).contiguous();
+  std::vector<double> out(a.data_ptr<double>(), a.data_ptr<double>() + a.numel());
+  for (double v : out) TORCH_CHECK(v > 0.0, "alphas must be positive, got ", v);
+  return out;
+}
+
+// d_j = 1 / (s_j + alpha) in double, and dz = d * z row by row (p, t) in the compute dtype (the GEMM input).
+template <typename scalar_t>
+void spectral_weights(const scalar_t* sp, const scalar_t* zp, scalar_t* dzp, double* d, int64_t p, int64_t t,
+                      double alpha) {
+  for (int64_t j = 0; j < p; ++j) d[j] = 1.0 / (static_cast<double>(sp[j]) + alpha);
+#pragma omp parallel for schedule(static) if (p * t >= 65536)
+  for (int64_t j = 0; j < p; ++j) {
+    const scalar_t dj = static_cast<scalar_t>(d[j]);
+    for (int64_t c = 0; c < t; ++c) dzp[j * t + c] = dj * zp[j * t + c];
+  }
+}
+
+template <typename scalar_t>
+void kfold_typed(const at::Tensor& s, const at::Tensor& z, const at::Tensor& b, const at::Tensor& yy,
+                 const at::Tensor& quad, at::Tensor& prod, at::Tensor& dz, const std::vector<double>& al, bool rows,
+                 int64_t threads, at::Tensor& scores) {
+  const int64_t p = z.size(0), t = z.size(1), m = quad.size(0), na = static_cast<int64_t>(al.size());
+  const scalar_t* sp = s.data_ptr<scalar_t>();
+  const scalar_t* zp = z.data_ptr<scalar_t>();
+  const scalar_t* bp = b.data_ptr<scalar_t>();
+  const double* yyp = yy.data_ptr<double>();
+  scalar_t* dzp = dz.data_ptr<scalar_t>();
+  double* out = scores.data_ptr<double>();
+  std::vector<double> d(p);
+  for (int64_t a = 0; a < na; ++a) {
+    spectral_weights<scalar_t>(sp, zp, dzp, d.data(), p, t, al[a]);
+    at::mm_out(prod, quad, dz);  // the one GEMM per alpha: the floor of exact k-fold scoring
+    const scalar_t* pp = prod.data_ptr<scalar_t>();
+    double* row = out + a * t;
+    for_each_block(t, threads, [&](int64_t col0, int64_t nc) {
+      for (int64_t c = 0; c < nc; ++c) row[col0 + c] = yyp[col0 + c];
+      ridge_kfold_block<scalar_t>(d.data(), zp, bp, rows ? nullptr : pp, p, t, col0, nc, row + col0);
+      if (rows) ridge_sumsq_block<scalar_t>(pp, m, t, col0, nc, row + col0);
+    });
+  }
+}
+
+// k-fold / group scores: SSE(a, t) of one validation fold for every alpha and target. Per alpha one BLAS
+// product (gram: G (d*z), p x p x t; rows: (Xv V)(d*z), n_val x p x t), then the fused per-target reduction;
+// no (n_alphas, p, t) intermediate exists, only one (p|n_val, t) buffer reused across alphas.
+at::Tensor kfold_impl(const at::Tensor& s_, const at::Tensor& z_, const at::Tensor& b_, const at::Tensor& yy_,
+                      const at::Tensor& quad_, const at::Tensor& alphas, bool rows, int64_t threads) {
+  check_spectrum(s_, z_, alphas);
+  check_like_z(b_, z_, "b");
+  const int64_t p = z_.size(0), t = z_.size(1);
+  check_yy(yy_, t);
+  TORCH_CHECK(quad_.dim() == 2 && quad_.size(1) == p && (rows || quad_.size(0) == p),
+              rows ? "quad (rotated validation rows Xv V) must be (n_val, p) with p = "
+                   : "quad (rotated validation Gram V'Xv'XvV) must be (p, p) with p = ",
+              p, ", got ", quad_.sizes());
+  TORCH_CHECK(quad_.scalar_type() == z_.scalar_type(), "quad must have the dtype of z");
+  auto s = s_.contiguous(), z = z_.contiguous(), b = b_.contiguous(), quad = quad_.contiguous();
+  auto yy = yy_.to(at::kDouble).contiguous();
+  const auto al = alpha_vector(alphas);
+  auto scores = at::empty({static_cast<int64_t>(al.size()), t}, z.options().dtype(at::kDouble));
+  auto dz = at::empty({p, t}, z.options());
+  auto prod = at::empty({quad.size(0), t}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "ridge_score_kfold_cpu", [&] {
+    kfold_typed<scalar_t>(s, z, b, yy, quad, prod, dz, al, rows, threads, scores);
+  });
+  return scores;
+}
+
+template <typename scalar_t>
+void loo_typed(const at::Tensor& xr, const at::Tensor& y, const at::Tensor& s, const at::Tensor& z, at::Tensor& prod,
+               at::Tensor& dz, const std::vector<double>& al, double h0, int64_t cr, int64_t threads,
+               at::Tensor& scores, at::Tensor& best) {
+  const int64_t n = xr.size(0), p = z.size(0), t = z.size(1), na = static_cast<int64_t>(al.size());
+  std::vector<double> best_score(t, 0.0), w(n), d(p);
+  const scalar_t* sp = s.data_ptr<scalar_t>();
+  const scalar_t* zp = z.data_ptr<scalar_t>();
+  const scalar_t* xp = xr.data_ptr<scalar_t>();
+  const scalar_t* yp = y.data_ptr<scalar_t>();
+  scalar_t* dzp = dz.data_ptr<scalar_t>();
+  double* out = scores.data_ptr<double>();
+  int64_t* bi = best.data_ptr<int64_t>();
+  double* wp = w.data();
+  const double* dp = d.data();
+  for (int64_t a = 0; a < na; ++a) {
+    spectral_weights<scalar_t>(sp, zp, dzp, d.data(), p, t, al[a]);
+#pragma omp parallel for schedule(static) if (n * p >= 65536)
+    for (int64_t i = 0; i < n; ++i) wp[i] = ridge_loo_weight<scalar_t>(xp + i * p, dp, p, h0);
+    double* row = out + a * t;
+    for (int64_t r0 = 0; r0 < n; r0 += cr) {
+      const int64_t m = std::min(cr, n - r0);
+      auto pv = prod.narrow(0, 0, m);
+      at::mm_out(pv, xr.narrow(0, r0, m), dz);
+      const scalar_t* pp = pv.data_ptr<scalar_t>();
+      for_each_block(t, threads, [&](int64_t col0, int64_t nc) {
+        ridge_loo_block<scalar_t>(yp + r0 * t, pp, wp + r0, m, t, t, col0, nc, row + col0);
+      });
+    }
+    for_each_block(t, threads, [&](int64_t col0, int64_t nc) {
+      for (int64_t c = col0; c < col0 + nc; ++c) {
+        row[c] /= static_cast<double>(n);
+        ridge_argmin_update(row[c], a, &best_score[c], &bi[c]);
+      }
+    });
+  }
+}
+
+// Exact leave-one-out: mean squared LOO error (n_alphas, t) and the running argmin per target. Per alpha:
+// leverages h_i (O(n p)), then per chunk of rows one BLAS product P = Xr[chunk] (d*z) and the fused weighted
+// residual sum; P never exceeds (chunk_rows, t).
+std::tuple<at::Tensor, at::Tensor> loo_impl(const at::Tensor& xr_, const at::Tensor& y_, const at::Tensor& s_,
+                                            const at::Tensor& z_, const at::Tensor& alphas, double h0,
+                                            int64_t chunk_rows, int64_t threads) {
+  check_spectrum(s_, z_, alphas);
+  const int64_t p = z_.size(0), t = z_.size(1);
+  TORCH_CHECK(xr_.dim() == 2 && xr_.size(1) == p, "xr (rotated centred rows X V) must be (n, p) with p = ", p,
+              ", got ", xr_.sizes());
+  TORCH_CHECK(y_.dim() == 2 && y_.size(0) == xr_.size(0) && y_.size(1) == t, "y must be (n, n_targets) = (",
+              xr_.size(0), ", ", t, "), got ", y_.sizes());
+  TORCH_CHECK(xr_.scalar_type() == z_.scalar_type() && y_.scalar_type() == z_.scalar_type(),
+              "xr and y must have the dtype of z (", z_.scalar_type(), ")");
+  TORCH_CHECK(chunk_rows > 0, "chunk_rows must be positive, got ", chunk_rows);
+  const int64_t n = xr_.size(0);
+  TORCH_CHECK(n > 1, "leave-one-out needs at least 2 rows, got ", n);
+  auto s = s_.contiguous(), z = z_.contiguous(), xr = xr_.contiguous(), y = y_.contiguous();
+  const auto al = alpha_vector(alphas);
+  auto scores = at::zeros({static_cast<int64_t>(al.size()), t}, z.options().dtype(at::kDouble));
+  auto best = at::zeros({t}, z.options().dtype(at::kLong));
+  const int64_t cr = std::min(chunk_rows, n);
+  auto dz = at::empty({p, t}, z.options());
+  auto prod = at::empty({cr, t}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "ridge_score_loo_cpu", [&] {
+    loo_typed<scalar_t>(xr, y, s, z, prod, dz, al, h0, cr, threads, scores, best);
+  });
+  return {scores, best};
+}
+
+template <typename scalar_t>
+void loo_basis_typed(const at::Tensor& xr, const at::Tensor& y, const at::Tensor& basis, const at::Tensor& z,
+                     const double* wp, const double* coefp, int64_t na, int64_t cr, int64_t tt, int64_t threads,
+                     at::Tensor& scores) {
+  const int64_t n = xr.size(0), p = z.size(0), t = z.size(1), r = basis.size(1);
+  const scalar_t* up = basis.data_ptr<scalar_t>();
+  const scalar_t* zp = z.data_ptr<scalar_t>();
+  const scalar_t* yp = y.data_ptr<scalar_t>();
+  double* out = scores.data_ptr<double>();
+  auto zcat = at::empty({p, r * tt}, z.options());  // [U_1 * z_tile | ... | U_r * z_tile]
+  auto q = at::empty({cr, r * tt}, z.options());
+  for (int64_t c0 = 0; c0 < t; c0 += tt) {
+    const int64_t w_t = std::min(tt, t - c0);
+    scalar_t* zc = zcat.data_ptr<scalar_t>();
+#pragma omp parallel for schedule(static) if (p * r * w_t >= 65536)
+    for (int64_t j = 0; j < p; ++j)
+      for (int64_t m = 0; m < r; ++m)
+        for (int64_t c = 0; c < tt; ++c) zc[j * r * tt + m * tt + c] = c < w_t ? up[j * r + m] * zp[j * t + c0 + c] : 0;
+    for (int64_t r0 = 0; r0 < n; r0 += cr) {
+      const int64_t m_rows = std::min(cr, n - r0);
+      auto qv = q.narrow(0, 0, m_rows);
+      at::mm_out(qv, xr.narrow(0, r0, m_rows), zcat);  // the r basis GEMMs of this tile, as one
+      const scalar_t* qp = qv.data_ptr<scalar_t>();
+      for_each_block(w_t, threads, [&](int64_t col0, int64_t nc) {
+        for (int64_t i = 0; i < m_rows; ++i)
+          for (int64_t a = 0; a < na; ++a)
+            ridge_loo_basis_block<scalar_t>(qp + i * r * tt, r, tt, coefp + a * r, yp + (r0 + i) * t + c0,
+                                            wp[(r0 + i) * na + a], col0, nc, out + a * t + c0 + col0);
+      });
+    }
+  }
+}
+
+// LOO through the alpha basis (see ridge_loo_basis_block): exact leverages (one (n, p) x (p, n_alphas) float64
+// product), r GEMMs per tile of targets, and a fused pass over rows x alphas x targets.
+std::tuple<at::Tensor, at::Tensor> loo_basis_impl(const at::Tensor& xr_, const at::Tensor& y_, const at::Tensor& s_,
+                                                  const at::Tensor& z_, const at::Tensor& alphas, double h0,
+                                                  const at::Tensor& basis_, const at::Tensor& coef_,
+                                                  int64_t chunk_rows, int64_t threads) {
+  check_spectrum(s_, z_, alphas);
+  const int64_t p = z_.size(0), t = z_.size(1), n = xr_.size(0);
+  TORCH_CHECK(xr_.dim() == 2 && xr_.size(1) == p, "xr (rotated centred rows X V) must be (n, p) with p = ", p,
+              ", got ", xr_.sizes());
+  TORCH_CHECK(y_.dim() == 2 && y_.size(0) == n && y_.size(1) == t, "y must be (n, n_targets) = (", n, ", ", t,
+              "), got ", y_.sizes());
+  TORCH_CHECK(xr_.scalar_type() == z_.scalar_type() && y_.scalar_type() == z_.scalar_type(),
+              "xr and y must have the dtype of z (", z_.scalar_type(), ")");
+  TORCH_CHECK(basis_.dim() == 2 && basis_.size(0) == p && basis_.size(1) > 0, "basis must be (p, r) with p = ", p,
+              ", got ", basis_.sizes());
+  const int64_t r = basis_.size(1);
+  const auto al = alpha_vector(alphas);
+  const int64_t na = static_cast<int64_t>(al.size());
+  TORCH_CHECK(coef_.dim() == 2 && coef_.size(0) == na && coef_.size(1) == r, "coef must be (n_alphas, r) = (", na,
+              ", ", r, "), got ", coef_.sizes());
+  TORCH_CHECK(chunk_rows > 0 && n > 1, "chunk_rows must be positive and n > 1");
+  auto xr = xr_.contiguous(), y = y_.contiguous(), z = z_.contiguous();
+  auto basis = basis_.to(z.scalar_type()).contiguous();
+  auto coef = coef_.to(at::kDouble).contiguous();
+  // exact leverages for every alpha: h = h0 + xr^2 (p, n_alphas) spectral weights, in float64
+  auto sd = s_.to(at::kDouble);
+  auto dmat = at::reciprocal(sd.unsqueeze(1) + alphas.to(sd.device(), at::kDouble).unsqueeze(0));  // (p, n_alphas)
+  auto xd = xr.to(at::kDouble);
+  auto h = at::mm(xd * xd, dmat) + h0;  // (n, n_alphas)
+  auto w = at::where(h < 1.0, at::reciprocal((1.0 - h) * (1.0 - h)), at::full({}, 1.0 / 0.0, h.options())).contiguous();
+  auto scores = at::zeros({na, t}, z.options().dtype(at::kDouble));
+  auto best = at::zeros({t}, z.options().dtype(at::kLong));
+  const int64_t cr = std::min(chunk_rows, n), tt = std::min<int64_t>(t, 256);
+  if (t > 0) {
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "ridge_score_loo_basis_cpu", [&] {
+      loo_basis_typed<scalar_t>(xr, y, basis, z, w.data_ptr<double>(), coef.data_ptr<double>(), na, cr, tt, threads,
+                                scores);
+    });
+  }
+  double* out = scores.data_ptr<double>();
+  int64_t* bi = best.data_ptr<int64_t>();
+  for_each_block(t, threads, [&](int64_t col0, int64_t nc) {
+    for (int64_t c = col0; c < col0 + nc; ++c) {
+      double bs = 0.0;
+      for (int64_t a = 0; a < na; ++a) {
+        out[a * t + c] /= static_cast<double>(n);
+        ridge_argmin_update(out[a * t + c], a, &bs, &bi[c]);
+      }
+    }
+  });
+  return {scores, best};
+}
+
+// Generalised CV for every alpha and target: the fitted sums of squares of all alphas are one float64
+// product C (n_alphas, p) x z^2 (p, t), C_aj = d_j (2 - s_j d_j); then the fused GCV ratio and argmin.
+std::tuple<at::Tensor, at::Tensor> gcv_impl(const at::Tensor& s_, const at::Tensor& z_, const at::Tensor& yy_,
+                                            const at::Tensor& alphas, double n, double df0, int64_t threads) {
+  check_spectrum(s_, z_, alphas);
+  const int64_t p = z_.size(0), t = z_.size(1);
+  check_yy(yy_, t);
+  TORCH_CHECK(n > df0, "n (", n, ") must exceed df0 (", df0, ")");
+  auto s = s_.to(at::kDouble).contiguous();
+  auto yy = yy_.to(at::kDouble).contiguous();
+  const auto al = alpha_vector(alphas);
+  const int64_t na = static_cast<int64_t>(al.size());
+  auto C = at::empty({na, p}, s.options());
+  std::vector<double> df(na, df0);
+  const double* sp = s.data_ptr<double>();
+  double* cp = C.data_ptr<double>();
+  for (int64_t a = 0; a < na; ++a)
+    for (int64_t j = 0; j < p; ++j) {
+      const double d = 1.0 / (sp[j] + al[a]);
+      cp[a * p + j] = d * (2.0 - sp[j] * d);
+      df[a] += sp[j] * d;
+    }
+  auto zd = z_.to(at::kDouble);
+  auto fit = at::mm(C, zd * zd).contiguous();  // (n_alphas, t)
+  auto scores = at::empty({na, t}, fit.options());
+  auto best = at::zeros({t}, z_.options().dtype(at::kLong));
+  const double* fp = fit.data_ptr<double>();
+  const double* yyp = yy.data_ptr<double>();
+  double* out = scores.data_ptr<double>();
+  int64_t* bi = best.data_ptr<int64_t>();
+  for_each_block(t, threads, [&](int64_t col0, int64_t nc) {
+    for (int64_t c = col0; c < col0 + nc; ++c) {
+      double bs = 0.0;
+      for (int64_t a = 0; a < na; ++a) {
+        const double g = ridge_gcv_from_fit(yyp[c], fp[a * t + c], df[a], n);
+        out[a * t + c] = g;
+        ridge_argmin_update(g, a, &bs, &bi[c]);
+      }
+    }
+  });
+  return {scores, best};
+}
+
+at::Tensor ridge_score_kfold_cpu(const at::Tensor& s, const at::Tensor& z, const at::Tensor& b, const at::Tensor& yy,
+                                 const at::Tensor& quad, const at::Tensor& alphas, bool rows) {
+  return kfold_impl(s, z, b, yy, quad, alphas, rows, 0);
+}
+at::Tensor ridge_score_kfold_grid_cpu(const at::Tensor& s, const at::Tensor& z, const at::Tensor& b,
+                                      const at::Tensor& yy, const at::Tensor& quad, const at::Tensor& alphas, bool rows,
+                                      int64_t threads) {
+  check_threads(threads);
+  return kfold_impl(s, z, b, yy, quad, alphas, rows, threads);
+}
+std::tuple<at::Tensor, at::Tensor> ridge_score_loo_cpu(const at::Tensor& xr, const at::Tensor& y, const at::Tensor& s,
+                                                       const at::Tensor& z, const at::Tensor& alphas, double h0,
+                                                       int64_t chunk_rows) {
+  return loo_impl(xr, y, s, z, alphas, h0, chunk_rows, 0);
+}
+std::tuple<at::Tensor, at::Tensor> ridge_score_loo_grid_cpu(const at::Tensor& xr, const at::Tensor& y,
+                                                            const at::Tensor& s, const at::Tensor& z,
+                                                            const at::Tensor& alphas, double h0, int64_t chunk_rows,
+                                                            int64_t threads) {
+  check_threads(threads);
+  return loo_impl(xr, y, s, z, alphas, h0, chunk_rows, threads);
+}
+std::tuple<at::Tensor, at::Tensor> ridge_score_loo_basis_cpu(const at::Tensor& xr, const at::Tensor& y,
+                                                             const at::Tensor& s, const at::Tensor& z,
+                                                             const at::Tensor& alphas, double h0, const at::Tensor& basis,
+                                                             const at::Tensor& coef, int64_t chunk_rows) {
+  return loo_basis_impl(xr, y, s, z, alphas, h0, basis, coef, chunk_rows, 0);
+}
+std::tuple<at::Tensor, at::Tensor> ridge_score_loo_basis_grid_cpu(const at::Tensor& xr, const at::Tensor& y,
+                                                                  const at::Tensor& s, const at::Tensor& z,
+                                                                  const at::Tensor& alphas, double h0,
+                                                                  const at::Tensor& basis, const at::Tensor& coef,
+                                                                  int64_t chunk_rows, int64_t threads) {
+  check_threads(threads);
+  return loo_basis_impl(xr, y, s, z, alphas, h0, basis, coef, chunk_rows, threads);
+}
+std::tuple<at::Tensor, at::Tensor> ridge_score_gcv_cpu(const at::Tensor& s, const at::Tensor& z, const at::Tensor& yy,
+                                                       const at::Tensor& alphas, double n, double df0) {
+  return gcv_impl(s, z, yy, alphas, n, df0, 0);
+}
+std::tuple<at::Tensor, at::Tensor> ridge_score_gcv_grid_cpu(const at::Tensor& s, const at::Tensor& z,
+                                                            const at::Tensor& yy, const at::Tensor& alphas, double n,
+                                                            double df0, int64_t threads) {
+  check_threads(threads);
+  return gcv_impl(s, z, yy, alphas, n, df0, threads);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(metalign_ops, m) {
+  // Validation SSE of one k-fold / group fold for every alpha (rows) and target (columns), float64:
+  //   SSE(a, t) = yy_t - 2 sum_j b_jt z_jt / (s_j + a) + quad(a, t)
+  // s (p,) training eigenvalues, z = V'X'y (p, t) training, b = V'Xv'yv (p, t) validation (both centred by
+  // the training means), yy (t,) = |yv|^2; quad from `quad` = V'Xv'XvV (p, p) (rows=False) or Xv V
+  // (n_val, p) (rows=True).
+  m.def("ridge_score_kfold(Tensor s, Tensor z, Tensor b, Tensor yy, Tensor quad, Tensor alphas, bool rows) -> Tensor");
+  // Exact leave-one-out (sklearn RidgeCV semantics): mean squared LOO error (n_alphas, t) float64 and the
+  // first argmin per target (t,) int64. xr = Xc V (n, p), y (n, t) centred, h0 = 1/n with an intercept.
+  m.def("ridge_score_loo(Tensor xr, Tensor y, Tensor s, Tensor z, Tensor alphas, float h0, int chunk_rows) -> "
+        "(Tensor scores, Tensor best)");
+  // LOO with the spectral weights 1/(s + alpha) replaced by basis (p, r) x coef(n_alphas, r)' (a truncated
+  // SVD, see ridge_kernel.h): r GEMMs instead of one per alpha; leverages exact. Same outputs as ridge_score_loo.
+  m.def("ridge_score_loo_basis(Tensor xr, Tensor y, Tensor s, Tensor z, Tensor alphas, float h0, Tensor basis, "
+        "Tensor coef, int chunk_rows) -> (Tensor scores, Tensor best)");
+  m.def("ridge_score_loo_basis_grid(Tensor xr, Tensor y, Tensor s, Tensor z, Tensor alphas, float h0, Tensor basis, "
+        "Tensor coef, int chunk_rows, int threads) -> (Tensor scores, Tensor best)");
+  // Generalised CV (n_alphas, t) float64 and its argmin (t,) int64; yy = |y|^2, df0 = 1 with an intercept.
+  m.def("ridge_score_gcv(Tensor s, Tensor z, Tensor yy, Tensor alphas, float n, float df0) -> "
+        "(Tensor scores, Tensor best)");
+  // CPU emulations of the CUDA launch grids (one thread per target, `threads` per block), same functions.
+  m.def("ridge_score_kfold_grid(Tensor s, Tensor z, Tensor b, Tensor yy, Tensor quad, Tensor alphas, bool rows, "
+        "int threads) -> Tensor");
+  m.def("ridge_score_loo_grid(Tensor xr, Tensor y, Tensor s, Tensor z, Tensor alphas, float h0, int chunk_rows, "
+        "int threads) -> (Tensor scores, Tensor best)");
+  m.def("ridge_score_gcv_grid(Tensor s, Tensor z, Tensor yy, Tensor alphas, float n, float df0, int threads) -> "
+        "(Tensor scores, Tensor best)");
+}
+
+TORCH_LIBRARY_IMPL(metalign_ops, CPU, m) {
+  m.impl("ridge_score_kfold", &ridge_score_kfold_cpu);
+  m.impl("ridge_score_loo", &ridge_score_loo_cpu);
+  m.impl("ridge_score_gcv", &ridge_score_gcv_cpu);
+  m.impl("ridge_score_loo_basis", &ridge_score_loo_basis_cpu);
+  m.impl("ridge_score_loo_basis_grid", &ridge_score_loo_basis_grid_cpu);
+  m.impl("ridge_score_kfold_grid", &ridge_score_kfold_grid_cpu);
+  m.impl("ridge_score_loo_grid", &ridge_score_loo_grid_cpu);
+  m.impl("ridge_score_gcv_grid", &ridge_score_gcv_grid_cpu);
+}
+
+}  // namespace metalign

@@ -1,0 +1,85 @@
+"""Benchmark of the fused episode op (`make bench`): B = 1,024 episodes of L = 120 over d = 768 features,
+beside the per-episode Python loop a user would otherwise write and beside a plain copy of the same output
+bytes (the bandwidth floor), in one session. Timing never fails a test; the assertions check values only."""
+import pytest
+import torch
+
+import kernels
+
+N, D, F, B, L = 20_000, 768, 1_000, 1_024, 120  # pool of 20k images (full world's COCO), 1,000 SAE-like functions
+
+
+@pytest.fixture(scope="module")
+def ep_data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(N, D, generator=g)
+    counts = torch.randint(150, 2_000, (F,), generator=g)  # positives per function, SAE-like sparsity
+    idx = [torch.randperm(N, generator=g)[:c].sort().values for c in counts.tolist()]
+    ptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    pos_idx = torch.cat(idx)
+    pos_val = torch.rand(len(pos_idx), generator=g) + 0.1
+    e = torch.empty(0, dtype=torch.int64)
+    fns = (ptr, pos_idx, pos_val, e, e, torch.empty(0), torch.rand(F, generator=g) + 0.5)
+    assert kernels._ext()
+    return X, fns
+
+
+def episodes_python_loop(X, fns, n_episodes, length, seed):
+    """The per-episode loop: pick a function, draw n_pos, sample positives and negatives (the complement
+    of the positives), shuffle, gather, prepend the previous magnitude, stack."""
+    ptr, pos_idx, pos_val, _, _, _, scale = fns
+    g = torch.Generator().manual_seed(seed)
+    n, F = X.shape[0], len(ptr) - 1
+    xs, ys, ms = [], [], []
+    for _ in range(n_episodes):
+        f = int(torch.randint(F, (1,), generator=g))
+        P, V = pos_idx[ptr[f]:ptr[f + 1]], pos_val[ptr[f]:ptr[f + 1]] * scale[f]
+        n_pos = int(min(max(round(length / 2 + length / 20 * float(torch.randn(1, generator=g))), 0), length))
+        pick = torch.randperm(len(P), generator=g)[:n_pos]
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[P] = False
+        neg = mask.nonzero()[:, 0]
+        neg = neg[torch.randperm(len(neg), generator=g)[:length - n_pos]]
+        rows = torch.cat([P[pick], neg])
+        mag = torch.cat([V[pick], torch.zeros(length - n_pos)])
+        y = torch.cat([torch.ones(n_pos), torch.zeros(length - n_pos)])
+        perm = torch.randperm(length, generator=g)
+        rows, mag, y = rows[perm], mag[perm], y[perm]
+        prev = torch.cat([torch.zeros(1), mag[:-1]])
+        xs.append(torch.cat([prev[:, None], X[rows]], 1))
+        ys.append(y)
+        ms.append(mag)
+    return torch.stack(xs), torch.stack(ys), torch.stack(ms)
+
+
+def _check(X, fns, x, y, mag):
+    assert x.shape == (B, L, D + 1) and y.shape == (B, L)
+    assert abs(y.mean().item() - 0.5) < 0.01
+    assert torch.equal(x[:, 1:, 0], mag[:, :-1]) and (x[:, 0, 0] == 0).all()
+    r = torch.randint(B, (20,))  # rows of x really are rows of X
+    assert torch.isin(x[r, :, 1], X[:, 0]).all()
+
+
+@pytest.mark.benchmark(group="episodes B=1024 L=120 d=768 float32")
+def test_bench_episodes_op(benchmark, ep_data):
+    X, fns = ep_data
+    x, y, mag, fn, rows = benchmark.pedantic(torch.ops.metalign_ops.episodes, args=(X, *fns, B, L, 0),
+                                             rounds=10, warmup_rounds=1)
+    _check(X, fns, x, y, mag)
+    torch.testing.assert_close(x[..., 1:], X[rows], rtol=0, atol=0)
+    benchmark.extra_info["output_MiB"] = x.numel() * 4 / 2**20
+
+
+@pytest.mark.benchmark(group="episodes B=1024 L=120 d=768 float32")
+def test_bench_episodes_python_loop(benchmark, ep_data):
+    X, fns = ep_data
+    x, y, mag = benchmark.pedantic(episodes_python_loop, args=(X, fns, B, L, 0), rounds=2, warmup_rounds=0)
+    _check(X, fns, x, y, mag)
+
+
+@pytest.mark.benchmark(group="episodes B=1024 L=120 d=768 float32")
+def test_bench_episodes_copy_floor(benchmark, ep_data):
+    """A plain copy of the same output bytes (B, L, 1 + d) float32 into a fresh tensor: the bandwidth floor."""
+    src = torch.randn(B, L, D + 1)
+    out = benchmark.pedantic(lambda: torch.empty_like(src).copy_(src), rounds=10, warmup_rounds=1)
+    assert torch.equal(out, src)
