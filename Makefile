@@ -48,8 +48,8 @@ $(GEOMETRY:%=$(RUN)/%.json): $(RUN)/%.json: $(WORLD)/world_truth.h5 evaluate.py 
 $(RUN)/similarity.json: $(WORLD)/world_truth.h5 evaluate.py geometry.py
 	$(PY) evaluate.py --task similarity --models "$(WORLD)/features/{dataset}.h5,$(WORLD)/features/{dataset}_b1.h5,$(WORLD)/features/{dataset}_b2.h5,$(WORLD)/features/{dataset}_b3.h5" --datasets things,levels,coco --data $(DATA) --out $@
 
-$(RUN)/fmri.json: $(WORLD)/world_truth.h5 evaluate.py fmri.py kernels.py
-	$(PY) evaluate.py --task fmri --features $(FEATURES) --data $(DATA) --out $@
+$(RUN)/fmri.json: $(WORLD)/world_truth.h5 evaluate.py fmri.py kernels.py $(CKPT)
+	$(PY) evaluate.py --task fmri --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
 $(RUN)/levels-ooo.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py $(CKPT)
 	$(PY) evaluate.py --task levels-ooo --levels-features $(WORLD)/features/levels.h5 --data $(DATA) --ckpt $(CKPT) --out $@

@@ -38,6 +38,7 @@ defaults = dict(
     out="",                                     # result file ('' -> runs/eval/<task>.json)
     results="runs/demo",                        # --task report: folder of result JSON files
     n_boot=1000,                                # bootstrap resamples of concepts for CKA confidence intervals
+    ci_method="jackknife",                      # cka: jackknife (leave-one-concept-out, default) | bootstrap (basic)
     ci=0.95,                                    # confidence level of the reported intervals
     debiased=False,                             # cka: report the debiased HSIC estimator as the headline
     seed=0,                                     # bootstrap seed
@@ -196,6 +197,32 @@ def bootstrap_cka(A, B, n_boot, seed, debiased):
     return out
 
 
+def jackknife_cka(A, B, debiased=False):
+    """Leave-one-row-out linear CKA values (n,). Biased CKA in closed form: removing row i downdates the
+    centred scatter matrices by rank one, S_-i = S - n/(n-1) a_i b_i' (a, b centred rows), so
+    |S_-i|_F^2 = |S|^2 - 2c a_i'S b_i + c^2 |a_i|^2 |b_i|^2 with c = n/(n-1): O(n d^2), no loop. The debiased
+    estimator has no such downdate and is recomputed per left-out row with kernels.cka."""
+    A, B = torch.as_tensor(np.asarray(A), dtype=torch.float64), torch.as_tensor(np.asarray(B), dtype=torch.float64)
+    n = A.shape[0]
+    if debiased:
+        keep = torch.ones(n, dtype=torch.bool)
+        out = np.empty(n)
+        for i in range(n):
+            keep[i] = False
+            out[i] = kernels.cka(A[keep], B[keep], debiased=True).item()
+            keep[i] = True
+        return out
+    a, b = A - A.mean(0), B - B.mean(0)
+    c = n / (n - 1)
+
+    def downdated(S, u, v):
+        return (S ** 2).sum() - 2 * c * ((u @ S) * v).sum(1) + c ** 2 * (u ** 2).sum(1) * (v ** 2).sum(1)
+    hxy = downdated(a.T @ b, a, b)
+    hxx = downdated(a.T @ a, a, a)
+    hyy = downdated(b.T @ b, b, b)
+    return (hxy / torch.sqrt(hxx * hyy)).numpy()
+
+
 def task_cka(cfg):
     _, reps = load_representations(cfg)
     target = reps["spose"]
@@ -206,15 +233,25 @@ def task_cka(cfg):
         entry = dict(cka=value, debiased=cfg["debiased"], dims=int(R.shape[1]),
                      cka_biased=kernels.cka(torch.as_tensor(R), torch.as_tensor(target)).item(),
                      cka_debiased=kernels.cka(torch.as_tensor(R), torch.as_tensor(target), debiased=True).item())
-        if name != "spose" and cfg["n_boot"] > 0:
+        if name != "spose" and cfg["ci_method"] == "jackknife":
+            loo = jackknife_cka(R, target, cfg["debiased"])
+            n = len(loo)
+            se = float(np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum()))
+            half = _z(cfg["ci"]) * se
+            entry.update(ci=[value - half, value + half], ci_method="jackknife over concepts (normal interval)",
+                         se=se, jackknife_bias=float((n - 1) * (loo.mean() - value)))
+        elif name != "spose" and cfg["ci_method"] == "bootstrap" and cfg["n_boot"] > 0:
             # Resampling concepts with replacement duplicates rows, which inflates CKA: the percentile
             # interval would sit above the estimate. The basic (reverse-percentile) bootstrap interval
-            # [2c - q_hi, 2c - q_lo] corrects for that shift (Davison & Hinkley 1997, ch. 5).
+            # [2c - q_hi, 2c - q_lo] corrects for that shift (Davison & Hinkley 1997, ch. 5), but when the
+            # inflation exceeds the spread it can exclude the estimate: hence the jackknife default.
             boots = bootstrap_cka(R, target, cfg["n_boot"], cfg["seed"], cfg["debiased"])
             entry["ci"] = [2 * value - float(np.quantile(boots, hi_q)), 2 * value - float(np.quantile(boots, lo_q))]
             entry["ci_method"] = "basic bootstrap over concepts"
             entry["n_boot"] = cfg["n_boot"]
             entry["bootstrap_mean"] = float(boots.mean())
+        elif name != "spose" and cfg["ci_method"] not in ("jackknife", "bootstrap"):
+            raise data.DataError(f"--ci-method {cfg['ci_method']!r}: expected jackknife or bootstrap")
         res[name] = entry
     dims = _dims(cfg)
     for name, R in reps.items():  # "chosen dims": CKA with a subset of SPoSE dimensions only
@@ -518,9 +555,22 @@ def task_report(cfg):
     if fmri_rows:
         lines += ["", "THINGS-fMRI, R^2 / noise ceiling by ROI (mean over subjects):", "",
                   "| representation | early (V1-hV4) | high-level | ROIs |", "|---|---|---|---|"] + fmri_rows
-    src = {f: json.load(open(os.path.join(folder, f))).get("config", {}) for f in files}
-    lines += ["", "Each row's full config is stored in its JSON file:", ""] + [f"- `{f}`: `{json.dumps(c)}`" for f, c in src.items()]
-    return "\n".join(lines) + "\n"
+    for f in files:
+        with open(os.path.join(folder, f)) as fh:
+            r = json.load(fh)
+        if "consistency" in r:  # similarity: one line per measure
+            lines += ["", f"Model similarity ({', '.join(r['models'])}) across datasets {r['datasets']}: "
+                      "mean correlation of the matrices' upper triangles", ""]
+            for m, C in r["consistency"].items():
+                C = np.array(C)
+                lines.append(f"- {m}: {C[np.triu_indices(len(C), 1)].mean() if len(C) > 1 else float('nan'):.3f}")
+    lines += ["", "Flags that differ from the defaults (every file stores its full config and versions):", ""]
+    for f in files:
+        with open(os.path.join(folder, f)) as fh:
+            c = json.load(fh).get("config", {})
+        changed = {k: v for k, v in c.items() if k in defaults and v != defaults[k] and k not in ("task", "out")}
+        lines.append(f"- `{f}`: " + (", ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in changed.items()) or "defaults"))
+    return "\n".join(lines).replace("| nan |", "|  |") + "\n"
 
 
 # -------------------------------------------------------------------------------------------------- helpers
@@ -548,6 +598,10 @@ def task_fmri(cfg):
     extra = {}  # aligned representations: features files in the same format, rows = THINGS images
     for k, path in enumerate(p for p in cfg["aligned"].split(",") if p):
         extra["aligned" if k == 0 else f"aligned{k + 1}"] = data.read_features(path, field=cfg["field"])
+    for name, Z in aligned_representations(cfg, X).items():  # --ckpt: encode(features) of every THINGS image
+        if name in extra:
+            raise data.DataError(f"--aligned and --ckpt both define {name!r}: give one of them")
+        extra[name] = (Z, ids)
     names = ["base", "spose"] + list(extra)
 
     def reps_for_subject(stimuli, spath):

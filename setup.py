@@ -9,9 +9,9 @@ import os
 
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-import kernels
+import kernels  # first: it points CUDA_HOME at the real toolkit before cpp_extension reads it
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 with_cuda = os.environ.get("FORCE_CUDA") == "1" or (torch.cuda.is_available() and kernels._cuda_home() is not None)
 Ext = CUDAExtension if with_cuda else CppExtension

@@ -186,3 +186,20 @@ def test_cka_layers_traced_by_hooks(world, tmp_path):
         h1 = model.layers[0](h).squeeze(1).numpy()
     assert layers["all"][1] == pytest.approx(kernels.cka_ref(h1, E).item(), abs=1e-6)
     assert (tmp_path / "cka_layers.png").exists()
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_jackknife_cka_matches_explicit_leave_one_out(debiased):
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(23, 6)) + 1
+    B = A[:, :3] @ rng.normal(size=(3, 4)) + rng.normal(size=(23, 4))
+    want = [kernels.cka_ref(np.delete(A, i, 0), np.delete(B, i, 0), debiased=debiased).item() for i in range(23)]
+    np.testing.assert_allclose(evaluate.jackknife_cka(A, B, debiased), want, atol=1e-10)
+
+
+def test_cka_ci_contains_estimate(world, tmp_path):
+    r = run(world, "cka", tmp_path / "cka.json")
+    lo, hi = r["base"]["ci"]
+    assert lo < r["base"]["cka"] < hi and r["base"]["ci_method"].startswith("jackknife")
+    rb = run(world, "cka", tmp_path / "cka_b.json", ci_method="bootstrap", n_boot=30)
+    assert rb["base"]["ci_method"] == "basic bootstrap over concepts"

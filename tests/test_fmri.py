@@ -165,3 +165,20 @@ def test_fmri_aligned_slot(world, tmp_path):
     for name in ("aligned", "aligned2"):
         assert r[name]["rois"] == pytest.approx(r["base"]["rois"], abs=1e-12)
         assert all(v["p_fisher"] > 0.9 for v in r[name]["vs_base"].values())
+
+
+def test_fmri_ckpt_slot(world, tmp_path):
+    """--ckpt: encode(features) of a meta checkpoint is the aligned representation. A --no-embed model's
+    encode is the identity, so it must reproduce base exactly."""
+    import torch
+    from models import MetaLearner
+    feats = world["dir"] + "/features/things.h5"
+    X, _ = data.read_features(feats)
+    args = dict(d=X.shape[1], no_embed=True, n_layers=1, n_heads=2)
+    ck = tmp_path / "meta.pt"
+    torch.save(dict(model=MetaLearner(**args).state_dict(), model_args=args, config={}), ck)
+    out = tmp_path / "f.json"
+    evaluate.main(["--task", "fmri", "--features", feats, "--data", world["data"], "--out", str(out), "--ckpt", str(ck),
+                   "--subjects", "1", "--n-alphas", "10", "--n-perm", "200", "--no-figures"])
+    r = json.loads(out.read_text())
+    assert r["aligned"]["rois"] == pytest.approx(r["base"]["rois"], abs=1e-6)
