@@ -58,7 +58,7 @@ defaults = dict(
     rdm_compare="spearman",                     # rsa: pearson | spearman | cosine comparison of RDMs
     categories="",                              # class-separation/tsne/probe: concept category table ('' -> DIR/categories.tsv)
     perplexity=30.0,                            # tsne: t-SNE perplexity
-    models="",                                  # similarity: comma-separated feature files, '{dataset}' in a path is replaced
+    models="",                                  # similarity: feature files (or --features A.h5 B.h5 ...), '{dataset}' in a path is replaced
     datasets="",                                # similarity: comma-separated dataset names filling '{dataset}'
     measures="cka_linear,cka_rbf_0.5,cka_rbf_1.0,cka_rbf_2.0,rsa_correlation",  # similarity: measures to compute
     max_images=10000,                           # similarity: subsample each dataset to at most this many images
@@ -83,9 +83,17 @@ def parse(argv=None):
     for k, v in defaults.items():
         if isinstance(v, bool):
             p.add_argument("--" + k.replace("_", "-"), action=argparse.BooleanOptionalAction, default=v)
+        elif k == "features":  # several files only for --task similarity (one per model)
+            p.add_argument("--features", nargs="+", default=[v])
         else:
             p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
-    return vars(p.parse_args(argv))  # unknown flags are an error
+    cfg = vars(p.parse_args(argv))  # unknown flags are an error
+    if len(cfg["features"]) > 1 and cfg["task"] != "similarity":
+        p.error(f"--features takes one file for --task {cfg['task']} (several only for --task similarity)")
+    if len(cfg["features"]) > 1 and not cfg["models"]:
+        cfg["models"] = ",".join(cfg["features"])
+    cfg["features"] = cfg["features"][0]
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------ representations

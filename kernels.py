@@ -397,32 +397,43 @@ def _offdiag_sq_dists(Xc, norms, tile):
 
 
 def _select_ranks(stream, n_values, ranks, upper, cap=1 << 24, bins=1 << 16):
-    """Exact order statistics (0-based `ranks`) of n_values >= 0 produced by stream(), never holding more
-    than `cap` of them: histogram passes narrow [lo, hi) around the ranks, then one pass collects it."""
-    lo, hi = 0.0, float(upper) * (1 + 1e-9) + 1e-300
-    count_in = n_values
-    while True:
-        if count_in <= cap:  # collect [lo, hi) and count what lies below it, with the same comparisons
-            below, kept = 0, []
-            for d in stream():
-                below += int((d < lo).sum())
-                kept.append(d[(d >= lo) & (d < hi)])
-            vals = torch.sort(torch.cat(kept)).values
-            if all(0 <= r - below < len(vals) for r in ranks):
-                return [float(vals[r - below]) for r in ranks]
-            lo, hi, count_in = 0.0, float(upper) * (1 + 1e-9) + 1e-300, n_values + cap + 1  # float edge case: restart wide
-        edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    """Exact order statistics (0-based `ranks`) of n_values in [0, upper] produced by stream(), never
+    holding more than `cap` of them. Histogram passes narrow the search: each level bins the values that
+    survived the previous levels by idx = clamp(floor((v - lo) / w), 0, bins - 1), a monotone map, and keeps
+    the bins holding the ranks; a value is re-classified through the same chain of levels in every later
+    pass, so counts below and membership never disagree through rounding. Then kthvalue picks the ranks."""
+    levels = []  # (lo, w, c0, c1) per level
+
+    def classify(d):
+        below = 0
+        for lo_l, w_l, c0, c1 in levels:
+            idx = torch.floor((d - lo_l) / w_l).clamp(0, bins - 1)
+            below += int((idx < c0).sum())
+            d = d[(idx >= c0) & (idx <= c1)]
+        return below, d
+
+    lo, w, count_in = 0.0, (float(upper) * (1 + 1e-9) + 1e-300) / bins, n_values
+    while count_in > cap:
         hist, below = torch.zeros(bins, dtype=torch.int64), 0
         for d in stream():
-            below += int((d < lo).sum())
-            inside = d[(d >= lo) & (d < hi)]
-            idx = (torch.bucketize(inside, edges, right=True) - 1).clamp(0, bins - 1)
-            hist += torch.bincount(idx, minlength=bins)
+            b, inside = classify(d)
+            below += b
+            hist += torch.bincount(torch.floor((inside - lo) / w).clamp(0, bins - 1).long(), minlength=bins)
         cum = below + torch.cumsum(hist, 0)
         first = [int(torch.searchsorted(cum, torch.tensor(r, dtype=cum.dtype), right=True)) for r in ranks]
-        b0, b1 = min(first), min(max(first), bins - 1)
-        lo, hi = float(edges[b0]), float(edges[b1 + 1])
-        count_in = int(hist[b0:b1 + 1].sum())
+        c0, c1 = min(first), min(max(first), bins - 1)
+        levels.append((lo, w, c0, c1))
+        count_in = int(hist[c0:c1 + 1].sum())
+        if count_in > cap and c0 == c1 and w <= 1e-15 * max(abs(lo), 1e-300) * bins:
+            return [lo + c0 * w] * len(ranks)  # more than cap values equal to float precision
+        lo, w = lo + c0 * w, w * (c1 - c0 + 1) / bins
+    below, kept = 0, []
+    for d in stream():
+        b, inside = classify(d)
+        below += b
+        kept.append(inside)
+    vals = torch.cat(kept)
+    return [float(torch.kthvalue(vals, r - below + 1).values) for r in ranks]
 
 
 def median_sq_dist(X, tile=RBF_TILE, cap=1 << 24):

@@ -63,6 +63,14 @@ def test_median_sq_dist_exact(n, cap):
     assert kernels.median_sq_dist(X, tile=16, cap=cap) == pytest.approx(float(np.median(D.numpy())), rel=1e-10, abs=1e-12)
 
 
+def test_median_sq_dist_many_ties():
+    """More equal distances than `cap`: the narrowing must stop at float resolution, not loop."""
+    X = torch.zeros(60, 2, dtype=torch.float64)
+    X[:40, 0] = 1.0  # 40 copies of one point, 20 of another: distances are 0 or 1 only
+    D = torch.cdist(X, X) ** 2
+    assert kernels.median_sq_dist(X, tile=16, cap=5) == pytest.approx(float(np.median(D.numpy())))
+
+
 def test_cka_rbf_invariances():
     X, Y = _pair(300)
     base = kernels.cka(X, Y, kernel="rbf").item()

@@ -156,3 +156,15 @@ def test_similarity_constant_model_is_nan_with_warning():
     with pytest.warns(UserWarning, match=r"model\(s\) \[1\] have a constant representation"):
         S = geometry.similarity_matrices([X, np.ones((40, 3)), X[:, :2]], ("cka_linear",))["cka_linear"]
     assert np.isnan(S[1]).all() and np.isnan(S[:, 1]).all() and np.isfinite(S[np.ix_([0, 2], [0, 2])]).all()
+
+
+def test_similarity_features_list_cli(world, tmp_path):
+    """`--task similarity --features A.h5 B.h5 ... --datasets ...` (the documented form) equals --models."""
+    f = world["dir"] + "/features/{dataset}"
+    out = tmp_path / "s.json"
+    evaluate.main(["--task", "similarity", "--features", f"{f}.h5", f"{f}_b1.h5", f"{f}_b2.h5", "--datasets", "things,coco",
+                   "--data", world["data"], "--max-images", "300", "--measures", "cka_linear", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["models"] == ["synthetic", "synthetic-b1", "synthetic-b2"] and set(r["matrices"]) == {"things", "coco"}
+    with pytest.raises(SystemExit):
+        evaluate.parse(["--task", "cka", "--features", "a.h5", "b.h5"])
