@@ -274,18 +274,28 @@ def fit_odd_one_out(S, triplets, choice, participant, n_folds=5, l2=0.1, seed=0)
                 theta=r["theta"].numpy(), converged=r["converged"].numpy(), n_iter=r["n_iter"])
 
 
-def entropy_ceiling(triplets, choice, n_options=3):
-    """McFadden R^2 ceiling from repeated triplets: 1 - H / ln 3, H the mean over their trials of the
-    plug-in entropy of each set's response distribution (Miller-Madow bias-corrected, since sets have few
-    responses). A model that knew every set's population choice probabilities would reach it."""
+def repeated_responses(triplets, choice):
+    """Responses to triplets answered more than once, grouped by unordered concept set -> (counts (n_sets,)
+    trials per set, pairs (m, 2) [set, odd concept] over repeated sets, pair_counts (m,), n_repeated_trials);
+    pairs is None when nothing repeats. Shared by the accuracy and the entropy noise ceilings."""
     keyed = np.sort(triplets, axis=1)
     odd = triplets[np.arange(len(triplets)), choice]
     _, set_idx, counts = np.unique(keyed, axis=0, return_inverse=True, return_counts=True)
     set_idx = set_idx.ravel()
     rep = counts[set_idx] > 1
     if not rep.any():
+        return counts, None, None, 0
+    pairs, pair_counts = np.unique(np.stack([set_idx[rep], odd[rep]], 1), axis=0, return_counts=True)
+    return counts, pairs, pair_counts, int(rep.sum())
+
+
+def entropy_ceiling(triplets, choice, n_options=3):
+    """McFadden R^2 ceiling from repeated triplets: 1 - H / ln 3, H the mean over their trials of the
+    plug-in entropy of each set's response distribution (Miller-Madow bias-corrected, since sets have few
+    responses). A model that knew every set's population choice probabilities would reach it."""
+    counts, pairs, pc, _ = repeated_responses(triplets, choice)
+    if pairs is None:
         return float("nan")
-    pairs, pc = np.unique(np.stack([set_idx[rep], odd[rep]], 1), axis=0, return_counts=True)
     tot = counts[pairs[:, 0]]
     h = np.zeros(len(counts))
     np.add.at(h, pairs[:, 0], -(pc / tot) * np.log(pc / tot))

@@ -156,18 +156,13 @@ def noise_ceiling(triplets, choice):
     """Agreement ceiling from repeated triplets: for every unordered concept set answered more than once,
     the share of responses naming the most frequent odd one out; averaged over those sets (Hebart et al.
     2020). Returns (ceiling, n_repeated_sets, n_trials_in_them); (nan, 0, 0) without repeats."""
-    keyed = np.sort(triplets, axis=1)
-    odd = triplets[np.arange(len(triplets)), choice]
-    sets, set_idx, counts = np.unique(keyed, axis=0, return_inverse=True, return_counts=True)
-    set_idx = set_idx.ravel()
-    rep = counts[set_idx] > 1
-    if not rep.any():
+    counts, pairs, pair_counts, n_trials = behaviour.repeated_responses(triplets, choice)
+    if pairs is None:
         return float("nan"), 0, 0
-    pairs, pair_counts = np.unique(np.stack([set_idx[rep], odd[rep]], 1), axis=0, return_counts=True)
-    best = np.zeros(len(sets), dtype=np.int64)
+    best = np.zeros(len(counts), dtype=np.int64)
     np.maximum.at(best, pairs[:, 0], pair_counts)
     rep_sets = np.nonzero(counts > 1)[0]
-    return float(np.mean(best[rep_sets] / counts[rep_sets])), int(len(rep_sets)), int(rep.sum())
+    return float(np.mean(best[rep_sets] / counts[rep_sets])), int(len(rep_sets)), n_trials
 
 
 def task_things_ooo(cfg):

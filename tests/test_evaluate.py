@@ -142,15 +142,22 @@ def test_unknown_flag_is_an_error():
     assert evaluate.parse(["--task=cka"])["task"] == "cka"
 
 
-def test_ckpt_gives_aligned_representation(world, tmp_path):
-    """--ckpt: encode(features) of a meta checkpoint is scored as `aligned`, identical to scoring it by hand."""
+def _meta_ckpt(world, tmp_path, seed, n_layers):
+    """An untrained MetaLearner for the world's features, saved in train.py's checkpoint layout."""
     from models import MetaLearner
     X, ids = data.read_features(world["dir"] + "/features/things.h5")
-    torch.manual_seed(0)
-    args = dict(d=X.shape[1], d_model=16, n_layers=1, n_heads=2)
+    torch.manual_seed(seed)
+    args = dict(d=X.shape[1], d_model=16, n_layers=n_layers, n_heads=2)
     model = MetaLearner(**args)
     ck = tmp_path / "meta.pt"
     torch.save(dict(model=model.state_dict(), model_args=args, config={}, versions={}), ck)
+    return model, args, ck, X, ids
+
+
+def test_ckpt_gives_aligned_representation(world, tmp_path):
+    """--ckpt: encode(features) of a meta checkpoint is scored as `aligned`, identical to scoring it by hand."""
+    from models import MetaLearner
+    model, args, ck, X, ids = _meta_ckpt(world, tmp_path, seed=0, n_layers=1)
     r = run(world, "things-ooo", tmp_path / "ooo.json", ckpt=str(ck))
     concepts = data.load_concepts(world["data"])
     t = data.load_triplets(world["data"], len(concepts))
@@ -167,13 +174,7 @@ def test_ckpt_gives_aligned_representation(world, tmp_path):
 
 def test_cka_layers_traced_by_hooks(world, tmp_path):
     """--task cka --ckpt: per-layer CKA from forward hooks on `embedding` and `layers`; layer 0 is encode."""
-    from models import MetaLearner
-    X, ids = data.read_features(world["dir"] + "/features/things.h5")
-    torch.manual_seed(1)
-    args = dict(d=X.shape[1], d_model=16, n_layers=2, n_heads=2)
-    model = MetaLearner(**args)
-    ck = tmp_path / "meta.pt"
-    torch.save(dict(model=model.state_dict(), model_args=args, config={}, versions={}), ck)
+    model, args, ck, X, ids = _meta_ckpt(world, tmp_path, seed=1, n_layers=2)
     r = run(world, "cka", tmp_path / "cka.json", ckpt=str(ck), n_boot=5, spose_dims="0,1,2")
     layers = r["aligned"]["layers"]
     assert len(layers["all"]) == 3 and len(layers["dims"]) == 3  # embedding + 2 blocks
