@@ -85,8 +85,28 @@ demo: build $(RUN)/things-ooo.json $(RUN)/levels-ooo.json $(RUN)/category-learni
 evaluate: .venv/ok
 	$(PY) evaluate.py --task $(TASK) --features $(FEATURES) --data $(DATA) --out $(RUN)/$(TASK).json
 
-train: .venv/ok
-	$(PY) train.py --stage $(STAGE)
+# real data: features of a backbone under data/features/$(BACKBONE)/{coco,things}.h5 -> SAE -> codes -> meta
+BACKBONE ?= clip
+FEAT     ?= data/features/$(BACKBONE)
+TRAIN    ?= runs/$(BACKBONE)
+.PRECIOUS: $(TRAIN)/%_codes.h5 $(FEAT)/%.h5  # user data and finished codes are never intermediates
+
+$(FEAT)/%.h5:
+	@echo "make train: missing $@ (features of the $* images for backbone $(BACKBONE))."; \
+	 echo "  Write it with: python extract.py --dataset $* --backbone $(BACKBONE) --out $@ (real-image extraction"; \
+	 echo "  is the extraction issue's work), or put an HDF5 file with /features and /image_ids there (README, Data formats)."; \
+	 exit 2
+
+$(TRAIN)/sae.pt: $(FEAT)/coco.h5
+	$(PY) train.py --stage sae --features $< --n-latents 16x --k 64 --out $@
+
+$(TRAIN)/%_codes.h5: $(TRAIN)/sae.pt $(FEAT)/%.h5
+	$(PY) train.py --stage sae --encode --ckpt $< --features $(FEAT)/$*.h5 --codes-out $@
+
+$(TRAIN)/meta.pt: $(TRAIN)/coco_codes.h5 $(TRAIN)/things_codes.h5
+	$(PY) train.py --stage meta --features $(FEAT)/coco.h5 --codes $(TRAIN)/coco_codes.h5 --eval-features $(FEAT)/things.h5 --eval-codes $(TRAIN)/things_codes.h5 --out $@
+
+train: .venv/ok $(TRAIN)/meta.pt
 
 test: build nvcc
 	KERNELS_REQUIRE=1 $(PY) -m pytest -q tests --benchmark-skip

@@ -28,3 +28,11 @@ def test_extract_real_dataset_refused_and_unknown_flag():
     assert r.returncode != 0 and "--dataset synthetic" in r.stderr
     r = subprocess.run([sys.executable, "extract.py", "--no-such-flag", "1"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+
+
+def test_make_train_names_missing_features(tmp_path):
+    """make train BACKBONE=x on a machine without x's features says which file to put where (exit 2)."""
+    r = subprocess.run(["make", "-s", "train", "BACKBONE=nosuchnet", f"TRAIN={tmp_path}/runs"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "missing data/features/nosuchnet/coco.h5" in r.stdout and "extract.py --dataset coco" in r.stdout
