@@ -335,6 +335,15 @@ def torch_threads(n):
         torch.set_num_threads(old)
 
 
+def with_behav_threads(fn):
+    """Decorator: run fn(cfg, ...) with cfg["behav_threads"] torch threads (see torch_threads)."""
+    @functools.wraps(fn)
+    def wrapped(cfg, *args, **kwargs):
+        with torch_threads(cfg.get("behav_threads", 1)):
+            return fn(cfg, *args, **kwargs)
+    return wrapped
+
+
 def _single_thread(fn):
     """Run fn with one torch thread: the online learners issue thousands of small batched ops (B x r x r),
     where thread start-up and, on a shared machine, oversubscription cost more than the parallelism gains
@@ -705,13 +714,8 @@ def _standardise(R):
 
 # ------------------------------------------------------------------------------------- things-ooo (the fit)
 
+@with_behav_threads
 def add_things_ooo_fit(cfg, reps, t, res):
-    """See _add_things_ooo_fit; runs with --behav-threads torch threads."""
-    with torch_threads(cfg.get("behav_threads", 1)):
-        return _add_things_ooo_fit(cfg, reps, t, res)
-
-
-def _add_things_ooo_fit(cfg, reps, t, res):
     """Extend the zero-shot things-ooo result `res` with the per-participant behavioural fit (in place)."""
     import evaluate as ev
     _, stem = out_paths(cfg)
@@ -782,13 +786,8 @@ def levels_representations(cfg, image_keys):
     return reps
 
 
+@with_behav_threads
 def task_levels_ooo(cfg, reps=None):
-    """See _task_levels_ooo; runs with --behav-threads torch threads."""
-    with torch_threads(cfg.get("behav_threads", 1)):
-        return _task_levels_ooo(cfg, reps)
-
-
-def _task_levels_ooo(cfg, reps=None):
     """Levels odd-one-out: zero-shot accuracy and the per-participant fit, overall and per triplet type."""
     import evaluate as ev
     trials, keys = data.load_levels(cfg["data"])
@@ -871,13 +870,8 @@ def _trial_position(df):
     return df.groupby("participant", sort=False).cumcount().to_numpy()
 
 
+@with_behav_threads
 def task_category_learning(cfg):
-    """See _task_category_learning; runs with --behav-threads torch threads."""
-    with torch_threads(cfg.get("behav_threads", 1)):
-        return _task_category_learning(cfg)
-
-
-def _task_category_learning(cfg):
     """Category learning: online L2 logistic learner per representation; McFadden R^2 against ln 2."""
     df = data.load_category_learning(cfg["data"])
     csv = os.path.join(cfg["data"], "category_learning.csv")
@@ -959,13 +953,8 @@ def fit_reward_learning(reps, rows_lr, df, lams, n_folds, l2, seed=0):
     return out
 
 
+@with_behav_threads
 def task_reward_learning(cfg):
-    """See _task_reward_learning; runs with --behav-threads torch threads."""
-    with torch_threads(cfg.get("behav_threads", 1)):
-        return _task_reward_learning(cfg)
-
-
-def _task_reward_learning(cfg):
     """Reward learning: online Bayesian linear regression per representation; McFadden R^2 against ln 2."""
     df = data.load_reward_learning(cfg["data"])
     csv = os.path.join(cfg["data"], "reward_learning.csv")

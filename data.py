@@ -116,16 +116,22 @@ def _decode(a):
     return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in a]
 
 
+def open_h5(path, expected):
+    """h5py.File(path, "r"), or a DataError saying the file is missing (and what was `expected` there) or
+    unreadable."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path} not found; expected {expected}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
+
+
 def read_features(path, field="features", check_finite=True):
     """Read (features (n, d) float32, image_ids list[str]) from a features HDF5 file."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DataError(f"{path} not found; expected an HDF5 file with /features and /image_ids, see README")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
-    with f:
+    with open_h5(path, "an HDF5 file with /features and /image_ids, see README") as f:
         present = []
         f.visit(lambda name: present.append(name) if isinstance(f[name], h5py.Dataset) else None)
         if field not in f or not isinstance(f[field], h5py.Dataset):

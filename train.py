@@ -59,13 +59,8 @@ defaults_sae = dict(
 def _sae_features(path):
     """Open a features file for streaming -> (h5py File, /features dataset); clear errors otherwise."""
     import h5py
-    from data import DataError
-    if not os.path.exists(path):
-        raise DataError(f"{path} not found; expected an HDF5 features file with /features (n_images, d)")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
+    from data import DataError, open_h5
+    f = open_h5(path, "an HDF5 features file with /features (n_images, d)")
     if "features" not in f or not isinstance(f["features"], h5py.Dataset) or f["features"].ndim != 2:
         present = list(f.keys())
         f.close()
