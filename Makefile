@@ -1,4 +1,4 @@
-# metalign: make demo | test | bench | build | world | evaluate TASK=cka | clean   (see README)
+# metalign: make demo | test | bench | build | world | evaluate TASK=cka | train BACKBONE=clip | data | clean   (see README)
 PY      ?= .venv/bin/python
 WORLD   ?= data/world
 SIZE    ?= small
@@ -12,7 +12,7 @@ CKPT    ?= $(RUN)/meta/world.pt
 META_STEPS ?= 600
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test bench build nvcc world evaluate train clean
+.PHONY: demo test bench build nvcc world evaluate train data clean
 
 .venv/ok: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -93,8 +93,9 @@ TRAIN    ?= runs/$(BACKBONE)
 
 $(FEAT)/%.h5:
 	@echo "make train: missing $@ (features of the $* images for backbone $(BACKBONE))."; \
-	 echo "  Write it with: python extract.py --dataset $* --backbone $(BACKBONE) --out $@ (real-image extraction"; \
-	 echo "  is the extraction issue's work), or put an HDF5 file with /features and /image_ids there (README, Data formats)."; \
+	 echo "  Write it with: $(PY) extract.py --dataset $* --backbone $(BACKBONE) --out $@"; \
+	 echo "  (images and human data: make data; on SLURM: bash slurm/extract_array.sbatch $* $(BACKBONE) 16 $@),"; \
+	 echo "  or put an HDF5 file with /features and /image_ids there (README, Extraction)."; \
 	 exit 2
 
 $(TRAIN)/sae.pt: $(FEAT)/coco.h5
@@ -107,6 +108,11 @@ $(TRAIN)/meta.pt: $(TRAIN)/coco_codes.h5 $(TRAIN)/things_codes.h5
 	$(PY) train.py --stage meta --features $(FEAT)/coco.h5 --codes $(TRAIN)/coco_codes.h5 --eval-features $(FEAT)/things.h5 --eval-codes $(TRAIN)/things_codes.h5 --out $@
 
 train: .venv/ok $(TRAIN)/meta.pt
+
+# public data sets into data/external (fetch_data.py; ONLY=human | images | weights, comma-separated)
+ONLY ?= human,images
+data: .venv/ok
+	$(PY) fetch_data.py --only $(ONLY)
 
 test: build nvcc
 	KERNELS_REQUIRE=1 $(PY) -m pytest -q tests --benchmark-skip

@@ -44,6 +44,7 @@ defaults = dict(
     seed=0,                                     # bootstrap seed
     aligned="",                                 # fmri: features HDF5 of aligned representation(s), comma-separated ('' -> none yet)
     subjects="",                                # fmri: subjects to evaluate, e.g. 1,2 ('' -> every sub-0X in DIR/brain_data)
+    rois="",                                    # fmri: only voxels in these ROIs, e.g. FFA,PPA ('' -> every voxel kept by --nc-min)
     nc_min=5.0,                                 # fmri: keep voxels with nc_singletrial > nc_min (percent)
     alpha_min=-6.0,                             # fmri: log10 of the smallest ridge alpha (original study: -6)
     alpha_max=3.0,                              # fmri: log10 of the largest ridge alpha (original study: 3)

@@ -54,8 +54,9 @@ def trial_rows(stimuli, image_ids, concepts, spath):
     return rows, crow
 
 
-def load_subject(data_dir, tag, nc_min):
-    """Responses (n_trials, n_kept) float32 of the voxels with nc_singletrial > nc_min, their metadata, stimuli."""
+def load_subject(data_dir, tag, nc_min, roi_names=""):
+    """Responses (n_trials, n_kept) float32 of the voxels with nc_singletrial > nc_min (and, with rois
+    "FFA,PPA", in one of those ROIs), their metadata, stimuli."""
     d = data.load_fmri(data_dir, tag)
     rpath = os.path.join(data_dir, "brain_data", f"{tag}_ResponseData.h5")
     R = d["responses"]                                            # (n_voxels, n_trials)
@@ -67,13 +68,21 @@ def load_subject(data_dir, tag, nc_min):
     vox = d["voxels"]
     nc = vox["nc_singletrial"].to_numpy(np.float64)
     keep = nc > nc_min
+    chosen = [r for r in roi_names.split(",") if r] if roi_names else [r for r in ROIS if r in vox.columns]
+    if roi_names:  # one ROI (or a few) per job: slurm/evaluate_array.sbatch splits subjects x ROIs x models
+        absent = [r for r in chosen if r not in vox.columns]
+        if absent:
+            raise data.DataError(f"{data_dir}/brain_data/{tag}_VoxelMetadata.csv: no ROI column(s) {absent}; "
+                                 f"ROI columns: {[r for r in ROIS if r in vox.columns]}")
+        keep &= vox[chosen].to_numpy(bool).any(1)
     partial = np.nonzero(keep & ~finite.all(1))[0]
     if len(partial):
         raise data.DataError(f"{rpath}: {len(partial)} kept voxels have NaN trials (first voxel_id "
                              f"{d['voxel_ids'][partial[0]]}, {int((~finite[partial[0]]).sum())} NaN trials)")
     if not keep.any():
-        raise data.DataError(f"{rpath}: no voxel has nc_singletrial > {nc_min}")
-    rois = {r: vox[r].to_numpy(bool)[keep] for r in ROIS if r in vox.columns}
+        raise data.DataError(f"{rpath}: no voxel has nc_singletrial > {nc_min}"
+                             f"{' in ROI(s) ' + roi_names if roi_names else ''}")
+    rois = {r: vox[r].to_numpy(bool)[keep] for r in chosen}
     return dict(Y=np.ascontiguousarray(R[keep].T), voxel_ids=d["voxel_ids"][keep], nc=nc[keep], rois=rois,
                 stimuli=d["stimuli"], n_voxels_total=int(R.shape[0]))
 
@@ -218,7 +227,7 @@ def run(cfg, reps_for_subject, representations):
     res["per_subject"], voxels, timing = {}, {}, {}
     for tag in tags:
         t0 = time.perf_counter()
-        sub = load_subject(cfg["data"], tag, cfg["nc_min"])
+        sub = load_subject(cfg["data"], tag, cfg["nc_min"], cfg.get("rois", ""))
         spath = os.path.join(cfg["data"], "brain_data", f"{tag}_StimulusMetadata.csv")
         reps = reps_for_subject(sub["stimuli"], spath)
         sessions = sub["stimuli"]["session"].to_numpy()

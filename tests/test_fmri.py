@@ -182,3 +182,14 @@ def test_fmri_ckpt_slot(world, tmp_path):
                    "--subjects", "1", "--n-alphas", "10", "--n-perm", "200", "--no-figures"])
     r = json.loads(out.read_text())
     assert r["aligned"]["rois"] == pytest.approx(r["base"]["rois"], abs=1e-6)
+
+
+def test_load_subject_roi_subset(world):
+    """--rois (one ROI per job in slurm/evaluate_array.sbatch): exactly the kept voxels of those ROIs."""
+    every = fmri.load_subject(world["data"], "sub-01", 5)
+    sub = fmri.load_subject(world["data"], "sub-01", 5, "FFA,V1")
+    want = every["rois"]["FFA"] | every["rois"]["V1"]
+    assert np.array_equal(sub["voxel_ids"], every["voxel_ids"][want]) and np.array_equal(sub["Y"], every["Y"][:, want])
+    assert sorted(sub["rois"]) == ["FFA", "V1"] and (sub["rois"]["FFA"] | sub["rois"]["V1"]).all()
+    with pytest.raises(data.DataError, match=r"no ROI column\(s\) \['XYZ'\]"):
+        fmri.load_subject(world["data"], "sub-01", 5, "XYZ")

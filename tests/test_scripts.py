@@ -23,9 +23,12 @@ def test_train_rejects_unknown_stage_and_flags():
         train.parse(["--stag", "sae"])
 
 
-def test_extract_real_dataset_refused_and_unknown_flag():
-    r = subprocess.run([sys.executable, "extract.py", "--dataset", "things"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode != 0 and "--dataset synthetic" in r.stderr
+def test_extract_names_missing_images_and_unknown_flag(tmp_path):
+    """Real datasets (tests/test_extract.py) need their images: a missing folder is named, fast, with no output."""
+    r = subprocess.run([sys.executable, "extract.py", "--dataset", "things", "--data", str(tmp_path), "--weights",
+                        "random", "--out", str(tmp_path / "f.h5")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and f"{tmp_path}/THINGS: folder not found" in r.stderr
+    assert not (tmp_path / "f.h5").exists()
     r = subprocess.run([sys.executable, "extract.py", "--no-such-flag", "1"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr
 
