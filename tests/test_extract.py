@@ -9,7 +9,6 @@ import io
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import tarfile
@@ -65,7 +64,7 @@ def tree(tmp_path_factory):
 def run(tmp, tree, *flags, out="f.h5", on_batch=None):
     out = str(tmp / out)
     argv = ["--dataset", "things", "--images", str(tree), "--backbone", TIMM, "--weights", "random",
-            "--batch-size", "4", "--workers", "0", "--threads", "1", "--log-every", "0", "--out", out, *flags]
+            "--batch-size", "4", "--workers", "0", "--threads", "1", "--no-progress", "--out", out, *flags]
     return extract.main(argv, on_batch=on_batch), out
 
 
@@ -209,8 +208,10 @@ def test_hooks_and_pooling_agree_with_direct_computation():
     y = torch.randn(2, 3, 64, 64)
     f, used = bt.features(y, ["output", "layer4", "avgpool"])
     assert torch.equal(f["output"], f["layer4"]) and torch.equal(f["avgpool"], f["output"])  # fc input = mean of layer4
-    with pytest.raises(backbones.WeightsError, match="no module named 'blocks.99'"):
-        bb.features(x, ["blocks.99"])
+    with pytest.raises(backbones.WeightsError, match=r"no layer named 'blocks.9'; near ones: \['blocks.5', .*'blocks.0'\]"):
+        bb.features(x, ["blocks.9"])
+    f, used = bb.features(x, ["output", "blocks.1"], "head")  # head: the library's pooling; hooks fall back to auto
+    assert used == {"output": "timm global_pool=token", "blocks.1": "cls"}
     with pytest.raises(backbones.WeightsError, match="feature map"):
         bt.features(y, ["layer4"], "cls")
 
@@ -271,26 +272,18 @@ def test_two_runs_identical_and_a_killed_run_resumes_byte_for_byte(tree, full, t
     got = arrays(out)
     for k in ("features", "image_ids", "layers/blocks.1", "bad/image_ids"):
         assert same(got[k], ref[k]), k
-    # a resumed run with other settings is refused, naming what differs
+    # a resumed run with other settings is refused, naming what differs, unless --overwrite
     run(tmp_path, tree, "--max-batches", "1", out="s.h5")
     with pytest.raises(SystemExit, match="pooling differ"):
         run(tmp_path, tree, "--pooling", "mean", out="s.h5")
-
-
-def test_sigkill_mid_batch_then_resume(tree, full, tmp_path):
-    """A real kill (SIGKILL, no cleanup) between writing a batch and committing it."""
-    out = tmp_path / "k.h5"
-    argv = ["--dataset", "things", "--images", str(tree), "--backbone", TIMM, "--weights", "random",
-            "--batch-size", "4", "--workers", "0", "--threads", "1", "--log-every", "0", "--layers", "blocks.1",
-            "--out", str(out)]
-    code = (f"import os, signal, extract; extract.main({argv!r}, "
-            f"on_batch=lambda k: os.kill(os.getpid(), signal.SIGKILL) if k == 3 else None)")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == -signal.SIGKILL, r.stderr
-    assert not out.exists() and Path(str(out) + ".partial").exists()
-    extract.main(argv)
-    ref, got = arrays(full[0]), arrays(out)
-    assert all(same(got[k], ref[k]) for k in ("features", "image_ids", "layers/blocks.1"))
+    # a finished file: the same settings -> nothing to do; another backbone or config -> refused, --overwrite redoes it
+    assert run(tmp_path, tree, "--layers", "blocks.1", out="r.h5")[0]["skipped"]
+    with pytest.raises(SystemExit, match=r"r.h5: exists and was made with other settings \(layers 'blocks.1' vs ''"):
+        run(tmp_path, tree, out="r.h5")
+    res, out = run(tmp_path, tree, "--overwrite", "--dtype", "float16", out="r.h5")
+    got = arrays(out)
+    assert got["features"].dtype == np.float16 and "layers/blocks.1" not in got
+    np.testing.assert_allclose(got["features"], ref["features"], rtol=2e-3, atol=2e-3)
 
 
 def test_shards_then_merge_equal_the_unsharded_file(tree, full, tmp_path):
@@ -303,6 +296,7 @@ def test_shards_then_merge_equal_the_unsharded_file(tree, full, tmp_path):
     ref, got = arrays(full[0]), arrays(tmp_path / "m.h5")
     for k in ("features", "image_ids", "layers/blocks.1", "bad/image_ids"):
         assert same(got[k], ref[k]), k
+    os.remove(tmp_path / "m.h5")
     os.remove(tmp_path / "m.shard-00002-of-00003.h5")
     with pytest.raises(SystemExit, match=r"1 of 3 shards missing \(e.g. --shard 2/3"):
         extract.main(["--dataset", "things", "--backbone", TIMM, "--out", str(tmp_path / "m.h5"), "--merge"])
@@ -312,14 +306,15 @@ def test_pca_is_incremental_pca_over_the_extracted_rows(tree, full, tmp_path):
     from sklearn.decomposition import IncrementalPCA
     _, out = run(tmp_path, tree, "--layers", "blocks.1", "--pca", "5", "--pca-batch", "8", out="p.h5")
     raw, got = arrays(full[0]), arrays(out)
-    assert got["features"].shape == (N_GOOD, 5) and got["layers/blocks.1"].shape == (N_GOOD, 5)
     for name in ("features", "layers/blocks.1"):
+        assert same(got[name], raw[name])  # the full representation stays; the compressed one is added
+        assert got[f"pca/{name}/scores"].shape == (N_GOOD, 5)
         X = raw[name].astype(np.float64)
         ipca = IncrementalPCA(5, batch_size=8).fit(X)  # batches of 8, the last 3 rows merged into the one before
         np.testing.assert_allclose(got[f"pca/{name}/components"], ipca.components_, atol=1e-6)
         np.testing.assert_allclose(got[f"pca/{name}/explained_variance_ratio"], ipca.explained_variance_ratio_, rtol=1e-6)
-        np.testing.assert_allclose(got[name], ipca.transform(X), atol=1e-4)
-    assert (got["image_ids"] == raw["image_ids"]).all()
+        np.testing.assert_allclose(got[f"pca/{name}/scores"], ipca.transform(X), atol=1e-4)
+    assert same(got["image_ids"], raw["image_ids"])
 
 
 def test_streamed_pca_finds_the_pca_subspace(tmp_path):
@@ -346,7 +341,8 @@ def test_streamed_pca_finds_the_pca_subspace(tmp_path):
     cos = np.linalg.svd(C @ pca.components_.T, compute_uv=False)  # cosines of the principal angles
     assert cos.min() > 0.999
     np.testing.assert_allclose(got["pca/features/explained_variance_ratio"], pca.explained_variance_ratio_, rtol=2e-3)
-    np.testing.assert_allclose(np.abs(got["features"]), np.abs(pca.transform(Xk)), atol=0.05)
+    np.testing.assert_allclose(np.abs(got["pca/features/scores"]), np.abs(pca.transform(Xk)), atol=0.05)
+    assert same(got["features"], X[keep].astype(np.float32))
     assert [s.decode() for s in got["image_ids"]] == [f"img{i:05d}" for i in np.flatnonzero(keep)]
 
 
