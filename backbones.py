@@ -329,7 +329,7 @@ def _open_clip(s, path):
             raise WeightsError(f"{s['name']}: open_clip has no pretrained tag {s['tag']!r} for {arch}; tags: "
                                f"{open_clip.list_pretrained_tags_by_model(arch)}")
         # a file path skips open_clip's tag lookup, so carry the tag's preprocessing and activation over
-        kw["force_preprocess_cfg"] = {k: pc[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pc}
+        kw.update({f"image_{k}": pc[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pc})
         if pc.get("quick_gelu"):
             kw["force_quick_gelu"] = True
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=path or None, **kw)

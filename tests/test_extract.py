@@ -155,7 +155,7 @@ def test_decoding_modes_and_bad_files(tree):
 
 # ------------------------------------------------------------------------------- preprocessing, hooks, pooling
 
-def test_preprocessing_matches_the_libraries(tree, tmp_path):
+def test_preprocessing_matches_the_libraries(tree, tmp_path, monkeypatch):
     import open_clip
     import timm
     import torch
@@ -184,6 +184,19 @@ def test_preprocessing_matches_the_libraries(tree, tmp_path):
     assert used["transformer.resblocks.1"] == "cls" and bo.num_prefix_tokens == 1
     # the image embedding is ln_post(CLS of the last block) @ proj: the hook and the pooling see the same tensor
     assert torch.allclose(bo.model.ln_post(f["transformer.resblocks.1"]) @ bo.model.proj, f["output"], atol=1e-5)
+
+    # a pretrained tag's preprocessing and activation are carried over (open_clip skips its tag lookup when
+    # handed a weights file): against open_clip's own transform builder for that tag's settings
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    tag = dict(hf_hub="x/y/", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear",
+               resize_mode="squash", quick_gelu=True)
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda arch, t: tag if t == "fake" else {})
+    bq = backbones.build(f"open_clip:{cfg}@fake", "random")
+    ref = image_transform_v2(PreprocessCfg(size=48, mean=tag["mean"], std=tag["std"], interpolation="bilinear",
+                                           resize_mode="squash"), is_train=False)
+    for p in paths[:2]:
+        assert torch.equal(ours(bq, p), ref(Image.open(p).convert("RGB")))
+    assert type(bq.model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
 
     bt = backbones.build("torchvision:resnet18", "random")
     ref = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
