@@ -131,8 +131,6 @@ class Partial:
         import h5py
         self.path, self.n = path, len(ids)
         fp = json.dumps(fingerprint, sort_keys=True)
-        if os.path.exists(path) and overwrite:
-            os.remove(path)
         if os.path.exists(path):
             try:
                 self.f = h5py.File(path, "r+")
@@ -141,14 +139,18 @@ class Partial:
                 os.remove(path)
             else:
                 old = self.f.attrs.get("fingerprint", "")
-                if old != fp:
+                if old != fp and overwrite:  # another run's rows: start over (a matching one resumes)
+                    self.f.close()
+                    os.remove(path)
+                elif old != fp:
                     a, b = json.loads(old or "{}"), json.loads(fp)
                     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                     self.f.close()
                     raise data.DataError(f"{path}: a partial run with other settings ({', '.join(diff)} differ); "
                                          f"rerun with its settings to resume, or --overwrite to start over")
-                self.done = int(self.f.attrs["done"])
-                return
+                else:
+                    self.done = int(self.f.attrs["done"])
+                    return
         with data.atomic_path(path) as tmp:  # the partial file appears complete or not at all
             with h5py.File(tmp, "w") as f:
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)

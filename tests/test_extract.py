@@ -289,6 +289,8 @@ def test_two_runs_identical_and_a_killed_run_resumes_byte_for_byte(tree, full, t
     run(tmp_path, tree, "--max-batches", "1", out="s.h5")
     with pytest.raises(SystemExit, match="pooling differ"):
         run(tmp_path, tree, "--pooling", "mean", out="s.h5")
+    assert run(tmp_path, tree, "--pooling", "mean", "--overwrite", "--max-batches", "1", out="s.h5")[0]["done"] == 4
+    assert run(tmp_path, tree, "--pooling", "mean", "--overwrite", "--max-batches", "1", out="s.h5")[0]["done"] == 8
     # a finished file: the same settings -> nothing to do; another backbone or config -> refused, --overwrite redoes it
     assert run(tmp_path, tree, "--layers", "blocks.1", out="r.h5")[0]["skipped"]
     with pytest.raises(SystemExit, match=r"r.h5: exists and was made with other settings \(layers 'blocks.1' vs ''"):
