@@ -91,9 +91,8 @@ def levels_items(root, data_dir):
     _, keys = data.load_levels(data_dir)
     items = []
     for k in keys:
-        nested = os.path.join(root, k.split("_", 1)[0], k)
-        items.append(Item(k, nested if os.path.exists(nested) or not os.path.exists(os.path.join(root, k))
-                          else os.path.join(root, k)))
+        nested, flat = os.path.join(root, k.split("_", 1)[0], k), os.path.join(root, k)
+        items.append(Item(k, flat if os.path.exists(flat) and not os.path.exists(nested) else nested))
     if not any(os.path.exists(it.path) for it in items[:1000]):
         raise ImageError(f"{root}: none of the first {min(len(items), 1000)} Levels images found, e.g. "
                          f"{items[0].path}; expected an ImageNet train tree ROOT/<wnid>/<wnid>_<n>.JPEG")
