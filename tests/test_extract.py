@@ -4,11 +4,9 @@ hooks and pooling, determinism, resume after a kill, shards, PCA, SAE codes, loc
 Backbones are built without pretrained weights (--weights random, seeded) at their smallest configs: timm's
 test_vit (160 px, d = 64), torchvision resnet18, and a two-block open_clip ViT from a JSON config.
 """
-import hashlib
 import io
 import json
 import os
-import pickle
 import subprocess
 import sys
 import tarfile

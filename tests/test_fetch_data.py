@@ -3,7 +3,6 @@ the data/external layout, checksum verification (published and recorded), zip me
 import hashlib
 import io
 import json
-import os
 import urllib.request
 import zipfile
 
