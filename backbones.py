@@ -173,8 +173,9 @@ def resolve_weights(spec, weights="", weights_dir="data/weights", deep=True):
     if not deep and s["name"] not in REGISTRY:  # LIBRARY:ARCH: the library knows more places to look
         return resolve_weights(s, weights, weights_dir, deep=True)
     where = "\n  ".join(candidates(s, weights_dir))
-    how = (f"\nOn a machine with network: python fetch_data.py --only weights --name {s['name']}  (or "
-           f"huggingface-cli download {s['hub']} {s['files'][0]})" if s["hub"] else "")
+    fetch = f"python fetch_data.py --name {s['name']}  (or " if s["name"] in REGISTRY else "("
+    how = (f"\nOn a machine with network: {fetch}huggingface-cli download {s['hub']} {s['files'][0]})"
+           if s["hub"] else "")
     raise WeightsError(f"no local weights for backbone {s['name']!r} ({s['library']} {s['arch']}"
                        f"{'@' + s['tag'] if s['tag'] else ''}); nothing is downloaded. Expected one of:\n  {where}"
                        f"{how}\nor pass --weights PATH, or --weights random for an untrained network.")
