@@ -460,9 +460,8 @@ def task_dwarp(cfg):
 # ------------------------------------------------------------------------------------------------ targets
 
 def brain_target(cfg, X, ids):
-    """THINGS-fMRI voxels of --roi for --subject: rows of X per trial (fmri.trial_rows). Test set: the images
-    shown more than once, responses averaged over their repeats (THINGS-fMRI's test images); training: the
-    single-presentation trials. Without repeats, the last session is the test set."""
+    """THINGS-fMRI voxels of --roi for --subject: rows of X per trial (fmri.trial_rows), split by trial_split
+    -> (Xtr, Ytr, Xte, Yte, info)."""
     import fmri
     concepts = data.load_concepts(cfg["data"])
     s = str(cfg["subject"])
@@ -476,17 +475,24 @@ def brain_target(cfg, X, ids):
                              f"{cfg['nc_min']}; ROIs with voxels: {have}")
     rows, _ = fmri.trial_rows(sub["stimuli"], ids, concepts, spath)
     Y = sub["Y"][:, sub["rois"][cfg["roi"]]]                      # (n_trials, n_voxels in the ROI)
+    train, test_groups, how = trial_split(rows, sub["stimuli"]["session"].to_numpy())
+    Yte = np.stack([Y[g].mean(0) for g in test_groups])
+    Xte = X[np.array([rows[g[0]] for g in test_groups])]
+    return X[rows[train]], Y[train], Xte, Yte, dict(subject=tag, roi=cfg["roi"], n_voxels=int(Y.shape[1]), test=how)
+
+
+def trial_split(rows, sessions):
+    """Train/test split of fMRI trials by image -> (train trial mask, test trial groups, description).
+
+    rows (n_trials,): the image of each trial. The images shown more than once (THINGS-fMRI's test images)
+    are the test set, one group of trials per image (their responses are averaged); the single-presentation
+    trials train. Without repeated images, the last session is the test set (one trial per group)."""
     uniq, inv, counts = np.unique(rows, return_inverse=True, return_counts=True)
     rep = counts[inv] > 1
     if rep.any() and (~rep).sum() >= 10:
-        rep_img = uniq[counts > 1]
-        Yte = np.stack([Y[rows == r].mean(0) for r in rep_img])
-        return X[rows[~rep]], Y[~rep], X[rep_img], Yte, dict(subject=tag, roi=cfg["roi"], n_voxels=int(Y.shape[1]),
-                                                                test="repeated images, averaged")
-    ses = sub["stimuli"]["session"].to_numpy()
-    last = ses == ses.max()
-    return X[rows[~last]], Y[~last], X[rows[last]], Y[last], dict(subject=tag, roi=cfg["roi"],
-                                                                  n_voxels=int(Y.shape[1]), test="last session")
+        return ~rep, [np.nonzero(rows == r)[0] for r in uniq[counts > 1]], "repeated images, averaged over repeats"
+    last = sessions == sessions.max()
+    return ~last, [np.array([i]) for i in np.nonzero(last)[0]], "last session"
 
 
 def spose_target(cfg, X, ids):
