@@ -225,3 +225,35 @@ def test_stage_warp_bad_input(world, tmp_path):
     import evaluate
     with pytest.raises(SystemExit, match="no warp result file matches"):
         evaluate.main(["--task", "dwarp", "--warp-runs", str(tmp_path / "none*.json"), "--out", str(tmp_path / "r.json")])
+
+
+def test_rsa_score_matches_scipy():
+    from scipy.spatial.distance import pdist
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(31, 7)), rng.normal(size=(31, 4))
+    B[:, 0] += A[:, 0]
+    want = np.corrcoef(pdist(A, "correlation"), pdist(B, "correlation"))[0, 1]
+    assert float(warp.rsa_score(torch.tensor(A), torch.tensor(B))) == pytest.approx(want, abs=1e-10)
+
+
+def test_rsa_objective_and_joint_readout():
+    XA, _, Y = _synthetic()
+    split = warp.make_split(XA, Y, np.arange(480, 600), 0.2, seed=0)
+    cfg = dict(warp.defaults_warp, hidden=16, warp_lr=0.2, full_lr=1e-2, warp_steps=200, warp_batch=128,
+               warp_eval_every=20, warp_patience=5, objective="rsa")
+    res = warp.warp_curve(split, [8, 64], cfg)
+    assert res["8"]["D"] == 4 * 16 + 16 + 16 * 4 + 4  # no read-out under the RSA objective
+    assert res["full"]["test"] > res["0"]["test"] + 0.02  # training the body towards the target RDM helps
+    assert res["0"]["test"] == pytest.approx(float(warp.rsa_score(split["Xte"], split["Yte"])), abs=1e-6)
+    joint = warp.fit_one(dict(split), 4, dict(cfg, objective="ridge", readout="joint"))
+    assert joint["D"] == 4 * 16 + 16 + 16 * 4 + 4 and joint["test"] > 0.5  # the read-out is free, not warped
+
+
+def test_stage_warp_spose(world, tmp_path):
+    import train
+    out = str(tmp_path / "spose.json")
+    train.main(["--stage", "warp", "--targets", "spose", "--features", world["features/things"], "--data", world["data"],
+                "--d", "2", "--warp-steps", "40", "--warp-eval-every", "20", "--no-progress", "--out", out])
+    doc = json.load(open(out))
+    assert doc["target"] == "spose" and doc["n_test"] == 30 and doc["n_train"] + doc["n_val"] == 120  # 150 concepts
+    assert set(doc["results"]) == {"0", "full", "2"}
