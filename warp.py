@@ -50,6 +50,7 @@ defaults_warp = dict(
     groups="",                                  # warp: parameter groups with their own scale, regexes, e.g. 'body,readout'
     objective="ridge",                          # warp: ridge (linear read-out, MSE) | rsa (differentiable RSA, no read-out)
     readout="ridge",                            # warp: ridge (fit by ridge, then warped) | joint (trained directly beside theta_d)
+    readout_penalty=True,                       # warp: keep the ridge penalty of the read-out while training (see fit_one)
     hidden=0,                                   # warp: MLP hidden width (0 = feature width)
     warp_lr=0.05,                               # warp: Adam learning rate of theta_d and the scales
     full_lr=1e-3,                               # warp: Adam learning rate of the full fit
@@ -240,9 +241,10 @@ def r2_score(pred, Y):
 
 
 def ridge_readout(Xtr, Ytr):
-    """Linear read-out of z-scored features by kernels.ridge_cv (alpha per target, 5-fold) -> (W (t, p), b (t,))."""
+    """Linear read-out of z-scored features by kernels.ridge_cv (alpha per target, 5-fold)
+    -> (W (t, p), b (t,), alphas (t,))."""
     fit = kernels.ridge_cv(Xtr.float(), Ytr.float(), ALPHAS, cv=5)
-    return fit.coef.T.contiguous(), fit.intercept
+    return fit.coef.T.contiguous(), fit.intercept, fit.best_alphas.float()
 
 
 # ------------------------------------------------------------------------------------------------ one fit
@@ -260,8 +262,8 @@ def fit_one(split, d, cfg, seed=0):
         raise ValueError(f"readout {cfg['readout']!r}: expected ridge or joint")
     model = WarpEncoder(p, cfg["hidden"] or p, 0 if rsa else split["Ytr"].shape[1], seed=seed).to(dev)
     if not rsa:
-        W, b = split.get("readout") or ridge_readout(split["Xtr"], split["Ytr"])
-        split["readout"] = (W, b)  # one ridge fit per target split, shared by every d
+        W, b, alphas = split.get("readout") or ridge_readout(split["Xtr"], split["Ytr"])
+        split["readout"] = (W, b, alphas)  # one ridge fit per target split, shared by every d
         with torch.no_grad():
             model.readout.weight.copy_(W.to(dev))
             model.readout.bias.copy_(b.to(dev))
@@ -276,10 +278,25 @@ def fit_one(split, d, cfg, seed=0):
         params, lr = [q for q in net.parameters() if q.requires_grad], cfg["warp_lr"]
 
     ysd = split["Ytr"].std(0).clamp_min(1e-8)  # MSE in units of each target's training sd
+    # The read-out keeps its ridge penalty: per target, SSE_t + alpha_t |w_t|^2 in the same units as the loss
+    # (1 / (n t sd_t^2)), so the ridge solution is a stationary point of the linear part and gradient steps
+    # move it only as far as the warp pays for itself (without it, every fit drifts towards the unregularised
+    # least-squares read-out: overfitting on small data).
+    pen = None
+    if not rsa and cfg.get("readout_penalty", True):
+        pen = split["readout"][2].to(dev) / (len(split["Xtr"]) * split["Ytr"].shape[1] * ysd ** 2)
 
     def loss_fn(x, y):
-        out = net(x)
-        return 1 - rsa_score(out, y) if rsa else (((out - y) / ysd) ** 2).mean()
+        if isinstance(net, SubspaceWrapper):
+            P = net.params()
+            out = torch.func.functional_call(net.module, P, (x,), strict=False)
+            W = P.get("readout.weight", model.readout.weight if model.readout is not None else None)
+        else:
+            out, W = net(x), (model.readout.weight if model.readout is not None else None)
+        if rsa:
+            return 1 - rsa_score(out, y)
+        loss = (((out - y) / ysd) ** 2).mean()
+        return loss + (pen * (W ** 2).sum(1)).sum() if pen is not None else loss
 
     def score(x, y):
         with torch.no_grad():
@@ -512,7 +529,7 @@ def spose_target(cfg, X, ids):
 # ------------------------------------------------------------------------------------------------ the stage
 
 RESUME_KEYS = ("features", "field", "targets", "data", "subject", "roi", "nc_min", "projection", "groups",
-               "objective", "readout", "hidden", "warp_lr", "full_lr", "warp_steps", "warp_batch", "seed",
+               "objective", "readout", "readout_penalty", "hidden", "warp_lr", "full_lr", "warp_steps", "warp_batch", "seed",
                "val_frac", "test_frac")
 
 

@@ -130,26 +130,28 @@ def _synthetic(seed=0, n=600, p=4, t=8):
 
 def test_synthetic_warp_curves_rise_with_d_and_the_closer_model_warps_less():
     XA, XB, Y = _synthetic()
-    cfg = dict(warp.defaults_warp, hidden=16, warp_lr=0.2, full_lr=1e-2, warp_steps=300, warp_batch=10_000,
+    cfg = dict(warp.defaults_warp, hidden=32, warp_lr=0.2, full_lr=1e-2, warp_steps=400, warp_batch=10_000,
                warp_eval_every=20, warp_patience=10)
-    ds = [1, 8, 32, 64, 96, 116]  # 116 = D (MLP 4 -> 16 -> 4 plus the 4 -> 8 read-out)
+    # D = 332 (MLP 4 -> 32 -> 4 plus the 4 -> 8 read-out); d stays below D: a square random projection is
+    # ill-conditioned, which slows training down at d = D
+    ds = [1, 8, 32, 64, 96, 128, 192, 256]
     out, norm = {}, {}
     for name, X in (("A", XA), ("B", XB)):
         split = warp.make_split(X, Y, np.arange(480, 600), 0.2, seed=0)
         res = warp.warp_curve(split, ds, cfg)
         out[name] = warp.summarise(dict(results=res, name=name), frac=0.9)
         perf = [res[str(d)]["test"] for d in [0] + ds]
-        assert all(b >= a - 0.005 for a, b in zip(perf, perf[1:])), (name, perf)   # rises with d (noise 0.005)
+        assert all(b >= a - 0.01 for a, b in zip(perf, perf[1:])), (name, perf)    # rises with d (held-out noise 0.01)
         assert perf[-1] > perf[0] + 0.05, (name, perf)                              # and by a real margin
         assert res["full"]["test"] > 0.97, (name, res["full"]["test"])              # the full fit undoes the warp
         norm[name] = np.array(perf) / res["full"]["test"]
     a, b = out["A"], out["B"]
     assert a["linear"] < 0.9 * a["full"]            # A too needs warping: its d_warp is not the trivial d = 1
-    assert (norm["A"][2:] > norm["B"][2:] + 0.03).all(), (norm["A"], norm["B"])  # closer at every d >= 8
-    assert a["d_warp"] is not None, a["curve"]
-    # the more similar model reaches 90% of its full fit at a smaller d (B: later, or not within d <= D)
-    assert b["d_warp"] is None or b["d_warp_interp"] > a["d_warp_interp"], (a["curve"], b["curve"])
-    assert b["d_warp"] is None or b["d_warp"] > a["d_warp"]
+    # closer at every d from 8 to 128 (at the largest d both approach their full fit)
+    assert (norm["A"][2:7] > norm["B"][2:7] + 0.03).all(), (norm["A"], norm["B"])
+    assert a["d_warp"] is not None and b["d_warp"] is not None, (a["curve"], b["curve"])
+    # the more similar model reaches 90% of its full fit at a smaller d
+    assert b["d_warp"] > a["d_warp"] and b["d_warp_interp"] > 1.3 * a["d_warp_interp"], (a["curve"], b["curve"])
 
 
 @pytest.fixture(scope="module")
