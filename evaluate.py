@@ -8,6 +8,7 @@
     python evaluate.py --task icl        --ckpt META.pt --data DIR --out R.json             # in-context curves
     python evaluate.py --task all        --features F.h5 --data DIR --out runs/eval/all.json  # every task with data
     python evaluate.py --task report     --results runs/demo --out runs/demo/report.md
+    python evaluate.py --task dwarp      --warp-runs 'runs/warp/*.json' --out R.json   # d_warp curves (warp.py)
 
 F.h5 holds /features (n_images, d) and /image_ids "<concept>/<image>.jpg" (see README, "Data formats");
 DIR holds the human files (unique_id.txt, spose_embedding_66d_sorted.txt, THINGS_triplets.csv, ...).
@@ -28,6 +29,7 @@ import behaviour
 import data
 import geometry
 import kernels
+import warp
 
 # ----------------------------------------------------------------------------------------------- defaults
 defaults = dict(
@@ -75,6 +77,8 @@ defaults = dict(
     icl_episodes=256,                           # icl: held-out episodes for the per-position curves
     icl_features="",                            # icl: image pool of the held-out functions ('' -> the checkpoint's eval pool)
     tasks="",                                   # all: comma-separated tasks to try ('' -> every task whose data is present)
+    warp_runs="",                               # dwarp: result files of train.py --stage warp, comma-separated globs
+    warp_frac=0.9,                              # dwarp: d_warp = smallest d reaching this fraction of the full fit
 )
 
 
@@ -637,6 +641,7 @@ TASKS.update({"rsa": task_rsa, "class-separation": task_class_separation, "tsne"
               "similarity": task_similarity, "probe": task_probe})
 TASKS.update({"levels-ooo": behaviour.task_levels_ooo, "category-learning": behaviour.task_category_learning,
               "reward-learning": behaviour.task_reward_learning, "icl": behaviour.task_icl, "all": behaviour.task_all})
+TASKS["dwarp"] = warp.task_dwarp
 
 
 def main(argv=None):

@@ -28,6 +28,8 @@ Ops and entry points:
                                                  (op; basis from ridge_alpha_basis)  oracle: ridge_score_loo_basis_ref
     topk_encode(x, W_enc, b_enc, k, b_pre=None)  fused SAE encode: matmul tiles + bias + ReLU + running top-k
                                                  per row (op)                      oracle: topk_encode_ref
+    fwht(x)                                      unnormalised fast Walsh-Hadamard transform over the last dim
+                                                 (a power of two), batched, differentiable (op)  oracle: fwht_ref
 """
 import bisect
 import functools
@@ -874,6 +876,59 @@ def topk_encode(x, W_enc, b_enc, k, b_pre=None):
     if _ext() and has_kernel("topk_encode", "CUDA" if x.is_cuda else "CPU"):
         return torch.ops.metalign_ops.topk_encode(x, W_enc, b_enc, k, b_pre)
     return topk_encode_ref(x, W_enc, b_enc, k, b_pre)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fast Walsh-Hadamard transform (issue 9: the Fastfood projection of warp.py)
+# ---------------------------------------------------------------------------------------------------------
+
+def _fwht_check(x):
+    if x.dim() == 0:
+        raise ValueError("fwht: x must have at least one dimension (the transform runs over the last one)")
+    D = x.shape[-1]
+    if D < 1 or D & (D - 1):
+        raise ValueError(f"fwht: the last dimension of x must be a power of two, got D = {D} (shape "
+                         f"{tuple(x.shape)}); zero-pad it to the next power of two")
+    return D
+
+
+def fwht_ref(x):
+    """The oracle: x (..., D) -> x @ H_D (scipy.linalg.hadamard(D), unnormalised, natural order), by log2(D)
+    reshapes: level h views the last dim as (D / 2h, 2, h) and maps each pair (a, b) to (a + b, a - b)."""
+    D = _fwht_check(x)
+    lead = x.shape[:-1]
+    y = x.reshape(-1, D)
+    h = 1
+    while h < D:
+        v = y.view(y.shape[0], D // (2 * h), 2, h)
+        y = torch.stack([v[:, :, 0] + v[:, :, 1], v[:, :, 0] - v[:, :, 1]], 2).reshape(-1, D)
+        h *= 2
+    return y.reshape(*lead, D) if D > 1 else x.clone()
+
+
+class _FWHT(torch.autograd.Function):
+    """H is symmetric, so the gradient of y = x H is grad_y H: the backward is the same op."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.ops.metalign_ops.fwht(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.ops.metalign_ops.fwht(g)
+
+
+def fwht(x):
+    """Unnormalised fast Walsh-Hadamard transform over the last dimension of x (..., D), D a power of two:
+    x @ scipy.linalg.hadamard(D), batched over the leading dims, O(D log D) per row; differentiable.
+
+    float32/float64 go to the op (csrc/fwht_*: in-cache blocked passes on the CPU, shared-memory levels
+    then global passes on CUDA); other dtypes, or no extension, to fwht_ref. Divide by sqrt(D) for the
+    orthonormal transform (then it is its own inverse)."""
+    _fwht_check(x)
+    if x.dtype in (torch.float32, torch.float64) and _ext() and has_kernel("fwht", "CUDA" if x.is_cuda else "CPU"):
+        return _FWHT.apply(x) if x.requires_grad else torch.ops.metalign_ops.fwht(x)
+    return fwht_ref(x)
 
 
 # ---------------------------------------------------------------------------------------------------------

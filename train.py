@@ -4,6 +4,8 @@
     python train.py --stage sae --encode --ckpt sae/NAME.pt --features F.h5 [--codes-out C.h5]
                                                                        # its codes -> /sae/indices, /sae/values
     python train.py --stage meta --features F.h5 --out meta/NAME.pt    # meta-learned Transformer (issue 4)
+    python train.py --stage warp --features F.h5 --targets brain|spose --d 1,10,100 --out warp/NAME.json
+                                                                       # encoder warping curve (issue 9, warp.py)
 
 Meta stage (issue 4), on the embedded world, codes from --codes (default: the features file itself):
     python train.py --stage meta --features data/world/features/coco.h5 --codes CODES.h5 \
@@ -23,6 +25,7 @@ import sys
 
 import torch
 
+import warp
 from data import atomic_path
 
 # ----------------------------------------------------------------------------------------------- defaults
@@ -32,7 +35,8 @@ defaults = dict(
     out="",                                     # checkpoint path
     seed=0,                                     # random seed
 )
-STAGES = {"sae": "issue 3 (top-k sparse autoencoders)", "meta": "issue 4 (meta-learning)"}
+STAGES = {"sae": "issue 3 (top-k sparse autoencoders)", "meta": "issue 4 (meta-learning)",
+          "warp": "issue 9 (encoder warping, warp.py)"}
 
 
 # ------------------------------------------------------------------------------------- sae stage (issue 3)
@@ -527,7 +531,7 @@ def stage_meta(cfg):
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    for k, v in {**defaults, **defaults_sae, **defaults_meta}.items():
+    for k, v in {**defaults, **defaults_sae, **defaults_meta, **warp.defaults_warp}.items():
         if isinstance(v, bool):  # --mlp / --no-mlp
             p.add_argument("--" + k.replace("_", "-"), action=argparse.BooleanOptionalAction, default=v)
         else:
@@ -543,6 +547,8 @@ def main(argv=None):
         return stage_sae(cfg)
     if cfg["stage"] == "meta":
         return stage_meta(cfg)
+    if cfg["stage"] == "warp":
+        return warp.stage_warp(cfg)
     print(f"train.py: stage {cfg['stage']!r} not implemented yet (arrives with {STAGES[cfg['stage']]})", file=sys.stderr)
     sys.exit(2)
 
