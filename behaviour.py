@@ -17,6 +17,7 @@ fold; config + versions attrs) and PNG figures.
 """
 import contextlib
 import functools
+import glob
 import math
 import os
 import time
@@ -1066,6 +1067,8 @@ PRESENT = {  # task -> files that must exist for --task all to run it
     "reward-learning": lambda c: [os.path.join(c["data"], "reward_learning.csv")],
     "icl": lambda c: [p.strip() for p in (c.get("ckpt") or "").split(",") if p.strip()] or ["<--ckpt not given>"],
     "fmri": lambda c: [os.path.join(c["data"], "brain_data")],
+    "dwarp": lambda c: [f for p in (c.get("warp_runs") or "").split(",") if p.strip() for f in sorted(glob.glob(p.strip()))]
+    or ["<--warp-runs not given, or matching no file>"],
 }
 
 

@@ -372,6 +372,28 @@ class Block(_nn.Module):
         return x + self.mlp(self.ln2(x)) if self.mlp is not None else x
 
 
+class InputEmbedding(_nn.Linear):
+    """Linear(1 + d -> d_model) on standardised inputs: y = W ((x - shift) * scale) + b, computed as one linear
+    map with the standardisation folded into W and b (no extra pass over the episode). shift/scale are buffers
+    (the training pool's feature mean and 1/std, label channel 0/1), saved with the checkpoint; a linear map of
+    x all the same, so encode(x) stays a linear read-out of the backbone features."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out)
+        self.register_buffer("in_shift", _torch.zeros(d_in))
+        self.register_buffer("in_scale", _torch.ones(d_in))
+
+    @_torch.no_grad()
+    def set_input_stats(self, mean, std):
+        """Standardise the feature channels with the training pool's mean (d,) and std (d,)."""
+        self.in_shift[1:] = _torch.as_tensor(mean, dtype=self.in_shift.dtype)
+        self.in_scale[1:] = 1.0 / _torch.as_tensor(std, dtype=self.in_scale.dtype).clamp_min(1e-6)
+
+    def forward(self, x):
+        w = self.weight * self.in_scale
+        return _F.linear(x, w, self.bias - w @ self.in_shift)
+
+
 class MetaLearner(_nn.Module):
     """In-context learner of binary functions over images.
 
@@ -393,7 +415,7 @@ class MetaLearner(_nn.Module):
         if no_embed and d_model != d:
             raise ValueError(f"--no-embed keeps the features as they are, so d_model must equal d = {d}, got {d_model}")
         self.kind, self.d, self.d_model = model, d, d_model
-        self.embedding = _nn.Linear(1 + d, d_model)
+        self.embedding = InputEmbedding(1 + d, d_model)
         if no_embed:
             with _torch.no_grad():
                 self.embedding.weight.zero_()
@@ -453,7 +475,10 @@ def load_meta(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path}: not a meta checkpoint (expected keys 'model_args' and 'model')")
     model = MetaLearner(**ckpt["model_args"])
-    model.load_state_dict(ckpt["model"])
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    bad = [k for k in missing if not k.startswith("embedding.in_")] + list(unexpected)
+    if bad:  # checkpoints from before input standardisation lack only the two embedding buffers (identity)
+        raise RuntimeError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
     return model.eval(), ckpt
 
 

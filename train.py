@@ -295,6 +295,7 @@ defaults_meta = dict(
     holdout=0.0,                                # share of functions held out of training (0: the same functions on the eval pool)
     model="transformer",                        # transformer | lstm | static_linear (non-meta multitask baseline)
     no_embed=False,                             # ablation: frozen identity embedding (encode(x) = x)
+    standardize=True,                           # z-score features with the training pool's mean/std inside the embedding
     d_model=0,                                  # model width (0 = feature width d)
     n_layers=2,                                 # Transformer blocks / LSTM layers
     n_heads=4,                                  # attention heads (head size must be even: RoPE)
@@ -412,6 +413,8 @@ def stage_meta(cfg):
                       mlp=cfg["mlp"], model=cfg["model"], n_functions=F, no_embed=cfg["no_embed"],
                       dropout=cfg["dropout"])
     model = MetaLearner(**model_args).to(device)
+    if cfg["standardize"] and not cfg["no_embed"]:  # the training pool's feature mean/std, folded into the embedding
+        model.embedding.set_input_stats(X.mean(0), X.std(0))
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg["weight_decay"]),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]  # biases, LayerNorms, log_vars

@@ -15,7 +15,7 @@ Generative story (DESIGN.md "The embedded world"):
                               than the h part, so cosine geometry is poorly aligned with h while every
                               h dim stays a recoverable (near-linear) direction.
   humans   odd-one-out and Levels choices = softmax over pairwise dot products / temperature; category and
-           reward learners run on image codes; fMRI voxels = linear read-outs of codes (high-level ROIs)
+           reward learners run on image codes; fMRI voxels = linear read-outs of the concept's h (high-level ROIs)
            or of u (early ROIs), noise set from a known per-voxel noise ceiling.
 Everything is drawn from one numpy Generator seeded by `seed`, so the same seed gives identical arrays.
 """
@@ -35,7 +35,8 @@ SIZES = {
         k_h=12,                    # dims of the human concept space h
         n_super=8,                 # superclasses of the two-level hierarchy
         d=64,                      # backbone feature width
-        n_nuisance=8,              # dense nuisance dims
+        n_nuisance=2,              # dense nuisance dims: few, with high variance (global image statistics
+                                   # such as lighting); an SAE spends few latents on them (README, World)
         n_images=600,              # THINGS images (uneven per concept)
         min_images=3,              # images per concept, at least
         n_coco=3000,               # unlabelled pool
@@ -58,7 +59,7 @@ SIZES = {
         temperature=0.8,           # softmax temperature of odd-one-out choices over dot products
     ),
     "full": dict(
-        n_concepts=1854, k_h=66, n_super=27, d=768, n_nuisance=16, n_images=26107, min_images=12,
+        n_concepts=1854, k_h=66, n_super=27, d=768, n_nuisance=4, n_images=26107, min_images=12,
         n_coco=20000, n_levels_concepts=200, levels_images=10, n_levels_participants=100, levels_trials=150,
         n_triplets=200000, n_repeat=1000, repeat_subjects=30, n_subjects=5000, n_cat_participants=100,
         cat_trials=120, n_reward_participants=100, reward_trials=120, fmri_sessions=12, fmri_trials=750,
@@ -391,7 +392,9 @@ def make_world(out_dir, size="small", seed=0, verbose=True, **overrides):
         raise ValueError(f"fMRI needs {n_test + n_train} distinct THINGS images, the world has {len(things_ids)}")
     pick = rng.choice(len(things_ids), n_test + n_train, replace=False)
     test_img, train_img = pick[:n_test], pick[n_test:]
-    Z = np.c_[things_codes, things_u]  # (n_images, k_h + n_nuisance) what voxels read out
+    # what voxels read out (n_images, k_h + n_nuisance): high-level ROIs the human representation h of the
+    # image's concept, early ROIs the nuisance part of the image (which the backbone carries and h lacks)
+    Z = np.c_[h[img_concept], things_u]
     rois = ROIS_EARLY + ROIS_HIGH
     truth_fmri = {}
     for sub in range(1, c["fmri_subjects"] + 1):
@@ -405,7 +408,7 @@ def make_world(out_dir, size="small", seed=0, verbose=True, **overrides):
         for v in range(nv):
             if roi[v] < 4:  # early ROIs: dense read-out of the nuisance / low-level part
                 Wv[v, k_h:] = rng.normal(size=c["n_nuisance"])
-            elif roi[v] < len(rois):  # high-level ROIs: sparse read-out of the h codes
+            elif roi[v] < len(rois):  # high-level ROIs: sparse read-out of the concept's h
                 Wv[v, rng.choice(k_h, 3, replace=False)] = rng.gamma(2.0, 0.5, 3)
             else:  # outside every ROI: a weak mix of both
                 Wv[v] = rng.normal(size=k_h + c["n_nuisance"]) * 0.5

@@ -1,5 +1,6 @@
 """Benchmark of the fused episode op (`make bench`): B = 1,024 episodes of L = 120 over d = 768 features,
-beside the per-episode Python loop a user would otherwise write and beside a plain copy of the same output
+beside the per-episode Python loop a user would otherwise write (vectorised gathers per episode), the
+per-item loop of a map-style episode sampler (learn2learn / DataLoader style), and beside a plain copy of the same output
 bytes (the bandwidth floor), in one session. Timing never fails a test; the assertions check values only."""
 import pytest
 import torch
@@ -52,6 +53,39 @@ def episodes_python_loop(X, fns, n_episodes, length, seed):
     return torch.stack(xs), torch.stack(ys), torch.stack(ms)
 
 
+def episodes_item_loop(X, fns, n_episodes, length, seed):
+    """The loop of a map-style episode sampler (learn2learn's TaskDataset, a torch DataLoader over a task
+    sampler): per episode, Python sampling of the item indices, then one dataset __getitem__ per item and a
+    collate (torch.stack) of the L items."""
+    import random
+    ptr, pos_idx, pos_val, _, _, _, scale = fns
+    rnd = random.Random(seed)
+    n, F = X.shape[0], len(ptr) - 1
+    P_all, V_all = pos_idx.tolist(), pos_val.tolist()
+    xs, ys, ms = [], [], []
+    for _ in range(n_episodes):
+        f = rnd.randrange(F)
+        P, V = P_all[ptr[f]:ptr[f + 1]], V_all[ptr[f]:ptr[f + 1]]
+        n_pos = int(min(max(round(rnd.gauss(length / 2, length / 20)), 0), length))
+        pick = rnd.sample(range(len(P)), n_pos)
+        pset = set(P)
+        neg = []
+        while len(neg) < length - n_pos:  # rejection sampling of negatives: rows outside the positives
+            r = rnd.randrange(n)
+            if r not in pset and r not in neg:
+                neg.append(r)
+        items = [(P[i], V[i] * float(scale[f]), 1.0) for i in pick] + [(r, 0.0, 0.0) for r in neg]
+        rnd.shuffle(items)
+        prev, rows_x = 0.0, []
+        for r, m, _ in items:  # __getitem__: one feature row, the previous item's magnitude in front
+            rows_x.append(torch.cat([torch.tensor([prev]), X[r]]))
+            prev = m
+        xs.append(torch.stack(rows_x))
+        ys.append(torch.tensor([it[2] for it in items]))
+        ms.append(torch.tensor([it[1] for it in items]))
+    return torch.stack(xs), torch.stack(ys), torch.stack(ms)
+
+
 def _check(X, fns, x, y, mag):
     assert x.shape == (B, L, D + 1) and y.shape == (B, L)
     assert abs(y.mean().item() - 0.5) < 0.01
@@ -74,6 +108,13 @@ def test_bench_episodes_op(benchmark, ep_data):
 def test_bench_episodes_python_loop(benchmark, ep_data):
     X, fns = ep_data
     x, y, mag = benchmark.pedantic(episodes_python_loop, args=(X, fns, B, L, 0), rounds=2, warmup_rounds=0)
+    _check(X, fns, x, y, mag)
+
+
+@pytest.mark.benchmark(group="episodes B=1024 L=120 d=768 float32")
+def test_bench_episodes_item_loop(benchmark, ep_data):
+    X, fns = ep_data
+    x, y, mag = benchmark.pedantic(episodes_item_loop, args=(X, fns, B, L, 0), rounds=1, warmup_rounds=0)
     _check(X, fns, x, y, mag)
 
 

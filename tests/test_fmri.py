@@ -39,7 +39,7 @@ def test_fmri_task_on_world(result, world):
     assert set(r) >= {"base", "spose", "per_subject", "noise_ceiling", "config", "versions", "voxel_file"}
     assert set(r["per_subject"]) == {"sub-01", "sub-02", "sub-03"}
     base, h = r["base"]["rois"], r["spose"]["rois"]
-    # ground truth: high-level ROIs read out h (per image), early ROIs the nuisance part the backbone carries
+    # ground truth: high-level ROIs read out the concept's h, early ROIs the nuisance part the backbone carries
     # and h lacks (measured: high-level base 0.65 vs h 0.71; early base 0.78 vs h -0.06)
     for roi in fmri.HIGH:
         assert h[roi] > base[roi], roi
@@ -67,10 +67,10 @@ def test_fmri_task_on_world(result, world):
 
 
 def test_fmri_recovers_noise_ceilings(world):
-    """The generating features themselves (per-image h codes + nuisance, from world_truth.h5) reach the noise
+    """The generating features themselves (the concept's h per image + nuisance, from world_truth.h5) reach the noise
     ceiling where estimation noise is small, and their R^2 tracks the known per-voxel ceilings."""
     with h5py.File(os.path.join(world["dir"], "world_truth.h5")) as f:
-        Z = np.c_[f["things/codes"][:], f["things/nuisance"][:]]
+        Z = np.c_[f["h"][:][f["things/concept"][:]], f["things/nuisance"][:]]
         rows = f["fmri/sub-01/image_rows"][:]
         nc_true = f["fmri/sub-01/nc_singletrial"][:]
     sub = fmri.load_subject(world["data"], "sub-01", 5)

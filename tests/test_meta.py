@@ -72,11 +72,33 @@ def test_encode_and_no_embed():
     m = models.MetaLearner(d=8, d_model=8, n_heads=2)
     X = torch.randn(5, 8)
     torch.testing.assert_close(m.encode(X), X @ m.embedding.weight[:, 1:].T + m.embedding.bias)
+    mu, sd = torch.randn(8), torch.rand(8) + 0.5  # standardisation folded into the embedding (train.py --standardize)
+    m.embedding.set_input_stats(mu, sd)
+    torch.testing.assert_close(m.encode(X), ((X - mu) / sd) @ m.embedding.weight[:, 1:].T + m.embedding.bias)
+    x = torch.randn(2, 3, 9)
+    ref = torch.cat([x[..., :1], (x[..., 1:] - mu) / sd], -1) @ m.embedding.weight.T + m.embedding.bias
+    torch.testing.assert_close(m.embedding(x), ref)  # the label channel is left as it is
     ne = models.MetaLearner(d=8, n_heads=2, no_embed=True)
     torch.testing.assert_close(ne.encode(X), X)
     assert not ne.embedding.weight.requires_grad
     names = dict(m.named_modules())
     assert "embedding" in names and "layers" in names  # hook / nnsight targets
+
+
+def test_load_meta_without_input_stats(tmp_path):
+    """Checkpoints written before the embedding standardised its input load with the identity statistics;
+    any other missing weight is refused."""
+    m = models.MetaLearner(d=8, d_model=8, n_heads=2)
+    sd = {k: v for k, v in m.state_dict().items() if not k.startswith("embedding.in_")}
+    args = dict(d=8, d_model=8, n_heads=2)
+    torch.save(dict(model=sd, model_args=args), tmp_path / "old.pt")
+    old, _ = models.load_meta(tmp_path / "old.pt")
+    X = torch.randn(4, 8)
+    torch.testing.assert_close(old.encode(X), m.encode(X))
+    del sd["head.weight"]
+    torch.save(dict(model=sd, model_args=args), tmp_path / "bad.pt")
+    with pytest.raises(RuntimeError, match="head.weight"):
+        models.load_meta(tmp_path / "bad.pt")
 
 
 def test_meta_run_beats_chance_and_aligns(world, codes, capsys):

@@ -29,17 +29,17 @@ def trained(world, tmp_path_factory):
 
 
 def test_sae_recovers_world_directions(world, trained):
-    """Measured on seed 0 (README): FVU 0.09, 4 of 12 directions with cosine > 0.8, median best cosine 0.70;
-    asserted with margins. Random unit vectors in d = 64 give best cosines around 0.35."""
+    """Measured on seed 0 (README): FVU 0.06, 10 of 12 directions with cosine > 0.8, median best cosine 0.90;
+    asserted with margins ("most": at least 8 of 12). Random unit vectors in d = 64 give best cosines around 0.35."""
     out, metrics = trained
     sae, info = load_sae(out)
     assert info["format"] == "metalign" and info["config"]["k"] == 16 and "torch" in info["versions"]
-    assert metrics["fvu"] < 0.15 and metrics["dead_fraction"] < 0.05
+    assert metrics["fvu"] < 0.10 and metrics["dead_fraction"] < 0.05
     with h5py.File(world["truth"]) as f:
         D = torch.from_numpy(f["directions"][...]).float()  # (k_h, d) unit rows
     best = (D @ sae.W_dec.detach().T).max(1).values  # decoder rows have unit norm
-    assert (best > 0.8).sum() >= 3, best
-    assert best.median() > 0.6, best
+    assert (best > 0.8).sum() >= 8, best
+    assert best.median() > 0.82, best
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.n_latents), atol=1e-5)
 
 

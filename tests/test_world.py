@@ -134,7 +134,7 @@ def test_cka_base_below_h(things):
     h, Xc = things["h"].astype(np.float64), things["X"][things["rows"]].astype(np.float64)
     assert linear_cka(h, h) == pytest.approx(1.0)
     cka = linear_cka(Xc, h)
-    assert 0.2 < cka < 0.7  # measured 0.47: nuisance dims dominate the base geometry
+    assert 0.2 < cka < 0.7  # measured 0.29: the nuisance dims dominate the base geometry
     # the h part of the base features alone is far better aligned than the features themselves
     hpart = Xc @ things["truth"]["directions"].T
     assert linear_cka(hpart, h) > cka + 0.2
