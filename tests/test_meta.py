@@ -104,7 +104,7 @@ def test_load_meta_without_input_stats(tmp_path):
 def test_meta_run_beats_chance_and_aligns(world, codes, capsys):
     """400 steps on the small world: held-out-pool accuracy above chance, encode's odd-one-out above base."""
     best = train.main(_args(world, codes))
-    assert best["accuracy"] > 0.56, best          # chance = 0.5 (balanced episodes); measured 0.597
+    assert best["accuracy"] > 0.56, best          # chance = 0.5 (balanced episodes); measured 0.617
     assert best["magnitude_r2"] > 0.03, best
     acc_pos = np.array(best["accuracy_by_position"])
     assert acc_pos[16:].mean() > acc_pos[:2].mean() + 0.01  # later items easier: measured 0.605 vs 0.578
@@ -118,7 +118,7 @@ def test_meta_run_beats_chance_and_aligns(world, codes, capsys):
     with torch.no_grad():
         for name, R in [("base", X[rows]), ("aligned", model.encode(torch.from_numpy(X[rows])).numpy())]:
             acc[name] = (evaluate.odd_one_out(evaluate.cosine_similarity_matrix(R), t["triplets"]) == t["choice"]).mean()
-    assert acc["base"] < 0.50 and acc["aligned"] > acc["base"] + 0.02, acc  # measured base 0.480 -> 0.509 (h 0.681)
+    assert acc["base"] < 0.50 and acc["aligned"] > acc["base"] + 0.07, acc  # measured base 0.453 -> 0.573 (h 0.679)
     log = pd.read_csv(codes / "meta.csv")
     assert len(log) == 400 and log["eval_accuracy"].notna().sum() == 4
     assert os.path.getsize(codes / "meta.png") > 1000
