@@ -323,15 +323,25 @@ def test_ridge_cv_kfold_matches_himalaya(dtype):
         assert np.abs(pred - want).max() / np.abs(want).max() < 1e-4
 
 
-@pytest.mark.parametrize("cv", [4, "loo"])
-def test_ridge_cv_streams_from_hdf5(tmp_path, cv):
+@pytest.mark.parametrize("cv", [4, "loo", "gcv", "groups", "kfold_basis"])
+def test_ridge_cv_streams_from_hdf5(tmp_path, cv, monkeypatch):
     X, Y = _problem(120, 10, 37, dtype=torch.float32, seed=4)
-    with h5py.File(tmp_path / "y.h5", "w") as f:
-        f.create_dataset("y", data=Y.numpy(), chunks=(120, 8))
     al = np.logspace(-2, 4, 9)
+    calls = []
+    if cv == "kfold_basis":  # evenly scaled features, p = 150: the alpha-basis k-fold path (see test above)
+        rng = np.random.default_rng(4)
+        X = torch.from_numpy(rng.normal(size=(400, 150)).astype(np.float32) + 2)
+        Y = X @ torch.from_numpy(rng.normal(size=(150, 37)).astype(np.float32)) + torch.randn(400, 37) * 30
+        cv, al = 3, np.logspace(-2, 5, 20)
+        op = kernels.ridge_score_kfold_basis
+        monkeypatch.setattr(kernels, "ridge_score_kfold_basis", lambda *a: calls.append(1) or op(*a))
+    cv = _cv(cv, X.shape[0])
+    with h5py.File(tmp_path / "y.h5", "w") as f:
+        f.create_dataset("y", data=Y.numpy(), chunks=(X.shape[0], 8))
     mem = kernels.ridge_cv(X, Y, al, cv=cv)
     with h5py.File(tmp_path / "y.h5", "r") as f:
         disk = kernels.ridge_cv(X, f["y"], al, cv=cv, target_batch=10, chunk_rows=25)
+    assert len(calls) == (3 + 3 * 4 if X.shape[1] == 150 else 0)  # in memory: 3 folds; from disk: x 4 batches
     assert torch.equal(disk.best_alphas, mem.best_alphas)
     torch.testing.assert_close(disk.coef, mem.coef, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(disk.intercept, mem.intercept, rtol=1e-5, atol=1e-5)
