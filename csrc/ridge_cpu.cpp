@@ -339,10 +339,10 @@ std::tuple<at::Tensor, at::Tensor> gcv_impl(const at::Tensor& s_, const at::Tens
 // so every step is a GEMM: P = G [uz_1 | ... | uz_r] (r p x p x t, the cost that replaces one GEMM per alpha),
 // M = U' (z * P) (r x p x r t: r/p of that), quad = C2 M with C2_a = coef_a (x) coef_a (float64), and the
 // linear term b'(d z) = D (z * b) exact in float64. Only ATen calls, so one implementation serves every
-// device (registered as CompositeExplicitAutograd: cuBLAS on CUDA, MKL/OpenBLAS on the CPU).
-at::Tensor ridge_score_kfold_basis(const at::Tensor& s_, const at::Tensor& z_, const at::Tensor& b_,
-                                   const at::Tensor& yy_, const at::Tensor& quad_, const at::Tensor& alphas, bool rows,
-                                   const at::Tensor& basis_, const at::Tensor& coef_) {
+// device (the CPU registration here, the CUDA one in ridge_cuda.cu: MKL/OpenBLAS or cuBLAS).
+at::Tensor kfold_basis_impl(const at::Tensor& s_, const at::Tensor& z_, const at::Tensor& b_, const at::Tensor& yy_,
+                            const at::Tensor& quad_, const at::Tensor& alphas, bool rows, const at::Tensor& basis_,
+                            const at::Tensor& coef_) {
   check_spectrum(s_, z_, alphas);
   check_like_z(b_, z_, "b");
   const int64_t p = z_.size(0), t = z_.size(1);
@@ -451,6 +451,13 @@ std::tuple<at::Tensor, at::Tensor> ridge_score_gcv_grid_cpu(const at::Tensor& s,
 
 }  // namespace
 
+// ATen calls only: the same function is the CPU and the CUDA kernel (declared again in ridge_cuda.cu)
+at::Tensor ridge_score_kfold_basis_aten(const at::Tensor& s, const at::Tensor& z, const at::Tensor& b,
+                                        const at::Tensor& yy, const at::Tensor& quad, const at::Tensor& alphas,
+                                        bool rows, const at::Tensor& basis, const at::Tensor& coef) {
+  return kfold_basis_impl(s, z, b, yy, quad, alphas, rows, basis, coef);
+}
+
 TORCH_LIBRARY_FRAGMENT(metalign_ops, m) {
   // Validation SSE of one k-fold / group fold for every alpha (rows) and target (columns), float64:
   //   SSE(a, t) = yy_t - 2 sum_j b_jt z_jt / (s_j + a) + quad(a, t)
@@ -484,11 +491,6 @@ TORCH_LIBRARY_FRAGMENT(metalign_ops, m) {
         "(Tensor scores, Tensor best)");
 }
 
-// ATen calls only: one kernel for CPU and CUDA (GEMMs through MKL/OpenBLAS or cuBLAS)
-TORCH_LIBRARY_IMPL(metalign_ops, CompositeExplicitAutograd, m) {
-  m.impl("ridge_score_kfold_basis", &ridge_score_kfold_basis);
-}
-
 TORCH_LIBRARY_IMPL(metalign_ops, CPU, m) {
   m.impl("ridge_score_kfold", &ridge_score_kfold_cpu);
   m.impl("ridge_score_loo", &ridge_score_loo_cpu);
@@ -496,6 +498,7 @@ TORCH_LIBRARY_IMPL(metalign_ops, CPU, m) {
   m.impl("ridge_score_loo_basis", &ridge_score_loo_basis_cpu);
   m.impl("ridge_score_loo_basis_grid", &ridge_score_loo_basis_grid_cpu);
   m.impl("ridge_score_kfold_grid", &ridge_score_kfold_grid_cpu);
+  m.impl("ridge_score_kfold_basis", &ridge_score_kfold_basis_aten);
   m.impl("ridge_score_loo_grid", &ridge_score_loo_grid_cpu);
   m.impl("ridge_score_gcv_grid", &ridge_score_gcv_grid_cpu);
 }

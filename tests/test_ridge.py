@@ -331,7 +331,8 @@ def test_ridge_cv_streams_from_hdf5(tmp_path, cv, monkeypatch):
     if cv == "kfold_basis":  # evenly scaled features, p = 150: the alpha-basis k-fold path (see test above)
         rng = np.random.default_rng(4)
         X = torch.from_numpy(rng.normal(size=(400, 150)).astype(np.float32) + 2)
-        Y = X @ torch.from_numpy(rng.normal(size=(150, 37)).astype(np.float32)) + torch.randn(400, 37) * 30
+        Y = X @ torch.from_numpy(rng.normal(size=(150, 37)).astype(np.float32)) \
+            + torch.from_numpy(rng.normal(size=(400, 37)).astype(np.float32) * 30)
         cv, al = 3, np.logspace(-2, 5, 20)
         op = kernels.ridge_score_kfold_basis
         monkeypatch.setattr(kernels, "ridge_score_kfold_basis", lambda *a: calls.append(1) or op(*a))
@@ -343,7 +344,8 @@ def test_ridge_cv_streams_from_hdf5(tmp_path, cv, monkeypatch):
         disk = kernels.ridge_cv(X, f["y"], al, cv=cv, target_batch=10, chunk_rows=25)
     assert len(calls) == (3 + 3 * 4 if X.shape[1] == 150 else 0)  # in memory: 3 folds; from disk: x 4 batches
     assert torch.equal(disk.best_alphas, mem.best_alphas)
-    torch.testing.assert_close(disk.coef, mem.coef, rtol=1e-5, atol=1e-6)
+    # float32 GEMMs of other widths round differently: absolute tolerance relative to the largest coefficient
+    torch.testing.assert_close(disk.coef, mem.coef, rtol=1e-5, atol=1e-6 * max(1.0, float(mem.coef.abs().max())))
     torch.testing.assert_close(disk.intercept, mem.intercept, rtol=1e-5, atol=1e-5)
 
 
