@@ -26,12 +26,15 @@ Ops and entry points:
     ridge_score_gcv(s, z, yy, alphas, n, df0)    GCV + argmin, O(p) per alpha (op)  oracle: ridge_score_gcv_ref
     ridge_score_loo_basis(xr, y, s, z, alphas, h0, basis, coef, chunk_rows)  LOO via a few alpha-basis GEMMs
                                                  (op; basis from ridge_alpha_basis)  oracle: ridge_score_loo_basis_ref
+    ridge_score_kfold_basis(s, z, b, yy, quad, alphas, rows, basis, coef)  k-fold via the alpha basis (op)
+                                                 oracle: ridge_score_kfold_basis_ref
     topk_encode(x, W_enc, b_enc, k, b_pre=None)  fused SAE encode: matmul tiles + bias + ReLU + running top-k
                                                  per row (op)                      oracle: topk_encode_ref
     fwht(x)                                      unnormalised fast Walsh-Hadamard transform over the last dim
                                                  (a power of two), batched, differentiable (op)  oracle: fwht_ref
 """
 import bisect
+import concurrent.futures
 import functools
 import logging
 import glob
@@ -512,6 +515,21 @@ def ridge_score_kfold(s, z, b, yy, quad, alphas, rows):
     return ridge_score_kfold_ref(s, z, b, yy, quad, alphas, rows)
 
 
+def ridge_score_kfold_basis_ref(s, z, b, yy, quad, alphas, rows, basis, coef):
+    """ridge_score_kfold_ref with the quadratic form's spectral weights replaced by coef @ basis.T (the linear
+    term b'(d z) exact): r GEMMs per fold instead of one per alpha."""
+    d = 1.0 / (s.double()[None, :, None] + torch.as_tensor(alphas, dtype=torch.float64)[:, None, None])  # (a, p, 1)
+    qz = (coef.double() @ basis.double().T)[:, :, None] * z.double()                                   # (a, p, t)
+    q = ((quad.double() @ qz) ** 2).sum(1) if rows else (qz * (quad.double() @ qz)).sum(1)
+    return yy.double() - 2 * (b.double() * d * z.double()).sum(1) + q
+
+
+def ridge_score_kfold_basis(s, z, b, yy, quad, alphas, rows, basis, coef):
+    if _ext():
+        return torch.ops.metalign_ops.ridge_score_kfold_basis(s, z, b, yy, quad, alphas, rows, basis, coef)
+    return ridge_score_kfold_basis_ref(s, z, b, yy, quad, alphas, rows, basis, coef)
+
+
 def ridge_score_loo_ref(xr, y, s, z, alphas, h0, chunk_rows):
     """Exact LOO mean squared error (n_alphas, t) float64 and its first argmin (t,), from the hat-matrix
     identity r_i = e_i / (1 - h_ii) (Allen 1974), materialising every (alpha, row, target) residual."""
@@ -621,8 +639,15 @@ def _read_columns(Y, c0, c1, dtype):
     return _as_tensor(block).to(dtype)
 
 
+def _eigh_one_thread(C):
+    """torch.linalg.eigh on one thread in a worker thread: OpenMP's thread count is per thread, so a fresh worker
+    would otherwise start its own team of all cores (measured 1.7 s instead of 5 ms for four 150 x 150 matrices)."""
+    torch.set_num_threads(1)
+    return torch.linalg.eigh(C)
+
+
 def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_batch=4096, chunk_rows=1024,
-             loo_basis=True):
+             loo_basis=True, kfold_basis=True):
     """Ridge regression with the regularisation chosen by cross-validation per target (or shared).
 
     X (n_samples, n_features) in memory; Y (n_samples, n_targets) a torch tensor, numpy array or h5py dataset
@@ -636,6 +661,9 @@ def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_ba
     loo_basis: for cv="loo", expand 1/(s + alpha) in a few alpha-basis functions (ridge_alpha_basis: 1e-6
         relative per entry in float32, 1e-10 in float64) when that needs fewer than half as many GEMMs as
         alphas and does not magnify rounding; False scores every alpha directly.
+    kfold_basis: the same expansion for k-fold / groups (ridge_score_kfold_basis: the quadratic form from r
+        basis GEMMs per fold, the linear term exact) when r p < 0.75 n_alphas min(n_val, p) and the squared
+        amplification keeps rounding below 1e-4; False: one GEMM per alpha per fold.
     Returns RidgeCVResult(best_alphas, coef, intercept, cv_scores) with .predict(X).
     """
     Xt = _as_tensor(X)
@@ -669,40 +697,52 @@ def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_ba
             sx += xb.double().sum(0)
         return G, sx
 
-    def eig(C):
-        # LAPACK syevd on one thread: at p <= a few thousand it is fast either way, and its threaded version
-        # stalls badly when the cores are shared (measured 7.2 s vs 0.3 s at p = 768 on 2 busy cores)
+    def eigs(Cs):
+        # LAPACK syevd on one thread each, the matrices of the folds concurrently (eigh releases the GIL): at
+        # p <= a few thousand one thread is fast either way, and the threaded syevd stalls badly when the cores
+        # are shared (measured 7.2 s vs 0.3 s at p = 768 on 2 busy cores)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            s, V = torch.linalg.eigh(C)
+            with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(Cs)))) as pool:
+                out = list(pool.map(_eigh_one_thread, Cs))
         finally:
             torch.set_num_threads(threads)
-        return s.clamp_min(0), V                                           # float32/rounding: no negative spectrum
+        return [(s.clamp_min(0), V) for s, V in out]                       # float32/rounding: no negative spectrum
 
     parts = [moments(v) for v in folds] if folds else [moments(np.arange(n))]
     G_all, sx_all = sum(P[0] for P in parts), sum(P[1] for P in parts)     # totals = sum of the fold blocks
     centre = (lambda m: m) if fit_intercept else (lambda m: torch.zeros_like(m))
     m_all = centre(sx_all / n)
-    s_all, V_all = eig(G_all - n * torch.outer(m_all, m_all))
+    mtrs = [centre((sx_all - sxf) / (n - len(v))) for v, (_, sxf) in zip(folds, parts)]
+    spectra = eigs([G_all - n * torch.outer(m_all, m_all)] +               # training folds by subtraction
+                   [(G_all - Gf) - (n - len(v)) * torch.outer(mtr, mtr) for v, (Gf, _), mtr in zip(folds, parts, mtrs)])
+    s_all, V_all = spectra[0]
     Vc_all = V_all.to(ct)
+    eps = torch.finfo(ct).eps
     fold_state = []
-    for v, (Gf, sxf) in zip(folds, parts):
+    for v, (Gf, sxf), mtr, (s_f, V_f) in zip(folds, parts, mtrs, spectra[1:]):
         nf, ntr = len(v), n - len(v)
-        mtr = centre((sx_all - sxf) / ntr)
-        s_f, V_f = eig((G_all - Gf) - ntr * torch.outer(mtr, mtr))        # training fold by subtraction
-        rows = nf < p  # the cheaper exact quadratic form: validation rows (n_val < p) or the rotated Gram
+        kb = None
+        if kfold_basis:
+            U, cf, amp = ridge_alpha_basis(s_f, alphas, tol=1e-6 if ct == torch.float32 else 1e-10)
+            # r GEMMs of p x p x t (the basis path works on the rotated Gram) against one GEMM per alpha of
+            # min(n_val, p) x p x t; the quadratic form recombines r^2 products, so rounding grows with the
+            # squared amplification
+            if U.shape[1] * p < 0.75 * len(alphas) * min(nf, p) and amp * amp * eps <= 1e-4:
+                kb = (U.to(ct), cf)
+        rows = nf < p and kb is None  # the cheaper exact quadratic form: validation rows (n_val < p) or the Gram
         if rows:
             quad = ((Xs[torch.as_tensor(v)].double() - mtr) @ V_f).to(ct)                    # (n_val, p)
         else:
             Gv = Gf - torch.outer(mtr, sxf) - torch.outer(sxf, mtr) + nf * torch.outer(mtr, mtr)
-            quad = (V_f.T @ Gv @ V_f).to(ct)                                                # (p, p)
-        fold_state.append(dict(idx=torch.as_tensor(v), n=nf, sx=sxf, mtr=mtr, s=s_f.to(ct), V=V_f.to(ct), quad=quad,
-                               rows=rows))
+            Vc = V_f.to(ct)
+            quad = Vc.T @ Gv.to(ct) @ Vc                                   # (p, p), GEMMs in the compute dtype
+        fold_state.append(dict(idx=torch.as_tensor(v), n=nf, mtr=mtr, s=s_f.to(ct), V=V_f.to(ct), quad=quad,
+                               rows=rows, basis=kb, Vm=(V_f.T @ mtr).to(ct), Vsx=(V_f.T @ sxf).to(ct)))
     xr = ((Xs.double() - m_all) @ V_all).to(ct) if mode == "loo" else None  # (n, p) rotated centred rows
     basis = None
     if mode == "loo" and loo_basis:
-        eps = torch.finfo(ct).eps
         *basis, amp = ridge_alpha_basis(s_all, alphas, tol=1e-6 if ct == torch.float32 else 1e-10)
         # too few alphas for the expansion to pay, or its recombination would magnify rounding beyond 1e-4
         # (clamped zero eigenvalues next to tiny alphas): score every alpha directly
@@ -742,11 +782,8 @@ def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_ba
     def refit(Ys, my_b, xy_all, sy_all, chosen):  # coef and intercept for the chosen alpha per target
         mys = centre(sy_all / n)
         # the rotations are GEMMs in the compute dtype (their inputs are float64 sums, rounded once)
-        zc = Vc_all.T @ (xy_all - n * torch.outer(m_all, mys)).to(ct)      # (p, tb)
-        W = torch.empty_like(zc)
-        for a in torch.unique(chosen):
-            sel = chosen == a
-            W[:, sel] = Vc_all @ (zc[:, sel] / (s_all + alphas[a]).to(ct)[:, None])
+        zc = (Vc_all.T @ xy_all.to(ct)).addr_((V_all.T @ m_all).to(ct), mys.to(ct), alpha=-n)  # (p, tb)
+        W = Vc_all @ (zc / (s_all[:, None] + alphas[chosen][None, :]).to(ct))  # one GEMM for all chosen alphas
         icpt = (my_b + mys) - (mx_all + m_all) @ W.double() if fit_intercept else torch.zeros(W.shape[1], dtype=f64)
         return W, icpt.to(ct)
 
@@ -759,14 +796,23 @@ def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_ba
             xy_all = sum(c[0] for c in cross)
             sy_all = sum(c[1] for c in cross)
             total = torch.zeros(len(alphas), c1 - c0, dtype=f64)
+            xa = xy_all.to(ct)
             for st, (xyf, syf, yyf) in zip(fold_state, cross):
                 nf, ntr, mtr = st["n"], n - st["n"], st["mtr"]
                 my_tr = centre((sy_all - syf) / ntr)
-                z = st["V"].T @ ((xy_all - xyf) - ntr * torch.outer(mtr, my_tr)).to(ct)
-                bv = xyf - torch.outer(mtr, syf) - torch.outer(st["sx"], my_tr) + nf * torch.outer(mtr, my_tr)
-                b = st["V"].T @ bv.to(ct)
+                # rotate the raw sums (V'X'Y of all rows and of the validation rows, GEMMs in the compute dtype),
+                # then centre by the training means as rank-1 updates in the rotated space: X and Y are already
+                # centred globally, so these corrections are small and no (p, t) float64 temporaries are needed
+                b = st["V"].T @ xyf.to(ct)
+                z = st["V"].T @ xa - b                                     # training rows: all minus validation
+                z.addr_(st["Vm"], my_tr.to(ct), alpha=-ntr)
+                b.addr_(st["Vm"], (syf - nf * my_tr).to(ct), alpha=-1)
+                b.addr_(st["Vsx"], my_tr.to(ct), alpha=-1)
                 yy = yyf - 2 * my_tr * syf + nf * my_tr ** 2
-                total += ridge_score_kfold(st["s"], z, b, yy, st["quad"], alphas, st["rows"]) / nf
+                if st["basis"] is not None:
+                    total += ridge_score_kfold_basis(st["s"], z, b, yy, st["quad"], alphas, st["rows"], *st["basis"]) / nf
+                else:
+                    total += ridge_score_kfold(st["s"], z, b, yy, st["quad"], alphas, st["rows"]) / nf
             total /= len(fold_state)                                      # mean over folds of the validation MSE
             crit = total - log_slope
         else:
@@ -804,7 +850,7 @@ def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_ba
 
 
 def ridge_cv_ref(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_batch=4096, chunk_rows=1024,
-                 loo_basis=True):
+                 loo_basis=True, kfold_basis=True):
     """The oracle: for every fold and alpha, solve (Xtr'Xtr + a I) W = Xtr'Ytr in float64 on explicitly centred
     training rows and score the validation rows; LOO and GCV from the explicit n x n hat matrix."""
     X, Y = _as_tensor(X).double(), _as_tensor(np.asarray(Y[:]) if not isinstance(Y, torch.Tensor) else Y).double()

@@ -13,6 +13,12 @@
 #include "ridge_kernel.h"
 
 namespace metalign {
+
+// k-fold scores through the alpha basis: ATen calls only (cuBLAS GEMMs here), defined in ridge_cpu.cpp
+at::Tensor ridge_score_kfold_basis_aten(const at::Tensor& s, const at::Tensor& z, const at::Tensor& b,
+                                        const at::Tensor& yy, const at::Tensor& quad, const at::Tensor& alphas,
+                                        bool rows, const at::Tensor& basis, const at::Tensor& coef);
+
 namespace {
 
 constexpr int kThreads = 256;  // threads per block: one target (or one row) per thread
@@ -259,6 +265,7 @@ std::tuple<at::Tensor, at::Tensor> ridge_score_gcv_cuda(const at::Tensor& s_, co
 
 TORCH_LIBRARY_IMPL(metalign_ops, CUDA, m) {
   m.impl("ridge_score_kfold", &ridge_score_kfold_cuda);
+  m.impl("ridge_score_kfold_basis", &ridge_score_kfold_basis_aten);
   m.impl("ridge_score_loo", &ridge_score_loo_cuda);
   m.impl("ridge_score_gcv", &ridge_score_gcv_cuda);
   m.impl("ridge_score_loo_basis", &ridge_score_loo_basis_cuda);
