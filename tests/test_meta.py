@@ -128,6 +128,40 @@ def test_meta_run_beats_chance_and_aligns(world, codes, capsys):
     assert "resumed" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def sae_codes(world, tmp_path_factory):
+    """The demo's chain: a top-k SAE on the world's COCO pool (make demo's flags), its codes for COCO and THINGS."""
+    tmp = tmp_path_factory.mktemp("sae_meta")
+    sae = str(tmp / "sae.pt")
+    train.main(["--stage", "sae", "--features", world["features/coco"], "--out", sae, "--n-latents", "4x", "--k", "16",
+                "--epochs", "30", "--rows-per-step", "256", "--sae-lr", "0.003", "--no-progress", "--log-every", "100000"])
+    for split in ("coco", "things"):
+        train.main(["--stage", "sae", "--encode", "--ckpt", sae, "--features", world[f"features/{split}"],
+                    "--codes-out", str(tmp / f"{split}_codes.h5")])
+    return tmp
+
+
+def test_meta_on_sae_functions_generalises_to_held_out_functions(world, sae_codes):
+    """make demo's meta run with a fifth of the SAE functions held out of training: in-context accuracy on those
+    unseen functions (on the THINGS pool) is above chance, and encode is better aligned than the base features.
+    Measured on seed 0: 195 training functions, 8 held-out functions with >= L positives among THINGS images,
+    held-out accuracy 0.538 over 256 x 32 predictions (chance 0.5, binomial sd 0.003); odd-one-out 0.553 vs
+    0.453 for base."""
+    best = train.main(_args(world, sae_codes, out=str(sae_codes / "meta.pt"), min_nonzero=40, steps=600, lr=2e-3,
+                            eval_every=100, eval_episodes=256, warmup=100, holdout=0.2))
+    assert best["accuracy"] > 0.52, best
+    model, ckpt = models.load_meta(sae_codes / "meta.pt")
+    assert len(np.intersect1d(ckpt["latents"].numpy(), ckpt["eval_latents"].numpy())) == 0  # really unseen
+    concepts = data.load_concepts(world["data"])
+    X, ids = data.read_features(world["features/things"])
+    rows = data.concept_rows(ids, concepts)
+    t = data.load_triplets(world["data"], len(concepts))
+    with torch.no_grad():
+        acc = {name: (evaluate.odd_one_out(evaluate.cosine_similarity_matrix(R), t["triplets"]) == t["choice"]).mean()
+               for name, R in [("base", X[rows]), ("aligned", model.encode(torch.from_numpy(X[rows])).numpy())]}
+    assert acc["aligned"] > acc["base"] + 0.05, acc
+
+
 def test_meta_bad_input(world, codes, tmp_path):
     with pytest.raises(data.DataError, match="rows but the features file has"):
         train.main(_args(world, codes, codes=str(codes / "things_codes.h5"), steps=1))
