@@ -5,11 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define METALIGN_HD __host__ __device__ __forceinline__
-#else
-#define METALIGN_HD inline
-#endif
+#include "hd.h"
 
 namespace metalign {
 

@@ -11,7 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "cka_kernel.h"  // METALIGN_HD
+#include "hd.h"
 
 namespace metalign {
 

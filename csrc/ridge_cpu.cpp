@@ -108,20 +108,27 @@ void kfold_typed(const at::Tensor& s, const at::Tensor& z, const at::Tensor& b, 
   }
 }
 
-// k-fold / group scores: SSE(a, t) of one validation fold for every alpha and target. Per alpha one BLAS
-// product (gram: G (d*z), p x p x t; rows: (Xv V)(d*z), n_val x p x t), then the fused per-target reduction;
-// no (n_alphas, p, t) intermediate exists, only one (p|n_val, t) buffer reused across alphas.
-at::Tensor kfold_impl(const at::Tensor& s_, const at::Tensor& z_, const at::Tensor& b_, const at::Tensor& yy_,
-                      const at::Tensor& quad_, const at::Tensor& alphas, bool rows, int64_t threads) {
+// The inputs both k-fold scorers share: spectrum, cross-products, per-target sums and the validation quad.
+void check_kfold_inputs(const at::Tensor& s_, const at::Tensor& z_, const at::Tensor& b_, const at::Tensor& yy_,
+                        const at::Tensor& quad_, const at::Tensor& alphas, bool rows) {
   check_spectrum(s_, z_, alphas);
   check_like_z(b_, z_, "b");
-  const int64_t p = z_.size(0), t = z_.size(1);
-  check_yy(yy_, t);
+  const int64_t p = z_.size(0);
+  check_yy(yy_, z_.size(1));
   TORCH_CHECK(quad_.dim() == 2 && quad_.size(1) == p && (rows || quad_.size(0) == p),
               rows ? "quad (rotated validation rows Xv V) must be (n_val, p) with p = "
                    : "quad (rotated validation Gram V'Xv'XvV) must be (p, p) with p = ",
               p, ", got ", quad_.sizes());
   TORCH_CHECK(quad_.scalar_type() == z_.scalar_type(), "quad must have the dtype of z");
+}
+
+// k-fold / group scores: SSE(a, t) of one validation fold for every alpha and target. Per alpha one BLAS
+// product (gram: G (d*z), p x p x t; rows: (Xv V)(d*z), n_val x p x t), then the fused per-target reduction;
+// no (n_alphas, p, t) intermediate exists, only one (p|n_val, t) buffer reused across alphas.
+at::Tensor kfold_impl(const at::Tensor& s_, const at::Tensor& z_, const at::Tensor& b_, const at::Tensor& yy_,
+                      const at::Tensor& quad_, const at::Tensor& alphas, bool rows, int64_t threads) {
+  check_kfold_inputs(s_, z_, b_, yy_, quad_, alphas, rows);
+  const int64_t p = z_.size(0), t = z_.size(1);
   auto s = s_.contiguous(), z = z_.contiguous(), b = b_.contiguous(), quad = quad_.contiguous();
   auto yy = yy_.to(at::kDouble).contiguous();
   const auto al = alpha_vector(alphas);
@@ -343,15 +350,8 @@ std::tuple<at::Tensor, at::Tensor> gcv_impl(const at::Tensor& s_, const at::Tens
 at::Tensor kfold_basis_impl(const at::Tensor& s_, const at::Tensor& z_, const at::Tensor& b_, const at::Tensor& yy_,
                             const at::Tensor& quad_, const at::Tensor& alphas, bool rows, const at::Tensor& basis_,
                             const at::Tensor& coef_) {
-  check_spectrum(s_, z_, alphas);
-  check_like_z(b_, z_, "b");
+  check_kfold_inputs(s_, z_, b_, yy_, quad_, alphas, rows);
   const int64_t p = z_.size(0), t = z_.size(1);
-  check_yy(yy_, t);
-  TORCH_CHECK(quad_.dim() == 2 && quad_.size(1) == p && (rows || quad_.size(0) == p),
-              rows ? "quad (rotated validation rows Xv V) must be (n_val, p) with p = "
-                   : "quad (rotated validation Gram V'Xv'XvV) must be (p, p) with p = ",
-              p, ", got ", quad_.sizes());
-  TORCH_CHECK(quad_.scalar_type() == z_.scalar_type(), "quad must have the dtype of z");
   TORCH_CHECK(basis_.dim() == 2 && basis_.size(0) == p && basis_.size(1) > 0, "basis must be (p, r) with p = ", p,
               " and r >= 1, got ", basis_.sizes());
   const int64_t r = basis_.size(1);

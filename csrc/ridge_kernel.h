@@ -12,7 +12,7 @@
 #pragma once
 #include <cstdint>
 
-#include "cka_kernel.h"  // METALIGN_HD
+#include "hd.h"
 
 namespace metalign {
 

@@ -5,13 +5,7 @@
 #pragma once
 #include <cstdint>
 
-#ifndef METALIGN_HD
-#if defined(__CUDACC__)
-#define METALIGN_HD __host__ __device__ __forceinline__
-#else
-#define METALIGN_HD inline
-#endif
-#endif
+#include "hd.h"
 
 namespace metalign {
 
