@@ -75,7 +75,7 @@ $(RUN)/things_codes.h5: $(RUN)/sae/world.pt
 
 # meta-learning on the pool's SAE functions, held-out evaluation on the THINGS images' own codes
 $(RUN)/meta/world.pt: $(RUN)/coco_codes.h5 $(RUN)/things_codes.h5 models.py
-	$(PY) train.py --stage meta --features $(WORLD)/features/coco.h5 --codes $(RUN)/coco_codes.h5 --eval-features $(FEATURES) --eval-codes $(RUN)/things_codes.h5 --min-nonzero 40 --length 32 --batch 32 --steps $(META_STEPS) --d-model 64 --lr 2e-3 --eval-every 100 --no-progress --out $@
+	$(PY) train.py --stage meta --features $(WORLD)/features/coco.h5 --codes $(RUN)/coco_codes.h5 --eval-features $(FEATURES) --eval-codes $(RUN)/things_codes.h5 --min-nonzero 40 --length 32 --batch 32 --steps $(META_STEPS) --d-model 64 --lr 2e-3 --input-pca 0.95 --eval-every 100 --no-progress --out $@
 
 
 demo: build $(RUN)/things-ooo.json $(RUN)/levels-ooo.json $(RUN)/category-learning.json $(RUN)/reward-learning.json $(RUN)/icl.json $(RUN)/cka.json $(RUN)/fmri.json $(RUN)/coco_codes.h5 $(GEOMETRY:%=$(RUN)/%.json) $(RUN)/similarity.json

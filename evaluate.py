@@ -105,7 +105,9 @@ def parse(argv=None):
 
 def aligned_representations(cfg, X, chunk=8192):
     """{name: encode(X)} for every --ckpt (names aligned, aligned2, ...): the meta-learned embedding of [0, x]
-    applied to image features X (n, d), in chunks, without gradients -> (n, d_model) float32 arrays."""
+    applied to image features X (n, d), in chunks, without gradients -> (n, d_model) float32 arrays.
+    A checkpoint trained with --input-pca adds its control, base_pca (base_pca2, ...): the base features
+    standardised and projected onto the same principal subspace, i.e. what the embedding reads before learning."""
     out = {}
     for k, path in enumerate(p.strip() for p in cfg["ckpt"].split(",") if p.strip()):
         if not os.path.exists(path):
@@ -121,6 +123,10 @@ def aligned_representations(cfg, X, chunk=8192):
         with torch.no_grad():
             Z = torch.cat([model.encode(torch.as_tensor(X[i:i + chunk])) for i in range(0, len(X), chunk)])
         out["aligned" if k == 0 else f"aligned{k + 1}"] = Z.float().numpy()
+        e = model.embedding
+        if e.in_basis.shape[1]:  # coordinates in the subspace: ((x - shift) * scale) @ basis
+            Xt = torch.as_tensor(X, dtype=e.in_shift.dtype)
+            out["base_pca" if k == 0 else f"base_pca{k + 1}"] = ((Xt - e.in_shift[1:]) * e.in_scale[1:] @ e.in_basis).numpy()
     return out
 
 

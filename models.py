@@ -373,15 +373,18 @@ class Block(_nn.Module):
 
 
 class InputEmbedding(_nn.Linear):
-    """Linear(1 + d -> d_model) on standardised inputs: y = W ((x - shift) * scale) + b, computed as one linear
-    map with the standardisation folded into W and b (no extra pass over the episode). shift/scale are buffers
-    (the training pool's feature mean and 1/std, label channel 0/1), saved with the checkpoint; a linear map of
-    x all the same, so encode(x) stays a linear read-out of the backbone features."""
+    """Linear(1 + d -> d_model) on standardised, optionally projected inputs:
+    y = W [label, B B^T ((x - shift) * scale)] + b, computed as one linear map with the standardisation and the
+    projection folded into W and b (no extra pass over the episode). shift/scale are buffers (the training pool's
+    feature mean and 1/std, label channel 0/1); basis (d, r) an orthonormal basis of the pool's top-r principal
+    subspace of the standardised features (r = 0: no projection). All are saved with the checkpoint; a linear map
+    of x all the same, so encode(x) stays a linear read-out of the backbone features."""
 
-    def __init__(self, d_in, d_out):
+    def __init__(self, d_in, d_out, input_rank=0):
         super().__init__(d_in, d_out)
         self.register_buffer("in_shift", _torch.zeros(d_in))
         self.register_buffer("in_scale", _torch.ones(d_in))
+        self.register_buffer("in_basis", _torch.zeros(d_in - 1, input_rank))
 
     @_torch.no_grad()
     def set_input_stats(self, mean, std):
@@ -389,9 +392,61 @@ class InputEmbedding(_nn.Linear):
         self.in_shift[1:] = _torch.as_tensor(mean, dtype=self.in_shift.dtype)
         self.in_scale[1:] = 1.0 / _torch.as_tensor(std, dtype=self.in_scale.dtype).clamp_min(1e-6)
 
+    @_torch.no_grad()
+    def set_input_basis(self, basis):
+        """Project the standardised features onto span(basis) (d, r), orthonormal columns."""
+        self.in_basis.copy_(_torch.as_tensor(basis, dtype=self.in_basis.dtype))
+
+    @_torch.no_grad()
+    def orthogonal_init(self, gain=1.0):
+        """Semi-orthogonal weight times gain: at step 0, encode is an isometry of the standardised (projected)
+        features, so what evaluate.py measures against base is what meta-learning changed, not a random
+        projection (a Gaussian init spreads singular values from 0 to 2 and distorts the geometry)."""
+        _nn.init.orthogonal_(self.weight, gain=gain)
+        if self.in_basis.shape[1]:  # orthonormal inside the subspace: [label, B coordinates] -> d_out
+            q = _torch.empty(self.weight.shape[0], 1 + self.in_basis.shape[1], dtype=self.weight.dtype)
+            _nn.init.orthogonal_(q, gain=gain)
+            self.weight[:, :1] = q[:, :1]
+            self.weight[:, 1:] = q[:, 1:] @ self.in_basis.T
+
+    def effective(self):
+        """(weight (d_out, 1 + d), bias (d_out,)) of the one linear map on raw inputs."""
+        w = self.weight
+        if self.in_basis.shape[1]:
+            B = self.in_basis
+            w = _torch.cat([w[:, :1], (w[:, 1:] @ B) @ B.T], 1)
+        w = w * self.in_scale
+        return w, self.bias - w @ self.in_shift
+
     def forward(self, x):
-        w = self.weight * self.in_scale
-        return _F.linear(x, w, self.bias - w @ self.in_shift)
+        w, b = self.effective()
+        return _F.linear(x, w, b)
+
+
+def principal_basis(X, rank, chunk=65536):
+    """Top principal directions of X (n, d) -> (basis (d, r) float64, share of variance each direction holds (d,)).
+
+    rank: an int >= 1 is r itself; a float in (0, 1) is the smallest r whose directions hold that share of the
+    variance. The covariance is accumulated in float64 in row chunks (n may be millions)."""
+    X = _torch.as_tensor(X)
+    n, d = X.shape
+    mean = X.double().mean(0)
+    C = _torch.zeros(d, d, dtype=_torch.float64)
+    for i in range(0, n, chunk):
+        Z = X[i:i + chunk].double() - mean
+        C += Z.T @ Z
+    evals, evecs = _torch.linalg.eigh(C)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    share = evals / evals.sum().clamp_min(1e-300)
+    if rank >= 1:
+        r = int(rank)
+    elif 0 < rank < 1:
+        r = int(_torch.searchsorted(share.cumsum(0), _torch.tensor([rank], dtype=_torch.float64))[0]) + 1
+    else:
+        raise ValueError(f"input rank must be an int >= 1 or a share of variance in (0, 1), got {rank}")
+    if r > d:
+        raise ValueError(f"input rank {r} > feature width {d}")
+    return evecs[:, :r], share
 
 
 class MetaLearner(_nn.Module):
@@ -407,7 +462,7 @@ class MetaLearner(_nn.Module):
     """
 
     def __init__(self, d, d_model=0, n_layers=2, n_heads=4, mlp=True, model="transformer", n_functions=0,
-                 no_embed=False, dropout=0.0):
+                 no_embed=False, dropout=0.0, input_rank=0):
         super().__init__()
         d_model = d_model or d
         if model not in ("transformer", "lstm", "static_linear"):
@@ -415,7 +470,9 @@ class MetaLearner(_nn.Module):
         if no_embed and d_model != d:
             raise ValueError(f"--no-embed keeps the features as they are, so d_model must equal d = {d}, got {d_model}")
         self.kind, self.d, self.d_model = model, d, d_model
-        self.embedding = InputEmbedding(1 + d, d_model)
+        if no_embed and input_rank:
+            raise ValueError("--no-embed keeps the features as they are: no input projection (--input-pca 0)")
+        self.embedding = InputEmbedding(1 + d, d_model, input_rank)
         if no_embed:
             with _torch.no_grad():
                 self.embedding.weight.zero_()

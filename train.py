@@ -296,6 +296,10 @@ defaults_meta = dict(
     model="transformer",                        # transformer | lstm | static_linear (non-meta multitask baseline)
     no_embed=False,                             # ablation: frozen identity embedding (encode(x) = x)
     standardize=True,                           # z-score features with the training pool's mean/std inside the embedding
+    input_pca=0.0,                              # embedding reads the pool's top principal subspace (of standardised
+                                                # features): r >= 1 directions, or the share of variance in (0, 1); 0 = all
+    embed_init="orthogonal",                    # orthogonal (encode starts as an isometry of the input) | default (nn.Linear)
+    embed_gain=1.0,                             # gain of the orthogonal embedding init
     d_model=0,                                  # model width (0 = feature width d)
     n_layers=2,                                 # Transformer blocks / LSTM layers
     n_heads=4,                                  # attention heads (head size must be even: RoPE)
@@ -387,7 +391,7 @@ def stage_meta(cfg):
     import torch.distributed as dist
     from tqdm import tqdm
     import data
-    from models import MetaLearner, evaluate_meta, make_episodes
+    from models import MetaLearner, evaluate_meta, make_episodes, principal_basis
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
     rank, world = 0, 1
@@ -409,12 +413,31 @@ def stage_meta(cfg):
     train_fns, eval_fns, heads = _meta_functions(cfg, X, ids, Xe, ide)
     X, Xe = torch.from_numpy(X), torch.from_numpy(Xe)
     F = len(train_fns["latents"])
+    mean, std = X.mean(0), (X.std(0) if cfg["standardize"] else torch.ones(X.shape[1]))
+    basis = None
+    if cfg["input_pca"]:  # the pool's top principal subspace (standardised features), folded into the embedding
+        if cfg["no_embed"]:
+            sys.exit("train.py: error: --no-embed keeps the features as they are; it takes no --input-pca")
+        try:
+            basis, share = principal_basis((X - mean) / std.clamp_min(1e-6), cfg["input_pca"])
+        except ValueError as e:
+            sys.exit(f"train.py: error: --input-pca {cfg['input_pca']}: {e}")
+        if rank == 0:
+            print(f"train.py: embedding input = top {basis.shape[1]} of {X.shape[1]} principal directions of the "
+                  f"{'standardised ' if cfg['standardize'] else ''}training pool ({float(share[:basis.shape[1]].sum()):.1%} of its variance)")
     model_args = dict(d=X.shape[1], d_model=cfg["d_model"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
                       mlp=cfg["mlp"], model=cfg["model"], n_functions=F, no_embed=cfg["no_embed"],
-                      dropout=cfg["dropout"])
+                      dropout=cfg["dropout"], input_rank=0 if basis is None else basis.shape[1])
     model = MetaLearner(**model_args).to(device)
-    if cfg["standardize"] and not cfg["no_embed"]:  # the training pool's feature mean/std, folded into the embedding
-        model.embedding.set_input_stats(X.mean(0), X.std(0))
+    if not cfg["no_embed"]:
+        if cfg["standardize"] or basis is not None:  # the training pool's feature mean/std, folded into the embedding
+            model.embedding.set_input_stats(mean, std)
+        if basis is not None:
+            model.embedding.set_input_basis(basis)
+        if cfg["embed_init"] == "orthogonal":
+            model.embedding.orthogonal_init(cfg["embed_gain"])
+        elif cfg["embed_init"] != "default":
+            sys.exit(f"train.py: error: --embed-init {cfg['embed_init']!r}; expected orthogonal | default")
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg["weight_decay"]),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]  # biases, LayerNorms, log_vars

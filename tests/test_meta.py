@@ -1,5 +1,6 @@
 """Meta-learning: model shapes and causality, encode, and a short meta-training run on the embedded world
 with planted functions (top-k of the world's h codes in the /sae layout) checked against ground truth."""
+import json
 import os
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def _args(world, tmp, **kw):
     cfg = dict(features=world["features/coco"], codes=str(tmp / "coco_codes.h5"),
                eval_features=world["features/things"], eval_codes=str(tmp / "things_codes.h5"),
                out=str(tmp / "meta.pt"), length=32, batch=32, steps=400, eval_every=100, eval_episodes=128,
-               lr=1e-3, warmup=50, d_model=64, n_layers=2, n_heads=4, seed=0)
+               lr=2e-3, warmup=50, d_model=64, n_layers=2, n_heads=4, seed=0)
     cfg.update(kw)
     argv = ["--stage", "meta", "--no-progress"]
     for k, v in cfg.items():
@@ -85,6 +86,47 @@ def test_encode_and_no_embed():
     assert "embedding" in names and "layers" in names  # hook / nnsight targets
 
 
+def test_principal_basis_matches_sklearn_pca():
+    """models.principal_basis against sklearn's PCA: the same subspace, the same variance shares, both rank rules."""
+    from sklearn.decomposition import PCA
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(500, 10, generator=g) @ torch.diag(torch.tensor([5.0, 4, 3, 2, 1, .5, .4, .3, .2, .1])) + 3
+    B, share = models.principal_basis(X, 3, chunk=128)  # chunked float64 covariance
+    pca = PCA(3).fit(X.double().numpy())
+    np.testing.assert_allclose(share[:3].numpy(), pca.explained_variance_ratio_, rtol=1e-9)
+    P_ref = pca.components_.T @ pca.components_  # projections are sign-free
+    np.testing.assert_allclose((B @ B.T).numpy(), P_ref, atol=1e-9)
+    B90, _ = models.principal_basis(X, 0.9)
+    assert B90.shape[1] == int(np.searchsorted(np.cumsum(PCA().fit(X.double().numpy()).explained_variance_ratio_), 0.9) + 1)
+    with pytest.raises(ValueError, match="input rank"):
+        models.principal_basis(X, 11)
+
+
+def test_embedding_projection_and_orthogonal_init():
+    """--input-pca folds x -> B B^T standardised x into the one linear map (oracle: the explicit product);
+    the orthogonal init makes encode at step 0 an isometry of the standardised, projected features."""
+    d, r = 12, 4
+    m = models.MetaLearner(d=d, d_model=16, n_heads=2, input_rank=r)
+    mu, sd = torch.randn(d), torch.rand(d) + 0.5
+    B = torch.linalg.qr(torch.randn(d, r))[0]
+    m.embedding.set_input_stats(mu, sd)
+    m.embedding.set_input_basis(B)
+    x = torch.randn(2, 3, 1 + d)
+    z = (x[..., 1:] - mu) / sd
+    ref = torch.cat([x[..., :1], z @ B @ B.T], -1) @ m.embedding.weight.T + m.embedding.bias
+    torch.testing.assert_close(m.embedding(x), ref)
+    m.embedding.orthogonal_init(gain=1.5)
+    X = torch.randn(30, d)
+    dist = lambda A: (A.double()[:, None] - A.double()[None]).norm(dim=-1)  # noqa: E731
+    E, C = m.encode(X), ((X - mu) / sd) @ B  # encode vs the subspace coordinates
+    torch.testing.assert_close(dist(E), 1.5 * dist(C), rtol=1e-4, atol=1e-4)
+    full = models.MetaLearner(d=d, d_model=16, n_heads=2)  # no projection, d_model > d: an isometry of all of x
+    full.embedding.orthogonal_init()
+    torch.testing.assert_close(dist(full.encode(X)), dist(X), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no-embed"):
+        models.MetaLearner(d=d, no_embed=True, n_heads=2, input_rank=r)
+
+
 def test_load_meta_without_input_stats(tmp_path):
     """Checkpoints written before the embedding standardised its input load with the identity statistics;
     any other missing weight is refused."""
@@ -104,10 +146,10 @@ def test_load_meta_without_input_stats(tmp_path):
 def test_meta_run_beats_chance_and_aligns(world, codes, capsys):
     """400 steps on the small world: held-out-pool accuracy above chance, encode's odd-one-out above base."""
     best = train.main(_args(world, codes))
-    assert best["accuracy"] > 0.56, best          # chance = 0.5 (balanced episodes); measured 0.617
+    assert best["accuracy"] > 0.56, best          # chance = 0.5 (balanced episodes); measured 0.612
     assert best["magnitude_r2"] > 0.03, best
     acc_pos = np.array(best["accuracy_by_position"])
-    assert acc_pos[16:].mean() > acc_pos[:2].mean() + 0.01  # later items easier: measured 0.605 vs 0.578
+    assert acc_pos[16:].mean() > acc_pos[:2].mean() + 0.01  # later items easier: measured 0.626 vs 0.570
     model, ckpt = models.load_meta(codes / "meta.pt")
     assert ckpt["config"]["length"] == 32 and "torch" in ckpt["versions"]
     concepts = data.load_concepts(world["data"])
@@ -118,7 +160,7 @@ def test_meta_run_beats_chance_and_aligns(world, codes, capsys):
     with torch.no_grad():
         for name, R in [("base", X[rows]), ("aligned", model.encode(torch.from_numpy(X[rows])).numpy())]:
             acc[name] = (evaluate.odd_one_out(evaluate.cosine_similarity_matrix(R), t["triplets"]) == t["choice"]).mean()
-    assert acc["base"] < 0.50 and acc["aligned"] > acc["base"] + 0.07, acc  # measured base 0.453 -> 0.573 (h 0.679)
+    assert acc["base"] < 0.50 and acc["aligned"] > acc["base"] + 0.07, acc  # measured base 0.453 -> 0.599 (h 0.679)
     log = pd.read_csv(codes / "meta.csv")
     assert len(log) == 400 and log["eval_accuracy"].notna().sum() == 4
     assert os.path.getsize(codes / "meta.png") > 1000
@@ -148,7 +190,7 @@ def test_meta_on_sae_functions_generalises_to_held_out_functions(world, sae_code
     held-out accuracy 0.538 over 256 x 32 predictions (chance 0.5, binomial sd 0.003); odd-one-out 0.553 vs
     0.453 for base."""
     best = train.main(_args(world, sae_codes, out=str(sae_codes / "meta.pt"), min_nonzero=40, steps=600, lr=2e-3,
-                            eval_every=100, eval_episodes=256, warmup=100, holdout=0.2))
+                            eval_every=100, eval_episodes=256, warmup=100, holdout=0.2, input_pca=0.95))
     assert best["accuracy"] > 0.52, best
     model, ckpt = models.load_meta(sae_codes / "meta.pt")
     assert len(np.intersect1d(ckpt["latents"].numpy(), ckpt["eval_latents"].numpy())) == 0  # really unseen
@@ -190,3 +232,28 @@ def test_meta_ddp_two_ranks_match_one(world, codes, tmp_path):
     np.testing.assert_allclose(a["bce"], b["bce"], rtol=2e-3)
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-2)
     np.testing.assert_allclose(a["eval_accuracy"].dropna(), b["eval_accuracy"].dropna(), atol=1e-3)
+
+
+def test_demo_meta_run_orders_every_behavioural_task(world, sae_codes, tmp_path):
+    """make demo's meta run (SAE functions, --input-pca 0.95, 600 steps, seed 0) evaluated as the demo does: on
+    THINGS and Levels odd-one-out, category and reward learning, h (the world's SPoSE file; Levels: the images'
+    codes, tests/test_behaviour.py) scores highest, the checkpoint's encode next and the base features lowest;
+    encode also beats its own control base_pca (the base features standardised and projected onto the same
+    principal subspace), so the gain is meta-learning's, not the projection's. Measured (McFadden R^2, h >
+    aligned > base_pca > base): THINGS 0.316 > 0.167 > 0.068 > 0.040; Levels (no h) 0.198 > 0.071 > 0.045;
+    category learning 0.421 > 0.408 > 0.374 > 0.369; reward learning 0.403 > 0.391 > 0.373 > 0.361."""
+    ckpt = str(sae_codes / "demo.pt")
+    train.main(_args(world, sae_codes, out=ckpt, min_nonzero=40, steps=600, lr=2e-3, eval_every=100,
+                     eval_episodes=256, warmup=100, input_pca=0.95))
+    common = ["--features", world["features/things"], "--levels-features", world["dir"] + "/features/levels.h5",
+              "--data", world["data"], "--ckpt", ckpt]
+    r2 = {}
+    for task in ("things-ooo", "levels-ooo", "category-learning", "reward-learning"):
+        with open(evaluate.main(["--task", task, *common, "--out", str(tmp_path / f"{task}.json")])) as fh:
+            res = json.load(fh)
+        r2[task] = {k: (v["fit"] if task == "things-ooo" else v)["mcfadden_r2"] for k, v in res.items()
+                    if k in ("spose", "aligned", "base_pca", "base")}
+    print(r2)
+    for task, r in r2.items():
+        top = r.get("spose", np.inf)  # Levels images have no SPoSE row: h's lead there is test_behaviour's
+        assert top > r["aligned"] > r["base_pca"] and r["aligned"] > r["base"], (task, r)
