@@ -118,7 +118,7 @@ test: build nvcc
 	KERNELS_REQUIRE=1 $(PY) -m pytest -q tests --benchmark-skip
 
 bench: build
-	KERNELS_REQUIRE=1 $(PY) -m pytest tests/test_bench*.py --benchmark-only --benchmark-group-by=group --benchmark-columns=min,mean,median,rounds --benchmark-json=runs/bench.json
+	THP_MEM_ALLOC_ENABLE=1 KERNELS_REQUIRE=1 $(PY) -m pytest tests/test_bench*.py --benchmark-only --benchmark-group-by=group --benchmark-columns=min,mean,median,rounds --benchmark-json=runs/bench.json
 
 clean:
 	rm -rf build .cache metalign_ops*.so $(RUN) $(WORLD)

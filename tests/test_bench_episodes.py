@@ -135,7 +135,8 @@ def test_bench_episodes_item_loop(benchmark, ep_data):
 
 @pytest.mark.benchmark(group="episodes")
 def test_bench_episodes_copy_floor(benchmark, ep_data):
-    """A plain copy of the same output bytes (B, L, 1 + d) float32 into a fresh tensor: the bandwidth floor."""
+    """A plain copy of the same output bytes (B, L, 1 + d) float32 into a fresh tensor: the bandwidth floor.
+    make bench sets THP_MEM_ALLOC_ENABLE=1, so this copy, the loops and the op all get huge pages."""
     pool, _, _ = ep_data
     _group(benchmark, pool)
     src = torch.randn(B, L, D + 1)
