@@ -8,6 +8,7 @@ so a user with a half-downloaded data folder learns what to fix without reading 
     X, ids = read_features("out/features/things.h5")         # (n_images, d) float32, list[str]
     t = load_triplets("data/external", n_concepts=1854)       # dict of (N, 3) / (N,) int64, 0-based
 """
+import argparse
 import contextlib
 import datetime
 import json
@@ -22,6 +23,23 @@ import pandas as pd
 
 class DataError(ValueError):
     """Bad or missing input data; the message names the file, the field and what was expected."""
+
+
+def flag_parser(doc, *defaults, nargs=()):
+    """The flat scripts' argparse (STYLE.md): one --flag-with-dashes per key of the defaults dicts, type taken
+    from the default, booleans as --x / --no-x, list defaults and the keys in `nargs` take one or more values;
+    unknown and abbreviated flags are errors. Returns the parser, for scripts that add flags or checks."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    for d in defaults:
+        for k, v in d.items():
+            flag = "--" + k.replace("_", "-")
+            if isinstance(v, bool):
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=v)
+            elif isinstance(v, list) or k in nargs:
+                p.add_argument(flag, nargs="+", default=v if isinstance(v, list) else [v])
+            else:
+                p.add_argument(flag, type=type(v), default=v)
+    return p
 
 
 def versions():

@@ -19,7 +19,6 @@ CV score and held-out R^2 / Pearson r, every candidate's CV score, the best laye
 versions) and <out>.md (the table). PCA-compressed feature files (extract.py's /pca, when it lands) are just
 more --features/--layers inputs.
 """
-import argparse
 import json
 import os
 import sys
@@ -55,16 +54,7 @@ REGRESSIONS = ("ridge", "pls")
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    for k, v in defaults.items():
-        if isinstance(v, bool):
-            p.add_argument("--" + k.replace("_", "-"), action=argparse.BooleanOptionalAction, default=v)
-        elif isinstance(v, list):
-            p.add_argument("--" + k.replace("_", "-"), nargs="+", default=v)
-        else:
-            p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
-    return vars(p.parse_args(argv))
+    return vars(data.flag_parser(__doc__, defaults).parse_args(argv))
 
 
 def _ints(text, flag, low):

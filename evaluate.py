@@ -16,7 +16,6 @@ A concept's representation is the features of its first sorted image. Each task 
 R.json with one top-level key per representation (`base`, `spose`; `aligned` once the meta stage exists),
 plus `noise_ceiling` and `config`. On a cluster node: the same command inside `srun`.
 """
-import argparse
 import json
 import os
 import sys
@@ -83,15 +82,7 @@ defaults = dict(
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    for k, v in defaults.items():
-        if isinstance(v, bool):
-            p.add_argument("--" + k.replace("_", "-"), action=argparse.BooleanOptionalAction, default=v)
-        elif k == "features":  # several files only for --task similarity (one per model)
-            p.add_argument("--features", nargs="+", default=[v])
-        else:
-            p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    p = data.flag_parser(__doc__, defaults, nargs=("features",))  # several --features only for --task similarity
     cfg = vars(p.parse_args(argv))  # unknown flags are an error
     if len(cfg["features"]) > 1 and cfg["task"] != "similarity":
         p.error(f"--features takes one file for --task {cfg['task']} (several only for --task similarity)")

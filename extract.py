@@ -21,7 +21,6 @@ The embedded synthetic world (features + every human-data file; make demo and th
     python extract.py --dataset synthetic --out data/world --n-triplets 4700000 --size full
 World sizes default per --size (see world.SIZES); any of them can be set as a flag, e.g. --n-concepts 300.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -73,13 +72,7 @@ REAL = list(images.DATASETS)
 
 def parse(argv=None):
     import world
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    for k, v in defaults.items():
-        if isinstance(v, bool):
-            p.add_argument("--" + k.replace("_", "-"), action=argparse.BooleanOptionalAction, default=v)
-        else:
-            p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    p = data.flag_parser(__doc__, defaults)
     # world knobs: default None = the value of the chosen --size; type taken from the small world's value
     knobs = dict(world.SIZES["small"], **world.COMMON)
     for k, v in knobs.items():

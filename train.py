@@ -19,13 +19,13 @@ and <out>.last.pt (for --resume). --ckpt also reads ViT-Prisma top-k SAEs. On th
     python train.py --stage sae --features data/world/features/coco.h5 --n-latents 8x --k 8 --out runs/sae/world.pt
     python train.py --stage sae --encode --ckpt runs/sae/world.pt --features data/world/features/coco.h5
 """
-import argparse
 import os
 import sys
 
 import torch
 
 import warp
+import data
 from data import atomic_path
 
 # ----------------------------------------------------------------------------------------------- defaults
@@ -114,7 +114,6 @@ def _sae_loss(sae, xn, rows_since_fired, dead_rows, aux_k, aux_coef):
 
 
 def _sae_save(path, sae, cfg, step, epoch, opt=None, rows_since_fired=None, metrics=None):
-    import data
     ckpt = dict(kind="metalign.sae", sae_args=sae.args(), state_dict={k: v.detach().cpu() for k, v in sae.state_dict().items()},
                 config=cfg, versions=data.versions(), step=step, epoch=epoch, metrics=metrics or {},
                 optimizer=opt.state_dict() if opt is not None else None,
@@ -241,7 +240,6 @@ def sae_encode(cfg):
     import shutil
     import h5py
     import numpy as np
-    import data
     from models import load_sae
     if not cfg["ckpt"]:
         sys.exit("train.py: error: --encode needs --ckpt (an SAE checkpoint: train.py --stage sae --out, or ViT-Prisma)")
@@ -390,7 +388,6 @@ def stage_meta(cfg):
     import numpy as np
     import torch.distributed as dist
     from tqdm import tqdm
-    import data
     from models import MetaLearner, evaluate_meta, make_episodes, principal_basis
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
@@ -555,14 +552,7 @@ def stage_meta(cfg):
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    for k, v in {**defaults, **defaults_sae, **defaults_meta, **warp.defaults_warp}.items():
-        if isinstance(v, bool):  # --mlp / --no-mlp
-            p.add_argument("--" + k.replace("_", "-"), action=argparse.BooleanOptionalAction, default=v)
-        else:
-            p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
-    return vars(p.parse_args(argv))
+    return vars(data.flag_parser(__doc__, defaults, defaults_sae, defaults_meta, warp.defaults_warp).parse_args(argv))
 
 
 def main(argv=None):

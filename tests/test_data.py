@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data import (DataError, atomic_path, concept_rows, load_category_learning, load_concepts, load_fmri,
+from data import (DataError, atomic_path, concept_rows, flag_parser, load_category_learning, load_concepts, load_fmri,
                   load_levels, load_reward_learning, load_spose, load_triplets, read_features, write_features)
 
 
@@ -148,3 +148,15 @@ def test_atomic_path_leaves_nothing(tmp_path):
         with open(tmp, "w") as fh:
             fh.write("ok")
     assert os.listdir(tmp_path) == ["out.h5"]
+
+
+def test_flag_parser_types_bools_lists_and_unknown_flags():
+    """flag_parser, the flat scripts' argparse: type from the default, --x/--no-x, lists, errors."""
+    p = flag_parser("doc", dict(n_steps=3, lr=1e-3, name="a", mlp=True), dict(rois=["V1"], features="f.h5"),
+                         nargs=("features",))
+    cfg = vars(p.parse_args(["--n-steps=7", "--lr", "0.5", "--no-mlp", "--rois", "V1", "LOC", "--features", "a", "b"]))
+    assert cfg == dict(n_steps=7, lr=0.5, name="a", mlp=False, rois=["V1", "LOC"], features=["a", "b"])
+    assert vars(p.parse_args([]))["features"] == ["f.h5"]
+    for bad in (["--n-steps", "x"], ["--unknown", "1"], ["--n-st", "2"]):  # wrong type, unknown, abbreviated
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
