@@ -14,7 +14,6 @@ import os
 import time
 
 import numpy as np
-import pandas as pd
 import torch
 
 import data
