@@ -34,7 +34,7 @@ $(WORLD)/world_truth.h5: .venv/ok world.py extract.py data.py
 
 world: $(WORLD)/world_truth.h5
 
-$(RUN)/things-ooo.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py $(CKPT)
+$(RUN)/things-ooo.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task things-ooo --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
 $(RUN)/cka.json: $(WORLD)/world_truth.h5 evaluate.py kernels.py $(CKPT)
@@ -51,16 +51,16 @@ $(RUN)/similarity.json: $(WORLD)/world_truth.h5 evaluate.py geometry.py
 $(RUN)/fmri.json: $(WORLD)/world_truth.h5 evaluate.py fmri.py kernels.py $(CKPT)
 	$(PY) evaluate.py --task fmri --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/levels-ooo.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py $(CKPT)
+$(RUN)/levels-ooo.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task levels-ooo --levels-features $(WORLD)/features/levels.h5 --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/category-learning.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py $(CKPT)
+$(RUN)/category-learning.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task category-learning --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/reward-learning.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py $(CKPT)
+$(RUN)/reward-learning.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task reward-learning --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/icl.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py $(CKPT)
+$(RUN)/icl.json: $(WORLD)/world_truth.h5 evaluate.py behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task icl --data $(DATA) --ckpt $(CKPT) --out $@
 
 # SAE on the world's unlabelled pool, then its codes in a separate file (the world's features stay as written)

@@ -215,7 +215,7 @@ def table(res):
 
 def main(argv=None):
     cfg = parse(argv)
-    from behaviour import torch_threads
+    from choice import torch_threads
     t0 = time.perf_counter()
     try:
         with torch_threads(cfg["threads"]):

@@ -29,6 +29,7 @@ import data
 import geometry
 import kernels
 import warp
+from choice import repeated_responses
 
 # ----------------------------------------------------------------------------------------------- defaults
 defaults = dict(
@@ -158,7 +159,7 @@ def noise_ceiling(triplets, choice):
     """Agreement ceiling from repeated triplets: for every unordered concept set answered more than once,
     the share of responses naming the most frequent odd one out; averaged over those sets (Hebart et al.
     2020). Returns (ceiling, n_repeated_sets, n_trials_in_them); (nan, 0, 0) without repeats."""
-    counts, pairs, pair_counts, n_trials = behaviour.repeated_responses(triplets, choice)
+    counts, pairs, pair_counts, n_trials = repeated_responses(triplets, choice)
     if pairs is None:
         return float("nan"), 0, 0
     best = np.zeros(len(counts), dtype=np.int64)

@@ -604,7 +604,7 @@ def stage_warp(cfg):
         with data.atomic_path(out) as tmp, open(tmp, "w") as fh:
             json.dump(doc, fh, indent=2)
 
-    from behaviour import torch_threads
+    from choice import torch_threads
     with torch_threads(cfg["warp_threads"]):
         res = warp_curve(split, ds, cfg, seed=cfg["seed"], done=done, on_result=save, progress=cfg["progress"])
     save(res)

@@ -1,5 +1,5 @@
-"""behaviour.py: every fit against an independent computation (scipy / sklearn), group BMS against hand-checkable
-cases and Monte Carlo, the world's ordering (h above base), bad input."""
+"""choice.py and behaviour.py: every fit against an independent computation (scipy / sklearn), group BMS against
+hand-checkable cases and Monte Carlo, the world's ordering (h above base), bad input."""
 import json
 import math
 import os
@@ -16,6 +16,8 @@ from scipy.special import logsumexp
 import behaviour
 import data
 import evaluate
+from choice import (_span_project, entropy_ceiling, exceedance_probability, fit_conditional_logit, fit_odd_one_out,
+                    group_bms, online_blr, online_logistic, ooo_option_features, stratified_folds, wilcoxon_pair)
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +58,7 @@ def test_conditional_logit_matches_scipy():
     z = np.einsum("nkp,np->nk", X, true[group])
     y = (rng.random((N, 1)) > np.cumsum(np.exp(z - logsumexp(z, 1, keepdims=True)), 1)).sum(1).clip(0, K - 1)
     rows = np.nonzero(rng.random(N) < 0.8)[0]
-    r = behaviour.fit_conditional_logit(torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(group), G + 1,
+    r = fit_conditional_logit(torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(group), G + 1,
                                         rows=torch.from_numpy(rows), l2=0.3)
     assert r["converged"].all()
     for g in range(G):
@@ -68,7 +70,7 @@ def test_conditional_logit_matches_scipy():
 def test_stratified_folds_balanced():
     rng = np.random.default_rng(1)
     group, strata = rng.integers(0, 13, 3000), rng.integers(0, 3, 3000)
-    fold = behaviour.stratified_folds(group, strata, 5, seed=0)
+    fold = stratified_folds(group, strata, 5, seed=0)
     for g in range(13):
         for s in range(3):
             c = np.bincount(fold[(group == g) & (strata == s)], minlength=5)
@@ -85,8 +87,8 @@ def test_odd_one_out_fit_matches_per_participant_scipy():
     trip = np.stack([rng.choice(n, 3, replace=False) for _ in range(P * T)])
     choice = rng.integers(0, 3, P * T)
     part = np.repeat(np.arange(P) * 10 + 3, T)  # arbitrary labels
-    fit = behaviour.fit_odd_one_out(S, trip, choice, part, n_folds=5, l2=0.1, seed=4)
-    X = behaviour.ooo_option_features(S, trip).double().numpy()
+    fit = fit_odd_one_out(S, trip, choice, part, n_folds=5, l2=0.1, seed=4)
+    X = ooo_option_features(S, trip).double().numpy()
     for p in range(P):
         for f in range(5):
             tr = np.nonzero((part == p * 10 + 3) & (fit["fold"] != f))[0]
@@ -106,9 +108,9 @@ def test_online_logistic_matches_sklearn():
     y = (X[:, :, 0] + 0.5 * rng.normal(size=(P, T)) > 0).astype(np.int64)
     y[:, 0] = 1  # class 0 first appears later: 0.5 until both classes were seen
     Cs = [0.1, 3.0]
-    Z = behaviour._span_project(torch.from_numpy(X), T)
+    Z = _span_project(torch.from_numpy(X), T)
     assert Z.shape[2] <= T
-    out = behaviour.online_logistic(Z, torch.from_numpy(y), torch.ones(P, T, dtype=torch.bool), Cs).numpy()
+    out = online_logistic(Z, torch.from_numpy(y), torch.ones(P, T, dtype=torch.bool), Cs).numpy()
     for c, C in enumerate(Cs):
         for p in range(P):
             for t in range(0, T, 3):
@@ -126,9 +128,9 @@ def test_online_blr_matches_ridge():
     P, T, d = 2, 15, 50
     XL, XR = rng.normal(size=(P, T, d)), rng.normal(size=(P, T, d))
     RL, RR = rng.normal(size=(P, T)), rng.normal(size=(P, T))
-    Zb = behaviour._span_project(torch.from_numpy(np.concatenate([XL, XR], 1)), 2 * T)
+    Zb = _span_project(torch.from_numpy(np.concatenate([XL, XR], 1)), 2 * T)
     lams = [0.5, 20.0]
-    v = behaviour.online_blr(Zb[:, :T], Zb[:, T:], torch.from_numpy(RL), torch.from_numpy(RR),
+    v = online_blr(Zb[:, :T], Zb[:, T:], torch.from_numpy(RL), torch.from_numpy(RR),
                              torch.ones(P, T, dtype=torch.bool), lams).numpy()
     one = np.ones((T, 1))
     for li, lam in enumerate(lams):
@@ -145,7 +147,7 @@ def test_online_blr_matches_ridge():
 def test_group_bms_hand_cases():
     N = 9
     # one model always far better: g = 1 for it, alpha = (1 + N, 1), xp = P(Beta(N+1, 1) > 1/2) = 1 - 2^-(N+1)
-    r = behaviour.group_bms(np.c_[np.zeros(N), np.full(N, -200.0)])
+    r = group_bms(np.c_[np.zeros(N), np.full(N, -200.0)])
     np.testing.assert_allclose(r["alpha"], [1 + N, 1], atol=1e-8)
     assert r["xp"][0] == pytest.approx(1 - 0.5 ** (N + 1), abs=1e-9)
     # here q(r) = Beta(N+1, 1) is the exact posterior, so F1 = log int r^N dr = -log(N+1); the null has
@@ -154,7 +156,7 @@ def test_group_bms_hand_cases():
     assert r["bor"] == pytest.approx(1 / (1 + 2 ** N / (N + 1)), rel=1e-9)
     assert r["pxp"][0] == pytest.approx((1 - r["bor"]) * r["xp"][0] + r["bor"] / 2)
     # identical evidence: nothing to choose, every probability 1/K and the omnibus risk favours the null
-    r = behaviour.group_bms(np.full((N, 3), -5.0))
+    r = group_bms(np.full((N, 3), -5.0))
     np.testing.assert_allclose(r["xp"], [1 / 3] * 3, atol=1e-6)
     np.testing.assert_allclose(r["pxp"], [1 / 3] * 3, atol=1e-6)
     assert r["bor"] > 0.5
@@ -163,7 +165,7 @@ def test_group_bms_hand_cases():
 def test_group_bms_free_energy_and_xp_monte_carlo():
     rng = np.random.default_rng(5)
     L = rng.normal(size=(8, 2)) * 2
-    r = behaviour.group_bms(L)
+    r = group_bms(L)
     # exact log evidence of the random-effects model for K = 2 (uniform prior on r): 1-d quadrature
     f = lambda q: math.exp(np.log(q * np.exp(L[:, 0]) + (1 - q) * np.exp(L[:, 1])).sum() - L.max(1).sum())  # noqa: E731
     exact = math.log(integrate.quad(f, 0, 1, epsabs=1e-14)[0]) + L.max(1).sum()
@@ -173,7 +175,7 @@ def test_group_bms_free_energy_and_xp_monte_carlo():
     alpha = np.array([3.2, 5.1, 4.0])
     draws = np.random.default_rng(6).dirichlet(alpha, 400000)
     mc = np.bincount(draws.argmax(1), minlength=3) / len(draws)
-    np.testing.assert_allclose(behaviour.exceedance_probability(alpha), mc, atol=4e-3)
+    np.testing.assert_allclose(exceedance_probability(alpha), mc, atol=4e-3)
 
 
 @pytest.mark.parametrize("K", [2, 3, 4])
@@ -184,7 +186,7 @@ def test_group_bms_matches_groupbmc(K):
     from groupBMC.groupBMC import GroupBMC
     rng = np.random.default_rng(K)
     L = -60 + rng.normal(0, 3, (25, K)) + np.linspace(0, 2, K)  # (participants, models), a graded model effect
-    ours = behaviour.group_bms(L, alpha0=1.0 / K)
+    ours = group_bms(L, alpha0=1.0 / K)
     ref = GroupBMC(L.T, max_iter=100000, tolerance=1e-13)  # groupBMC takes (K, N)
     res = ref.get_result()
     np.testing.assert_allclose(ours["alpha"], ref.α.ravel(), rtol=1e-6)  # both stop near the VB fixed point
@@ -198,7 +200,7 @@ def test_wilcoxon_pair_matches_scipy():
     from scipy.stats import wilcoxon
     rng = np.random.default_rng(7)
     a, b = rng.normal(size=30), rng.normal(size=30) + 0.3
-    w = behaviour.wilcoxon_pair(a, b)
+    w = wilcoxon_pair(a, b)
     assert w["p"] == pytest.approx(wilcoxon(a, b).pvalue) and w["better_a"] + w["better_b"] == 30
 
 
@@ -207,7 +209,7 @@ def test_entropy_ceiling_by_hand():
     choice = np.array([0, 0, 0, 1, 2, 2, 0])  # set 1: odd items 0,0,0,1 ; set 2: 5,5 ; set 3 unrepeated
     h1 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) + 1 / 8  # Miller-Madow: (2 - 1) / (2 * 4)
     want = 1 - (4 * h1 + 2 * 0.0) / 6 / math.log(3)
-    assert behaviour.entropy_ceiling(trip, choice) == pytest.approx(want)
+    assert entropy_ceiling(trip, choice) == pytest.approx(want)
 
 
 # ------------------------------------------------------------------------------------------- the world

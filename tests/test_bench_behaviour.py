@@ -1,5 +1,5 @@
 """Benchmark (`make bench`): the full-size THINGS odd-one-out behavioural fit (4.7M triplets, 10,000 participants,
-5-fold CV, 3 parameters per participant) vectorised in behaviour.py, beside the per-participant Python loop a user
+5-fold CV, 3 parameters per participant) vectorised in choice.py, beside the per-participant Python loop a user
 would otherwise write (scipy BFGS per participant and fold). The loop is timed on a random subset of
 participants and extrapolated by trial count (its cost is linear in trials); the extrapolated time and the
 ratio are recorded in extra_info. Timing never fails a test; the assertions check both give the same NLL."""
@@ -10,7 +10,7 @@ import pytest
 from scipy import optimize
 from scipy.special import logsumexp
 
-import behaviour
+from choice import fit_odd_one_out, ooo_option_features, participant_codes, stratified_folds, torch_threads
 
 N_TRIPLETS, N_PARTICIPANTS, N_CONCEPTS, N_LOOP = 4_700_000, 10_000, 1_854, 100
 
@@ -18,7 +18,7 @@ N_TRIPLETS, N_PARTICIPANTS, N_CONCEPTS, N_LOOP = 4_700_000, 10_000, 1_854, 100
 @pytest.fixture(autouse=True)
 def _threads():
     """evaluate.py's default --behav-threads 1 (the fastest setting on the shared 2-core machines)."""
-    with behaviour.torch_threads(1):
+    with torch_threads(1):
         yield
 
 
@@ -40,9 +40,9 @@ def ooo_data():
 
 def loop_fit(S, trip, choice, part, participants, n_folds=5, l2=0.1, seed=0):
     """The per-participant baseline: for each participant and fold, scipy BFGS on the same penalised NLL."""
-    X = behaviour.ooo_option_features(S, trip).double().numpy()  # same features (global similarity scale)
-    codes, _, _ = behaviour.participant_codes(part, n_folds, "loop")  # the same folds as the vectorised fit
-    fold = np.where(codes >= 0, behaviour.stratified_folds(codes, choice, n_folds, seed), -1)
+    X = ooo_option_features(S, trip).double().numpy()  # same features (global similarity scale)
+    codes, _, _ = participant_codes(part, n_folds, "loop")  # the same folds as the vectorised fit
+    fold = np.where(codes >= 0, stratified_folds(codes, choice, n_folds, seed), -1)
     nll = {}
     for q in participants:
         idx = np.nonzero(part == q)[0]
@@ -65,7 +65,7 @@ def loop_fit(S, trip, choice, part, participants, n_folds=5, l2=0.1, seed=0):
 @pytest.mark.benchmark(group="things-ooo behavioural fit, 4.7M triplets x 10,000 participants")
 def test_bench_ooo_fit_vectorised(benchmark, ooo_data):
     S, trip, choice, part = ooo_data
-    fit = benchmark.pedantic(behaviour.fit_odd_one_out, args=(S, trip, choice, part), rounds=1, warmup_rounds=0)
+    fit = benchmark.pedantic(fit_odd_one_out, args=(S, trip, choice, part), rounds=1, warmup_rounds=0)
     benchmark.extra_info.update(n_triplets=N_TRIPLETS, n_participants=int(len(fit["labels"])),
                                 newton_iterations=int(fit["n_iter"]), not_converged=int((~fit["converged"]).sum()),
                                 mcfadden_r2=float(1 - np.nanmean(fit["nll"]) / np.log(3)))
