@@ -184,12 +184,12 @@ def sae_codes(world, tmp_path_factory):
 
 
 def test_meta_on_sae_functions_generalises_to_held_out_functions(world, sae_codes):
-    """make demo's meta run with a fifth of the SAE functions held out of training: in-context accuracy on those
-    unseen functions (on the THINGS pool) is above chance, and encode is better aligned than the base features.
-    Measured on seed 0: 195 training functions, 8 held-out functions with >= L positives among THINGS images,
-    held-out accuracy 0.538 over 256 x 32 predictions (chance 0.5, binomial sd 0.003); odd-one-out 0.553 vs
-    0.453 for base."""
-    best = train.main(_args(world, sae_codes, out=str(sae_codes / "meta.pt"), min_nonzero=40, steps=600, lr=2e-3,
+    """make demo's meta run, trained longer (1,000 steps), with a fifth of the SAE functions held out of training:
+    in-context accuracy on those unseen functions (on the THINGS pool) is above chance, and encode is better
+    aligned than the base features. Measured on seed 0: 195 training functions, 8 held-out functions with >= L
+    positives among THINGS images, held-out accuracy 0.539 over 256 x 32 predictions (chance 0.5, binomial sd
+    0.003); odd-one-out 0.573 vs 0.453 for base. At 600 steps it was 0.521: too close to the bound."""
+    best = train.main(_args(world, sae_codes, out=str(sae_codes / "meta.pt"), min_nonzero=40, steps=1000, lr=2e-3,
                             eval_every=100, eval_episodes=256, warmup=100, holdout=0.2, input_pca=0.95))
     assert best["accuracy"] > 0.52, best
     model, ckpt = models.load_meta(sae_codes / "meta.pt")
