@@ -27,13 +27,18 @@ class DataError(ValueError):
 
 def flag_parser(doc, *defaults, nargs=()):
     """The flat scripts' argparse (STYLE.md): one --flag-with-dashes per key of the defaults dicts, type taken
-    from the default, booleans as --x / --no-x, list defaults and the keys in `nargs` take one or more values;
-    unknown and abbreviated flags are errors. Returns the parser, for scripts that add flags or checks."""
+    from the default, booleans as --x / --no-x (a key no_x gives --no-x for True and --x for False), list defaults
+    and the keys in `nargs` take one or more values; unknown and abbreviated flags are errors. Returns the parser,
+    for scripts that add flags or checks."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     for d in defaults:
         for k, v in d.items():
             flag = "--" + k.replace("_", "-")
-            if isinstance(v, bool):
+            if isinstance(v, bool) and k.startswith("no_"):  # BooleanOptionalAction would read --no-x as x = False
+                g = p.add_mutually_exclusive_group()
+                g.add_argument(flag, dest=k, action="store_true", default=v)
+                g.add_argument("--" + k[3:].replace("_", "-"), dest=k, action="store_false")
+            elif isinstance(v, bool):
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, default=v)
             elif isinstance(v, list) or k in nargs:
                 p.add_argument(flag, nargs="+", default=v if isinstance(v, list) else [v])

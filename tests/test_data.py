@@ -157,6 +157,9 @@ def test_flag_parser_types_bools_lists_and_unknown_flags():
     cfg = vars(p.parse_args(["--n-steps=7", "--lr", "0.5", "--no-mlp", "--rois", "V1", "LOC", "--features", "a", "b"]))
     assert cfg == dict(n_steps=7, lr=0.5, name="a", mlp=False, rois=["V1", "LOC"], features=["a", "b"])
     assert vars(p.parse_args([]))["features"] == ["f.h5"]
+    q = flag_parser("doc", dict(no_embed=False))  # a negative name: --no-embed turns it on, --embed off
+    assert vars(q.parse_args(["--no-embed"])) == dict(no_embed=True) and vars(q.parse_args(["--embed"])) == dict(no_embed=False)
+    assert vars(q.parse_args([])) == dict(no_embed=False)
     for bad in (["--n-steps", "x"], ["--unknown", "1"], ["--n-st", "2"]):  # wrong type, unknown, abbreviated
         with pytest.raises(SystemExit):
             p.parse_args(bad)

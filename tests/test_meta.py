@@ -213,6 +213,12 @@ def test_meta_bad_input(world, codes, tmp_path):
         train.main(_args(world, codes, min_nonzero=5000, steps=1))
     with pytest.raises(data.DataError, match="/sae/indices' missing"):
         train.main(_args(world, codes, codes=world["features/coco"], steps=1))
+    with pytest.raises(SystemExit, match="--input-pca 100.0: input rank 100 > feature width 64"):
+        train.main(_args(world, codes, input_pca=100, steps=1))
+    with pytest.raises(SystemExit, match="--no-embed keeps the features as they are; it takes no --input-pca"):
+        train.main(_args(world, codes, input_pca=0.9, no_embed=True, steps=1))
+    with pytest.raises(SystemExit, match="--embed-init 'xavier'; expected orthogonal | default"):
+        train.main(_args(world, codes, embed_init="xavier", steps=1))
 
 
 def test_meta_ddp_two_ranks_match_one(world, codes, tmp_path):
