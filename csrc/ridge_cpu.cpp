@@ -71,6 +71,16 @@ std::vector<double> alpha_vector(const at::Tensor& alphas) {
   return out;
 }
 
+// The alpha basis of the LOO and k-fold scorers: basis (p, r), r >= 1, and coef (n_alphas, r) -> r.
+int64_t check_alpha_basis(const at::Tensor& basis, const at::Tensor& coef, int64_t p, int64_t na) {
+  TORCH_CHECK(basis.dim() == 2 && basis.size(0) == p && basis.size(1) > 0, "basis must be (p, r) with p = ", p,
+              " and r >= 1, got ", basis.sizes());
+  const int64_t r = basis.size(1);
+  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == na && coef.size(1) == r, "coef must be (n_alphas, r) = (", na,
+              ", ", r, "), got ", coef.sizes());
+  return r;
+}
+
 // d_j = 1 / (s_j + alpha) in double, and dz = d * z row by row (p, t) in the compute dtype (the GEMM input).
 template <typename scalar_t>
 void spectral_weights(const scalar_t* sp, const scalar_t* zp, scalar_t* dzp, double* d, int64_t p, int64_t t,
@@ -256,13 +266,9 @@ std::tuple<at::Tensor, at::Tensor> loo_basis_impl(const at::Tensor& xr_, const a
               "), got ", y_.sizes());
   TORCH_CHECK(xr_.scalar_type() == z_.scalar_type() && y_.scalar_type() == z_.scalar_type(),
               "xr and y must have the dtype of z (", z_.scalar_type(), ")");
-  TORCH_CHECK(basis_.dim() == 2 && basis_.size(0) == p && basis_.size(1) > 0, "basis must be (p, r) with p = ", p,
-              ", got ", basis_.sizes());
-  const int64_t r = basis_.size(1);
   const auto al = alpha_vector(alphas);
+  const int64_t r = check_alpha_basis(basis_, coef_, p, static_cast<int64_t>(al.size()));
   const int64_t na = static_cast<int64_t>(al.size());
-  TORCH_CHECK(coef_.dim() == 2 && coef_.size(0) == na && coef_.size(1) == r, "coef must be (n_alphas, r) = (", na,
-              ", ", r, "), got ", coef_.sizes());
   TORCH_CHECK(chunk_rows > 0 && n > 1, "chunk_rows must be positive and n > 1");
   auto xr = xr_.contiguous(), y = y_.contiguous(), z = z_.contiguous();
   auto basis = basis_.to(z.scalar_type()).contiguous();
@@ -352,13 +358,9 @@ at::Tensor kfold_basis_impl(const at::Tensor& s_, const at::Tensor& z_, const at
                             const at::Tensor& coef_) {
   check_kfold_inputs(s_, z_, b_, yy_, quad_, alphas, rows);
   const int64_t p = z_.size(0), t = z_.size(1);
-  TORCH_CHECK(basis_.dim() == 2 && basis_.size(0) == p && basis_.size(1) > 0, "basis must be (p, r) with p = ", p,
-              " and r >= 1, got ", basis_.sizes());
-  const int64_t r = basis_.size(1);
   const auto al = alpha_vector(alphas);
+  const int64_t r = check_alpha_basis(basis_, coef_, p, static_cast<int64_t>(al.size()));
   const int64_t na = static_cast<int64_t>(al.size());
-  TORCH_CHECK(coef_.dim() == 2 && coef_.size(0) == na && coef_.size(1) == r, "coef must be (n_alphas, r) = (", na,
-              ", ", r, "), got ", coef_.sizes());
   const auto f64 = z_.options().dtype(at::kDouble);
   auto z = z_.contiguous(), b = b_.contiguous();
   auto G = rows ? at::mm(quad_.t(), quad_) : quad_.contiguous();  // (p, p): the form the U' fold needs

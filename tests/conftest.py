@@ -15,3 +15,14 @@ def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
     paths = make_world(str(out), size="small", seed=0, verbose=False)
     return dict(paths, dir=str(out), data=str(out / "data"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small ops: one torch thread for the module (on shared, busy cores the thread pools' spin-waits cost
+    several x). Modules opt in with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,12 +20,7 @@ from choice import (_span_project, entropy_ceiling, exceedance_probability, fit_
                     group_bms, online_blr, online_logistic, ooo_option_features, stratified_folds, wilcoxon_pair)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()  # tiny batched ops: one thread is faster on the shared 2-core machines
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops (conftest.py)
 
 
 def run(world, task, out, data_dir=None, **kw):

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from sklearn.cross_decomposition import PLSRegression
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
@@ -16,12 +15,7 @@ from sklearn.model_selection import PredefinedSplit, cross_validate
 import encsearch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops (conftest.py)
 
 
 def _data(n=157, p=23, t=9, seed=0):

@@ -16,13 +16,7 @@ import evaluate
 import fmri
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small problems: one thread (on shared, busy cores the thread pools' spin-waits cost several x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ import kernels
 import warp
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: one thread is much faster on shared cores
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops (conftest.py)
 
 
 def _mlp(seed=0, dtype=torch.float64):
