@@ -423,18 +423,23 @@ class InputEmbedding(_nn.Linear):
         return _F.linear(x, w, b)
 
 
-def principal_basis(X, rank, chunk=65536):
+def principal_basis(X, rank, scale=None, chunk=65536):
     """Top principal directions of X (n, d) -> (basis (d, r) float64, share of variance each direction holds (d,)).
 
     rank: an int >= 1 is r itself; a float in (0, 1) is the smallest r whose directions hold that share of the
-    variance. The covariance is accumulated in float64 in row chunks (n may be millions)."""
+    variance. scale (d,): the directions of X * scale (scale = 1 / std: the standardised features), from X's own
+    covariance, so no scaled copy of X is made. Mean and covariance are accumulated in float64 in row chunks
+    (n may be millions): memory O(chunk d + d^2)."""
     X = _torch.as_tensor(X)
     n, d = X.shape
-    mean = X.double().mean(0)
+    mean = sum(X[i:i + chunk].double().sum(0) for i in range(0, n, chunk)) / n
     C = _torch.zeros(d, d, dtype=_torch.float64)
     for i in range(0, n, chunk):
         Z = X[i:i + chunk].double() - mean
         C += Z.T @ Z
+    if scale is not None:  # cov(X * s) = s_i s_j cov(X)_ij
+        s = _torch.as_tensor(scale, dtype=_torch.float64)
+        C *= s[:, None] * s[None, :]
     evals, evecs = _torch.linalg.eigh(C)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
     share = evals / evals.sum().clamp_min(1e-300)

@@ -416,7 +416,7 @@ def stage_meta(cfg):
         if cfg["no_embed"]:
             sys.exit("train.py: error: --no-embed keeps the features as they are; it takes no --input-pca")
         try:
-            basis, share = principal_basis((X - mean) / std.clamp_min(1e-6), cfg["input_pca"])
+            basis, share = principal_basis(X, cfg["input_pca"], scale=1 / std.clamp_min(1e-6))
         except ValueError as e:
             sys.exit(f"train.py: error: --input-pca {cfg['input_pca']}: {e}")
         if rank == 0:

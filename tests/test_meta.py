@@ -98,6 +98,11 @@ def test_principal_basis_matches_sklearn_pca():
     np.testing.assert_allclose((B @ B.T).numpy(), P_ref, atol=1e-9)
     B90, _ = models.principal_basis(X, 0.9)
     assert B90.shape[1] == int(np.searchsorted(np.cumsum(PCA().fit(X.double().numpy()).explained_variance_ratio_), 0.9) + 1)
+    sc = torch.rand(10, generator=g) + 0.5  # scale= (the standardised features) without a scaled copy
+    Bs, share_s = models.principal_basis(X, 4, scale=sc)
+    Bx, share_x = models.principal_basis(X * sc, 4)
+    np.testing.assert_allclose((Bs @ Bs.T).numpy(), (Bx @ Bx.T).numpy(), atol=1e-6)  # X * sc rounds in float32
+    np.testing.assert_allclose(share_s.numpy(), share_x.numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="input rank"):
         models.principal_basis(X, 11)
 
