@@ -24,6 +24,7 @@ import torch
 import data
 from choice import (LN3, _span_project, _to_panels, crossval_choice, entropy_ceiling, fit_odd_one_out, group_statistics,
                     online_blr, online_logistic, participant_codes, stratified_folds, summarise_fit, with_behav_threads)
+from representations import aligned_representations, cosine_similarity_matrix
 
 
 # ================================================================================================ figures
@@ -149,8 +150,7 @@ def image_representations(cfg, image_paths, csv_path, column):
     reps = {"base": X[rows].astype(np.float64)}
     if (ccol >= 0).all():
         reps["spose"] = data.load_spose(cfg["data"], n_concepts=len(concepts))[ccol].astype(np.float64)
-    import evaluate as ev
-    reps.update({k: v.astype(np.float64) for k, v in ev.aligned_representations(cfg, X[rows]).items()})  # --ckpt
+    reps.update({k: v.astype(np.float64) for k, v in aligned_representations(cfg, X[rows]).items()})  # --ckpt
     return reps, inv.ravel()
 
 
@@ -166,13 +166,12 @@ def _standardise(R):
 @with_behav_threads
 def add_things_ooo_fit(cfg, reps, t, res):
     """Extend the zero-shot things-ooo result `res` with the per-participant behavioural fit (in place)."""
-    import evaluate as ev
     _, stem = out_paths(cfg)
     per, dots, pooled, tables = {}, {}, {}, {}
     r2_ceiling = entropy_ceiling(t["triplets"], t["choice"])
     for name, R in reps.items():
         t0 = time.perf_counter()
-        fit = fit_odd_one_out(ev.cosine_similarity_matrix(R), t["triplets"], t["choice"], t["subject"],
+        fit = fit_odd_one_out(cosine_similarity_matrix(R), t["triplets"], t["choice"], t["subject"],
                               n_folds=cfg["behav_folds"], l2=cfg["behav_l2"], seed=cfg["seed"])
         summary, per[name] = summarise_fit(fit["nll"], fit["correct"], fit["codes"], len(fit["labels"]), 3,
                                            fit["labels"], cfg["ci"], cfg["seed"])
@@ -229,9 +228,8 @@ def levels_representations(cfg, image_keys):
         bad = np.asarray(image_keys)[rows < 0]
         raise data.DataError(f"{os.path.join(cfg['data'], 'levels.pkl')}: {len(bad)} image(s) not in {path} "
                              f"/image_ids, first: {bad[:3].tolist()}")
-    import evaluate as ev
     reps = {"base": X[rows]}
-    reps.update(ev.aligned_representations(cfg, X[rows]))  # aligned, aligned2, ... for each --ckpt
+    reps.update(aligned_representations(cfg, X[rows]))  # aligned, aligned2, ... for each --ckpt
     return reps
 
 
@@ -249,7 +247,7 @@ def task_levels_ooo(cfg, reps=None):
     _, stem = out_paths(cfg)
     res, per, dots, pooled, tables = {}, {}, {}, {}, {}
     for name, R in reps.items():
-        S = ev.cosine_similarity_matrix(R)
+        S = cosine_similarity_matrix(R)
         zs = ev.odd_one_out(S, trip) == choice
         fit = fit_odd_one_out(S, trip, choice, trials["participant"].to_numpy(), cfg["behav_folds"], cfg["behav_l2"], cfg["seed"])
         summary, per[name] = summarise_fit(fit["nll"], fit["correct"], fit["codes"], len(fit["labels"]), 3,
@@ -526,7 +524,7 @@ def task_all(cfg):
     import evaluate as ev
     json_path, stem = out_paths(cfg)
     folder = os.path.dirname(os.path.abspath(json_path))
-    summary, panels, rows = {}, [], []
+    summary, rows = {}, []
     wanted = [t.strip() for t in cfg.get("tasks", "").split(",") if t.strip()]
     unknown = sorted(set(wanted) - set(ev.TASKS))
     if unknown:
