@@ -7,26 +7,11 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "episodes_kernel.h"
+#include "hugepage.h"
 
 namespace metalign {
-
-// A fresh (B, L, 1 + d) output is hundreds of MiB written once. Ask Linux for transparent huge pages on it
-// (THP in "madvise" mode, the common default), so first touch costs a few hundred 2 MiB faults instead of
-// ~90k 4 KiB ones: measured 170 -> 64 ms for B = 1,024, L = 120, d = 768 on 2 cores. A hint only: without
-// THP, or with THP already on for every allocation (THP_MEM_ALLOC_ENABLE=1), it changes nothing.
-void hugepage_hint(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t huge = uintptr_t(1) << 21;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + huge - 1) & ~(huge - 1), hi = (begin + t.nbytes()) & ~(huge - 1);
-  if (hi >= lo + huge) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
-}
 
 // Shared by the CPU, CUDA and grid ops: every shape/dtype assumption, and (on CPU tensors) the CSR
 // contents: pointers monotone, indices strictly increasing in [0, n_rows) per function, and at least L

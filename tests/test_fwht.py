@@ -59,6 +59,23 @@ def test_fwht_noncontiguous_and_empty():
     assert e.shape == (0, 4)
 
 
+@pytest.mark.parametrize("shape,view", [((3, 1 << 16), None), ((5, 256), None), ((4, 1), None),
+                                        ((64, 8), "T"), ((1 << 16, 1), None)])
+def test_fwht_leaves_its_input_alone(shape, view):
+    # the op copies blocks in during pass 1 (no separate clone); the input must come out untouched and the
+    # output must be new memory, for contiguous, strided (gathered, then transformed in place) and D = 1 input
+    x = torch.randn(*shape, dtype=torch.float64)
+    x = x.T if view == "T" else x
+    keep = x.clone()
+    got = torch.ops.metalign_ops.fwht(x)
+    torch.testing.assert_close(x, keep, rtol=0, atol=0)
+    assert got.data_ptr() != x.data_ptr() and not got._is_view()
+    torch.testing.assert_close(got, keep.contiguous() @ _hadamard(x.shape[-1], x.dtype) if x.shape[-1] <= 4096 else kernels.fwht_ref(keep),
+                               rtol=1e-12, atol=1e-9)
+    got.add_(1.0)  # writing the output must not reach the input
+    torch.testing.assert_close(x, keep, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("D,block,threads,max_blocks", [(1, 4, 1, 1), (2, 2, 1, 1), (8, 8, 3, 2), (64, 8, 4, 3),
                                                         (256, 16, 7, 5), (1024, 1024, 256, 65536),
                                                         (4096, 64, 32, 1)])
