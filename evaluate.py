@@ -28,7 +28,8 @@ import data
 import geometry_tasks as gt
 import warp
 from choice import repeated_responses
-from representations import aligned_representations, cosine_similarity_matrix, load_representations, print_table, z_value
+from representations import (aligned_representations, cosine_similarity_matrix, load_representations, print_table,
+                             z_value)
 
 # ----------------------------------------------------------------------------------------------- defaults
 defaults = dict(

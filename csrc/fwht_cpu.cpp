@@ -100,7 +100,8 @@ void panel_transform(T* x, int64_t M, int64_t block, int64_t c0, int64_t w, T* b
   int64_t h = 1;  // the M-point transform down the rows, two levels per sweep (radix4 over whole rows of w)
   for (; 4 * h <= M; h <<= 2)
     for (int64_t i = 0; i < M; i += 4 * h)
-      for (int64_t r = i; r < i + h; ++r) radix4(buf + r * w, buf + (r + h) * w, buf + (r + 2 * h) * w, buf + (r + 3 * h) * w, w);
+      for (int64_t r = i; r < i + h; ++r)
+        radix4(buf + r * w, buf + (r + h) * w, buf + (r + 2 * h) * w, buf + (r + 3 * h) * w, w);
   if (h < M)
     for (int64_t r = 0; r < h; ++r) {
       T* a = buf + r * w;
