@@ -10,6 +10,7 @@ import torch
 
 import data
 
+
 def aligned_representations(cfg, X, chunk=8192):
     """{name: encode(X)} for every --ckpt (names aligned, aligned2, ...): the meta-learned embedding of [0, x]
     applied to image features X (n, d), in chunks, without gradients -> (n, d_model) float32 arrays.
