@@ -26,3 +26,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _devices():
+    """Every device an op test runs on: cpu always, cuda as a skipped case (with the reason) when absent."""
+    import torch
+    cuda = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="no CUDA device: the CUDA kernels run in make gpu-check"))
+    return ["cpu", cuda]
+
+
+DEVICES = _devices()
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Parametrise a test over DEVICES: `def test_x(device): ...` runs once per device."""
+    return request.param
