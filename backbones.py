@@ -261,8 +261,9 @@ class Backbone:
         raise WeightsError(f"layer {layer!r} has {t.ndim}-d output {tuple(t.shape)}; use --pooling flatten")
 
     def features(self, x, layers, pooling="auto"):
-        """x (B, 3, H, W) -> {layer: (B, d) float32}, one forward pass; layers are 'output' (the library's pooled
-        embedding) or module names, captured by forward hooks. Returns (features, pooling used per layer)."""
+        """x (B, 3, H, W) -> {layer: (B, d) float32}, one forward pass (two when a layer comes after the embedding,
+        e.g. the classifier); layers are 'output' (the library's pooled embedding) or module names, captured by
+        forward hooks. Returns (features, pooling used per layer)."""
         import torch
         mods = dict(self.model.named_modules())
         hooked = [l for l in layers if l != "output"]
@@ -279,7 +280,7 @@ class Backbone:
         def make_hook(name):
             def hook(mod, inp, out):
                 got.setdefault(name, out)
-                if not need_output and len(got) == len(hooked):
+                if all(h in got for h in hooked) and (not need_output or "output" in got):
                     raise _Stop
             return hook
 
@@ -293,9 +294,17 @@ class Backbone:
                         got["output"] = out
                 except _Stop:
                     pass
+                if any(h not in got for h in hooked):  # a module past the embedding (the classifier): the
+                    try:                               # library's full forward, which runs every module
+                        self.model(x)
+                    except _Stop:
+                        pass
         finally:
             for h in handles:
                 h.remove()
+        unrun = [h for h in hooked if h not in got]
+        if unrun:
+            raise WeightsError(f"{self.name}: layer {unrun[0]!r} is not run by the model's forward pass; pick another")
         feats, used = {}, {}
         for l in layers:
             feats[l], used[l] = self.pool(got[l], pooling, l)
@@ -381,6 +390,18 @@ def _torchvision(s, path):
         1 if s["arch"].startswith("vit_") else 0
 
 
+def _brief(e, width=240):
+    """An exception's message with each line cut to `width` characters: a state-dict mismatch lists every key
+    of the model and of the file, thousands of characters that bury the first few (which are the useful ones)."""
+    lines = []
+    for line in str(e).splitlines():
+        if len(line) > width:
+            n = line.count('"') // 2  # torch's load_state_dict quotes each key
+            line = line[:width] + (f" ... ({n} keys in all)" if n else " ...")
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def build(spec, weights="", weights_dir="data/weights", device="cpu"):
     """Backbone for spec (module docstring), weights resolved by resolve_weights, in eval mode on device."""
     s = parse_spec(spec)
@@ -393,7 +414,9 @@ def build(spec, weights="", weights_dir="data/weights", device="cpu"):
             raise
         except (RuntimeError, KeyError, ValueError) as e:
             if path:
-                raise WeightsError(f"{path}: could not load as {s['library']} {s['arch']} weights ({e})") from None
+                raise WeightsError(f"{path}: could not load as {s['library']} {s['arch']} weights ({_brief(e)}); "
+                                   f"a state dict with other key names must be converted to the library's names "
+                                   f"first") from None
             raise
     for p in model.parameters():
         p.requires_grad_(False)
