@@ -35,33 +35,33 @@ $(WORLD)/world_truth.h5: .venv/ok world.py extract.py data.py
 
 world: $(WORLD)/world_truth.h5
 
-$(RUN)/things-ooo.json: $(WORLD)/world_truth.h5 $(EVAL) behaviour.py choice.py $(CKPT)
+$(RUN)/things-ooo.json: $(WORLD)/world_truth.h5 $(EVAL) eval_behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task things-ooo --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/cka.json: $(WORLD)/world_truth.h5 $(EVAL) geometry_tasks.py kernels.py $(CKPT)
+$(RUN)/cka.json: $(WORLD)/world_truth.h5 $(EVAL) eval_geometry.py kernels.py $(CKPT)
 	$(PY) evaluate.py --task cka --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --spose-dims 0,1,2 --out $@
 
 # representational geometry (issue 7): one file target per task, each with the aligned checkpoint
 GEOMETRY = rsa class-separation tsne probe
-$(GEOMETRY:%=$(RUN)/%.json): $(RUN)/%.json: $(WORLD)/world_truth.h5 $(EVAL) geometry_tasks.py geometry.py $(CKPT)
+$(GEOMETRY:%=$(RUN)/%.json): $(RUN)/%.json: $(WORLD)/world_truth.h5 $(EVAL) eval_geometry.py geometry.py $(CKPT)
 	$(PY) evaluate.py --task $* --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/similarity.json: $(WORLD)/world_truth.h5 $(EVAL) geometry_tasks.py geometry.py
+$(RUN)/similarity.json: $(WORLD)/world_truth.h5 $(EVAL) eval_geometry.py geometry.py
 	$(PY) evaluate.py --task similarity --models "$(WORLD)/features/{dataset}.h5,$(WORLD)/features/{dataset}_b1.h5,$(WORLD)/features/{dataset}_b2.h5,$(WORLD)/features/{dataset}_b3.h5" --datasets things,levels,coco --data $(DATA) --out $@
 
-$(RUN)/fmri.json: $(WORLD)/world_truth.h5 $(EVAL) fmri.py kernels.py $(CKPT)
+$(RUN)/fmri.json: $(WORLD)/world_truth.h5 $(EVAL) eval_fmri.py kernels.py $(CKPT)
 	$(PY) evaluate.py --task fmri --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/levels-ooo.json: $(WORLD)/world_truth.h5 $(EVAL) behaviour.py choice.py $(CKPT)
+$(RUN)/levels-ooo.json: $(WORLD)/world_truth.h5 $(EVAL) eval_behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task levels-ooo --levels-features $(WORLD)/features/levels.h5 --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/category-learning.json: $(WORLD)/world_truth.h5 $(EVAL) behaviour.py choice.py $(CKPT)
+$(RUN)/category-learning.json: $(WORLD)/world_truth.h5 $(EVAL) eval_behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task category-learning --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/reward-learning.json: $(WORLD)/world_truth.h5 $(EVAL) behaviour.py choice.py $(CKPT)
+$(RUN)/reward-learning.json: $(WORLD)/world_truth.h5 $(EVAL) eval_behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task reward-learning --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/icl.json: $(WORLD)/world_truth.h5 $(EVAL) behaviour.py choice.py $(CKPT)
+$(RUN)/icl.json: $(WORLD)/world_truth.h5 $(EVAL) eval_behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task icl --data $(DATA) --ckpt $(CKPT) --out $@
 
 # SAE on the world's unlabelled pool, then its codes in a separate file (the world's features stay as written)

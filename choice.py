@@ -1,4 +1,4 @@
-"""Choice models for the behavioural evaluations, vectorised with torch; behaviour.py builds the tasks on them.
+"""Choice models for the behavioural evaluations, vectorised with torch; eval_behaviour.py builds the tasks on them.
 
 Every fit is a conditional (multinomial) logit per participant: P(option k) = softmax_k(x_nk . theta_p), fitted by
 batched Newton steps on all participants at once (one (n_participants, p) parameter tensor; trials are
@@ -9,7 +9,6 @@ features and noise ceiling, the online learners whose trial-by-trial predictions
 statistics over participants (Wilcoxon signed-rank, random-effects group BMS with protected exceedance
 probabilities).
 """
-import contextlib
 import functools
 import math
 
@@ -298,7 +297,7 @@ def entropy_ceiling(triplets, choice, n_options=3):
 
 # ================================================================================ online learners (category / reward)
 
-def _span_project(X, max_rank):
+def span_project(X, max_rank):
     """(P, T, d) -> (P, T, r) coordinates in each participant's own row span, r = min(d, rank bound).
 
     L2-penalised linear models are rotation invariant and their solutions lie in the span of the training
@@ -309,29 +308,6 @@ def _span_project(X, max_rank):
         return X
     U, Sv, _ = torch.linalg.svd(X, full_matrices=False)  # (P, T, min(T, d))
     return U * Sv[:, None, :]
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    """Temporarily run torch with n threads (n <= 0: leave as is). The fits are long chains of elementwise ops;
-    on the shared 2-core machines one thread is fastest (measured 327 s with 2 contended threads vs ~60 s with
-    one for the 4.7M-triplet fit), on a free many-core node more threads help: --behav-threads."""
-    old = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def with_behav_threads(fn):
-    """Decorator: run fn(cfg, ...) with cfg["behav_threads"] torch threads (see torch_threads)."""
-    @functools.wraps(fn)
-    def wrapped(cfg, *args, **kwargs):
-        with torch_threads(cfg.get("behav_threads", 1)):
-            return fn(cfg, *args, **kwargs)
-    return wrapped
 
 
 def _single_thread(fn):
@@ -451,7 +427,7 @@ def online_blr(ZL, ZR, RL, RR, valid, lams):
     return out.view(nL, P, T, 2)
 
 
-def _to_panels(df):
+def to_panels(df):
     """Long table (one row per trial, in order) -> per-participant padded panels.
 
     Returns (labels (P,), index (P, T) row numbers into df, -1 for padding, valid (P, T) bool)."""

@@ -1,21 +1,27 @@
 """Checkpoints + features + human data -> results (JSON) and a report.
 
-    python evaluate.py --task things-ooo --features F.h5 --data DIR --out R.json   # odd-one-out accuracy
-    python evaluate.py --task cka        --features F.h5 --data DIR --out R.json   # CKA with SPoSE, bootstrap CI
-    python evaluate.py --task fmri       --features F.h5 --data DIR --out R.json   # voxelwise encoding (fmri.py)
-    python evaluate.py --task levels-ooo --levels-features L.h5 --data DIR --out R.json   # Levels fit (behaviour.py)
+    python evaluate.py --task things-ooo --features F.h5 --data DIR --out R.json   # odd-one-out (eval_behaviour.py)
+    python evaluate.py --task cka        --features F.h5 --data DIR --out R.json   # CKA with SPoSE (eval_geometry.py)
+    python evaluate.py --task fmri       --features F.h5 --data DIR --out R.json   # voxelwise encoding (eval_fmri.py)
+    python evaluate.py --task levels-ooo --levels-features L.h5 --data DIR --out R.json   # Levels fit
     python evaluate.py --task category-learning|reward-learning --features F.h5 --data DIR --out R.json
     python evaluate.py --task icl        --ckpt META.pt --data DIR --out R.json             # in-context curves
+    python evaluate.py --task encsearch  --features L1.h5 L2.h5 --data DIR --out R.json     # encoding-model search
+    python evaluate.py --task dwarp      --warp-runs 'runs/warp/*.json' --out R.json   # d_warp curves (eval_warp.py)
     python evaluate.py --task all        --features F.h5 --data DIR --out runs/eval/all.json  # every task with data
     python evaluate.py --task report     --results runs/demo --out runs/demo/report.md
-    python evaluate.py --task dwarp      --warp-runs 'runs/warp/*.json' --out R.json   # d_warp curves (warp.py)
+
+Where a task lives: things-ooo, levels-ooo, category-learning, reward-learning, icl in eval_behaviour.py;
+cka, rsa, class-separation, tsne, similarity, probe in eval_geometry.py; fmri, encsearch in eval_fmri.py;
+dwarp in eval_warp.py. This file holds the flags, the registry (TASKS), `all`, `report` and main.
 
 F.h5 holds /features (n_images, d) and /image_ids "<concept>/<image>.jpg" (see README, "Data formats");
 DIR holds the human files (unique_id.txt, spose_embedding_66d_sorted.txt, THINGS_triplets.csv, ...).
 A concept's representation is the features of its first sorted image. Each task prints a table and writes
-R.json with one top-level key per representation (`base`, `spose`; `aligned` once the meta stage exists),
-plus `noise_ceiling` and `config`. On a cluster node: the same command inside `srun`.
+R.json with one top-level key per representation (`base`, `spose`, `aligned` per --ckpt, ...), plus
+`noise_ceiling`, `config` and `versions`. On a cluster node: the same command inside `srun`.
 """
+import glob
 import json
 import os
 import sys
@@ -23,17 +29,15 @@ import time
 
 import numpy as np
 
-import behaviour
 import data
-import geometry_tasks as gt
-import warp
-from choice import repeated_responses
-from representations import (aligned_representations, cosine_similarity_matrix, load_representations, print_table,
-                             z_value)
+import eval_behaviour
+import eval_fmri
+import eval_geometry
+import eval_warp
 
 # ----------------------------------------------------------------------------------------------- defaults
 defaults = dict(
-    task="things-ooo",                          # things-ooo | cka | fmri | report
+    task="things-ooo",                          # a key of TASKS, all or report
     features="data/world/features/things.h5",   # backbone features of the THINGS images (HDF5)
     field="features",                           # dataset inside --features (e.g. layers/block6)
     data="data/world/data",                     # folder with the human data files
@@ -61,16 +65,16 @@ defaults = dict(
     rdm_compare="spearman",                     # rsa: pearson | spearman | cosine comparison of RDMs
     categories="",                              # class-separation/tsne/probe: concept category table ('' -> DIR/categories.tsv)
     perplexity=30.0,                            # tsne: t-SNE perplexity
-    models="",                                  # similarity: feature files (or --features A.h5 B.h5 ...), '{dataset}' in a path is replaced
+    models="",                                  # similarity, encsearch: feature files (or --features A.h5 B.h5 ...); similarity replaces '{dataset}' in a path
     datasets="",                                # similarity: comma-separated dataset names filling '{dataset}'
     measures="cka_linear,cka_rbf_0.5,cka_rbf_1.0,cka_rbf_2.0,rsa_correlation",  # similarity: measures to compute
     max_images=10000,                           # similarity: subsample each dataset to at most this many images
     shots="1,5,10",                             # probe: k-shot settings (a full probe is always added)
     probe_seeds=5,                              # probe: seeds (draws of shots and splits) per setting
-    behav_fit=True,                             # things-ooo: also fit per-participant choice models (behaviour.py)
+    behav_fit=True,                             # things-ooo: also fit per-participant choice models
     behav_folds=5,                              # behavioural fits: stratified CV folds per participant
     behav_l2=0.1,                               # behavioural fits: L2 penalty on each participant's choice parameters
-    behav_threads=1,                            # behavioural fits: torch threads (1 is fastest on shared 2-core machines; 0 = torch default)
+    threads=1,                                  # behavioural fits, encsearch: torch threads (1 is fastest on shared 2-core machines; 0 = torch default)
     levels_features="data/world/features/levels.h5",  # levels-ooo: features of the Levels (ImageNet) images
     cat_c="0.01,0.1,1,10,100",                  # category-learning: C grid of the online L2 logistic learner
     reward_lambda="0.01,0.1,1,10,100",          # reward-learning: prior precisions of the online Bayesian regression
@@ -79,66 +83,27 @@ defaults = dict(
     tasks="",                                   # all: comma-separated tasks to try ('' -> every task whose data is present)
     warp_runs="",                               # dwarp: result files of train.py --stage warp, comma-separated globs
     warp_frac=0.9,                              # dwarp: d_warp = smallest d reaching this fraction of the full fit
+    layers="",                                  # encsearch: datasets inside each --features file used as layers, comma-separated ('' = /features)
+    pca="0",                                    # encsearch: PCA sizes to try, comma-separated (0 = raw features)
+    regressions="ridge,pls",                    # encsearch: ridge (kernels.ridge_cv) | pls (sklearn PLSRegression)
+    alphas="1e-2,1e-1,1,10,100,1e3,1e4,1e5",    # encsearch: ridge alphas
+    pls_components="1,2,4,8,16,32",             # encsearch: PLS n_components (sizes above the feature count are skipped)
+    folds=5,                                    # encsearch: inner CV folds on the training trials (random, seeded)
+    progress=True,                              # tqdm progress bars
 )
+MULTI_FEATURES = ("similarity", "encsearch")  # the tasks that take several --features files
 
 
 def parse(argv=None):
-    p = data.flag_parser(__doc__, defaults, nargs=("features",))  # several --features only for --task similarity
+    p = data.flag_parser(__doc__, defaults, nargs=("features",))  # several --features: MULTI_FEATURES only
     cfg = vars(p.parse_args(argv))  # unknown flags are an error
-    if len(cfg["features"]) > 1 and cfg["task"] != "similarity":
-        p.error(f"--features takes one file for --task {cfg['task']} (several only for --task similarity)")
+    if len(cfg["features"]) > 1 and cfg["task"] not in MULTI_FEATURES:
+        p.error(f"--features takes one file for --task {cfg['task']} (several only for --task "
+                f"{' or '.join(MULTI_FEATURES)})")
     if len(cfg["features"]) > 1 and not cfg["models"]:
         cfg["models"] = ",".join(cfg["features"])
     cfg["features"] = cfg["features"][0]
     return cfg
-
-
-# ------------------------------------------------------------------------------------------------- odd-one-out
-
-def odd_one_out(S, triplets):
-    """Predicted odd-one-out position (0..2) per triplet: the item outside the most similar pair.
-
-    S (n, n) similarities, triplets (N, 3) 0-based -> (N,) int64. Pairs are scored as similarity-matrix
-    look-ups, so 4.7M triplets cost three gathers, not 4.7M x 3 feature vectors.
-    """
-    i, j, k = triplets[:, 0], triplets[:, 1], triplets[:, 2]
-    pair_sims = np.stack([S[j, k], S[i, k], S[i, j]], axis=1)  # column p = similarity of the pair without p
-    return pair_sims.argmax(1)
-
-
-def noise_ceiling(triplets, choice):
-    """Agreement ceiling from repeated triplets: for every unordered concept set answered more than once,
-    the share of responses naming the most frequent odd one out; averaged over those sets (Hebart et al.
-    2020). Returns (ceiling, n_repeated_sets, n_trials_in_them); (nan, 0, 0) without repeats."""
-    counts, pairs, pair_counts, n_trials = repeated_responses(triplets, choice)
-    if pairs is None:
-        return float("nan"), 0, 0
-    best = np.zeros(len(counts), dtype=np.int64)
-    np.maximum.at(best, pairs[:, 0], pair_counts)
-    rep_sets = np.nonzero(counts > 1)[0]
-    return float(np.mean(best[rep_sets] / counts[rep_sets])), int(len(rep_sets)), n_trials
-
-
-def task_things_ooo(cfg):
-    concepts, reps = load_representations(cfg)
-    t = data.load_triplets(cfg["data"], n_concepts=len(concepts))
-    ceiling, n_sets, n_rep = noise_ceiling(t["triplets"], t["choice"])
-    z = z_value(cfg["ci"])
-    res = {}
-    for name, R in reps.items():
-        correct = odd_one_out(cosine_similarity_matrix(R), t["triplets"]) == t["choice"]
-        acc = float(correct.mean())
-        half = z * np.sqrt(acc * (1 - acc) / len(correct))  # binomial normal interval over triplets
-        res[name] = dict(accuracy=acc, ci=[acc - half, acc + half], n_triplets=int(len(correct)),
-                         dims=int(R.shape[1]))
-    res["noise_ceiling"] = ceiling
-    res["noise_ceiling_detail"] = dict(repeated_sets=n_sets, trials=n_rep,
-                                       definition="mean share of the majority response over repeated triplets")
-    rows = [(k, v["accuracy"], v["ci"]) for k, v in res.items() if isinstance(v, dict) and "accuracy" in v]
-    print_table("THINGS odd-one-out (cosine similarity, zero-shot)", "accuracy", rows, ceiling)
-    if cfg["behav_fit"]:  # per-participant softmax fits, CV NLL, McFadden R^2, group statistics (behaviour.py)
-        behaviour.add_things_ooo_fit(cfg, reps, t, res)
-    return res
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -169,7 +134,7 @@ def task_report(cfg):
                                  + ", ".join(f"{r} {x:.2f}" for r, x in v["rois"].items()) + " |")
             ci = "" if not v.get("ci") else f"[{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
             lines.append(f"| {task} | {name} | {metric} | {v[metric]:.3f} | {ci} | {r.get('noise_ceiling', float('nan')):.3f} |")
-            fit = v.get("fit") if metric != "mcfadden_r2" else None  # behavioural fits (behaviour.py): a second row
+            fit = v.get("fit") if metric != "mcfadden_r2" else None  # behavioural fits (eval_behaviour.py): a second row
             if isinstance(fit, dict) and "mcfadden_r2" in fit:
                 lines.append(f"| {task} | {name} | McFadden R^2 (held-out) | {fit['mcfadden_r2']:.3f} | [{fit['r2_ci'][0]:.3f}, "
                              f"{fit['r2_ci'][1]:.3f}] | {r.get('r2_noise_ceiling', float('nan')):.3f} |")
@@ -194,53 +159,103 @@ def task_report(cfg):
     return "\n".join(lines).replace("| nan |", "|  |") + "\n"
 
 
-# --------------------------------------------------------------------------------------------------- fMRI
+# --------------------------------------------------------------------------------------------- the registry
 
-def task_fmri(cfg):
-    """THINGS-fMRI voxelwise encoding (fmri.py): leave-one-session-out ridge per subject, per representation."""
-    import fmri
-    concepts = data.load_concepts(cfg["data"])
-    X, ids = data.read_features(cfg["features"], field=cfg["field"])
-    spose = data.load_spose(cfg["data"], n_concepts=len(concepts))
-    extra = {}  # aligned representations: features files in the same format, rows = THINGS images
-    for k, path in enumerate(p for p in cfg["aligned"].split(",") if p):
-        extra["aligned" if k == 0 else f"aligned{k + 1}"] = data.read_features(path, field=cfg["field"])
-    for name, Z in aligned_representations(cfg, X).items():  # --ckpt: encode(features) of every THINGS image
-        if name in extra:
-            raise data.DataError(f"--aligned and --ckpt both define {name!r}: give one of them")
-        extra[name] = (Z, ids)
-    names = ["base", "spose"] + list(extra)
-
-    def reps_for_subject(stimuli, spath):
-        rows, crow = fmri.trial_rows(stimuli, ids, concepts, spath)
-        reps = {"base": X[rows], "spose": spose[crow]}  # SPoSE is concept-level: one row per concept
-        for name, (A, aids) in extra.items():
-            reps[name] = A[fmri.trial_rows(stimuli, aids, concepts, spath)[0]]
-        return reps
-
-    res, voxels = fmri.run(cfg, reps_for_subject, names)
-    out = cfg["out"] or os.path.join("runs", "eval", "fmri.json")
-    stem = os.path.splitext(out)[0]
-    res["voxel_file"] = fmri.write_voxels(cfg["voxel_out"] or stem + ".h5", voxels, cfg)
-    if cfg["figures"]:
-        fmri.plot_rois(res, names, stem + "_rois.png")
-        fmri.plot_scatter(voxels, "base", names[-1], stem + "_scatter.png")
-        res["figures"] = [stem + "_rois.png", stem + "_scatter.png"]
-        res["flatmap"] = fmri.flatmap(voxels, stem + "_flatmap.png")
-        print(f"flatmap: {res['flatmap']}")
-    print(f"\nTHINGS-fMRI encoding: R^2 / noise ceiling, mean over subjects ({len(res['per_subject'])})")
-    print(f"{'ROI':<8}" + "".join(f"{n:>10}" for n in names))
-    for r in res["base"]["rois"]:
-        print(f"{r:<8}" + "".join(f"{res[n]['rois'].get(r, float('nan')):>10.3f}" for n in names))
-    return res
+TASKS = {  # every --task X lives in the eval_*.py named for its family; `all` and `report` are below
+    "things-ooo": eval_behaviour.task_things_ooo, "cka": eval_geometry.task_cka, "fmri": eval_fmri.task_fmri,
+    "rsa": eval_geometry.task_rsa, "class-separation": eval_geometry.task_class_separation,
+    "tsne": eval_geometry.task_tsne, "similarity": eval_geometry.task_similarity, "probe": eval_geometry.task_probe,
+    "levels-ooo": eval_behaviour.task_levels_ooo, "category-learning": eval_behaviour.task_category_learning,
+    "reward-learning": eval_behaviour.task_reward_learning, "icl": eval_behaviour.task_icl,
+    "dwarp": eval_warp.task_dwarp, "encsearch": eval_fmri.task_encsearch,
+}
 
 
-TASKS = {"things-ooo": task_things_ooo, "cka": gt.task_cka, "fmri": task_fmri}
-TASKS.update({"rsa": gt.task_rsa, "class-separation": gt.task_class_separation, "tsne": gt.task_tsne,
-              "similarity": gt.task_similarity, "probe": gt.task_probe})
-TASKS.update({"levels-ooo": behaviour.task_levels_ooo, "category-learning": behaviour.task_category_learning,
-              "reward-learning": behaviour.task_reward_learning, "icl": behaviour.task_icl, "all": behaviour.task_all})
-TASKS["dwarp"] = warp.task_dwarp
+# ------------------------------------------------------------------------------------------------------ all
+
+PRESENT = {  # task -> files that must exist for --task all to run it
+    "things-ooo": lambda c: [os.path.join(c["data"], "THINGS_triplets.csv")],
+    "cka": lambda c: [os.path.join(c["data"], "unique_id.txt")],
+    "levels-ooo": lambda c: [os.path.join(c["data"], "levels.pkl"), c["levels_features"]],
+    "category-learning": lambda c: [os.path.join(c["data"], "category_learning.csv")],
+    "reward-learning": lambda c: [os.path.join(c["data"], "reward_learning.csv")],
+    "icl": lambda c: [p.strip() for p in (c.get("ckpt") or "").split(",") if p.strip()] or ["<--ckpt not given>"],
+    "fmri": lambda c: [os.path.join(c["data"], "brain_data")],
+    "encsearch": lambda c: [os.path.join(c["data"], "brain_data")],
+    "dwarp": lambda c: [f for p in (c.get("warp_runs") or "").split(",") if p.strip() for f in sorted(glob.glob(p.strip()))]
+    or ["<--warp-runs not given, or matching no file>"],
+}
+
+
+def task_all(cfg):
+    """Run every registered task whose data is present; each writes <folder>/<task>.json; one summary table."""
+    json_path, stem = eval_behaviour.out_paths(cfg)
+    folder = os.path.dirname(os.path.abspath(json_path))
+    summary, rows = {}, []
+    wanted = [t.strip() for t in cfg.get("tasks", "").split(",") if t.strip()]
+    unknown = sorted(set(wanted) - set(TASKS))
+    if unknown:
+        raise data.DataError(f"--tasks: unknown task(s) {unknown}; expected some of {sorted(TASKS)}")
+    for name, fn in TASKS.items():
+        if name in ("all", "report") or (wanted and name not in wanted):
+            continue
+        need = PRESENT.get(name, lambda c: [])(cfg)
+        missing = [p for p in need if not os.path.exists(p)]
+        if missing:
+            summary[name] = dict(status="skipped", reason=f"missing {missing}")
+            continue
+        sub = dict(cfg, task=name, out=os.path.join(folder, f"{name}.json"))
+        sub["_out"] = sub["out"]
+        try:
+            r = fn(sub)
+        except data.DataError as e:
+            summary[name] = dict(status="error", reason=str(e))
+            print(f"all: {name}: error: {e}")
+            continue
+        r["config"], r["versions"] = sub, data.versions()
+        with data.atomic_path(sub["out"]) as tmp, open(tmp, "w") as fh:
+            json.dump(r, fh, indent=2, default=_json_default)
+        heads = {}
+        for rep, v in r.items():  # headline: the report's first matching metric, plus the behavioural fit
+            if not isinstance(v, dict) or rep in ("config", "versions", "files", "group_stats"):
+                continue
+            metric = next((m for m in REPORT_METRICS if isinstance(v.get(m), (int, float))), None)
+            fit = v.get("fit") if isinstance(v.get("fit"), dict) else {}
+            r2 = v.get("mcfadden_r2", fit.get("mcfadden_r2"))
+            if metric is not None or r2 is not None:
+                heads[rep] = dict(metric=metric, value=float(v[metric]) if metric else None,
+                                  mcfadden_r2=float(r2) if r2 is not None else None)
+        summary[name] = dict(status="done", file=sub["out"], headline=heads)
+        for rep, m in heads.items():
+            rows.append((name, rep, m))
+    lines = ["| task | representation | metric | value | McFadden R^2 (held-out) |", "|---|---|---|---|---|"]
+    for task, rep, m in rows:
+        r2 = "" if m["mcfadden_r2"] is None else f"{m['mcfadden_r2']:.4f}"
+        val = "" if m["value"] is None else f"{m['value']:.4f}"
+        lines.append(f"| {task} | {rep} | {m['metric'] or ''} | {val} | {r2} |")
+    for name, s in summary.items():
+        if s["status"] != "done":
+            lines.append(f"| {name} | ({s['status']}) | | {s['reason'][:120]} | |")
+    table = "\n".join(lines) + "\n"
+    with data.atomic_path(stem + ".md") as tmp, open(tmp, "w") as fh:
+        fh.write(table)
+    print("\n" + table)
+    # one figure: McFadden R^2 per task (bars) from the summary
+    bars = [(t, {rep: m["mcfadden_r2"] for rep, m in s["headline"].items() if m["mcfadden_r2"] is not None})
+            for t, s in summary.items() if s["status"] == "done"]
+    bars = [(t, {k: [] for k in p}, p) for t, p in bars if p]
+    files = dict(table=stem + ".md")
+    if bars:
+        files["r2_figure"] = eval_behaviour.plot_r2_bars(bars, stem + ".r2.png")
+    return dict(tasks=summary, files=files)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
 
 
 def main(argv=None):
@@ -251,15 +266,15 @@ def main(argv=None):
             text = task_report(cfg)
             with data.atomic_path(out) as tmp, open(tmp, "w") as fh:
                 fh.write(text)
-        elif cfg["task"] in TASKS:
+        elif cfg["task"] == "all" or cfg["task"] in TASKS:
             cfg["_out"] = out  # tasks that draw figures put them beside the result file
-            res = TASKS[cfg["task"]](cfg)
+            res = task_all(cfg) if cfg["task"] == "all" else TASKS[cfg["task"]](cfg)
             res["config"] = cfg
             res["versions"] = data.versions()
             with data.atomic_path(out) as tmp, open(tmp, "w") as fh:  # nothing partial is ever left at `out`
                 json.dump(res, fh, indent=2)
         else:
-            raise data.DataError(f"--task {cfg['task']!r}: expected one of {sorted(TASKS) + ['report']}")
+            raise data.DataError(f"--task {cfg['task']!r}: expected one of {sorted(TASKS) + ['all', 'report']}")
     except data.DataError as e:
         sys.exit(f"evaluate.py: error: {e}")
     print(f"wrote {out}")

@@ -7,7 +7,7 @@ Real images (backbones.py: models and weights; images.py: image sets; README "Ex
     python extract.py --dataset folder --images DIR --backbone timm:resnet18.a1_in1k --out F.h5 --layers layer3,layer4
     python extract.py --dataset list --list paths.txt --images ROOT ...   |   --dataset wds --images 'shards/{000..099}.tar'
     python extract.py ... --pca 256                 # also /pca/features/scores (IncrementalPCA) and the basis
-    python extract.py ... --sae runs/sae/clip.pt    # also /sae/indices, /sae/values (train.py's SAE encoder)
+    python extract.py ... --sae runs/sae/clip.pt    # also /sae/indices, /sae/values (models.sae_encode)
     python extract.py ... --shard 3/16              # one of 16 contiguous shards -> F.shard-00003-of-00016.h5
     python extract.py ... --merge                   # all shards -> F.h5 (--pca / --sae applied here, over all rows)
     python extract.py --backbone dinov2 --list-layers
@@ -258,9 +258,10 @@ def all_versions():
 
 
 def encode_sae(cfg, out):
-    """--sae: the SAE issue's encoder (train.py --stage sae --encode) writes /sae/* into `out`, atomically."""
-    import train
-    return train.sae_encode({**train.defaults, **train.defaults_sae, "features": out, "ckpt": cfg["sae"], "codes_out": ""})
+    """--sae: the SAE stage's encoder (models.sae_encode, as train.py --stage sae --encode) writes /sae/* into
+    `out`, atomically."""
+    import models
+    return models.sae_encode(out, cfg["sae"], config=cfg)
 
 
 def finish(out, files, masks, bad, attrs, cfg):

@@ -2,7 +2,7 @@
 
 `base` (backbone features of each concept's first sorted image), `spose` (the human embedding), and for each
 meta checkpoint (--ckpt) `aligned` = encode(features) plus, when it was trained with --input-pca, the control
-`base_pca`. Used by evaluate.py, geometry_tasks.py and behaviour.py.
+`base_pca`. Used by the eval_*.py tasks.
 """
 import os
 

@@ -24,7 +24,6 @@ import sys
 
 import torch
 
-import warp
 import data
 from data import atomic_path
 
@@ -35,8 +34,6 @@ defaults = dict(
     out="",                                     # checkpoint path
     seed=0,                                     # random seed
 )
-STAGES = {"sae": "issue 3 (top-k sparse autoencoders)", "meta": "issue 4 (meta-learning)",
-          "warp": "issue 9 (encoder warping, warp.py)"}
 
 
 # ------------------------------------------------------------------------------------- sae stage (issue 3)
@@ -58,30 +55,6 @@ defaults_sae = dict(
     codes_out="",                               # write the codes here ('' = into --features itself)
     codes_dtype="float16",                      # dtype of /sae/values: float16 | float32
 )
-
-
-def _sae_features(path):
-    """Open a features file for streaming -> (h5py File, /features dataset); clear errors otherwise."""
-    import h5py
-    from data import DataError, open_h5
-    f = open_h5(path, "an HDF5 features file with /features (n_images, d)")
-    if "features" not in f or not isinstance(f["features"], h5py.Dataset) or f["features"].ndim != 2:
-        present = list(f.keys())
-        f.close()
-        raise DataError(f"{path}: field '/features' missing or not 2-d (n_images, d); top-level entries: {present}")
-    return f, f["features"]
-
-
-def _sae_rows(path, dset, start, stop):
-    """Rows [start, stop) of /features as float32, refusing NaN/inf with the file, field and row."""
-    import numpy as np
-    from data import DataError
-    x = np.asarray(dset[start:stop], dtype=np.float32)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        r = start + int(np.nonzero(bad.any(1))[0][0])
-        raise DataError(f"{path}: /features has {int(bad.sum())} NaN/inf values in rows {start}..{stop - 1}, first at row {r}")
-    return torch.from_numpy(x)
 
 
 def _sae_epoch_batches(n, chunk, batch, seed, epoch):
@@ -127,12 +100,12 @@ def stage_sae(cfg):
     import math
     import numpy as np
     from tqdm import tqdm
-    from models import TopKSAE, geometric_median
+    from models import TopKSAE, feature_rows, geometric_median, open_features
     if cfg["encode"]:
         return sae_encode(cfg)
     if not cfg["out"]:
         sys.exit("train.py: error: --stage sae needs --out sae/NAME.pt (or --encode --ckpt CKPT)")
-    f, dset = _sae_features(cfg["features"])
+    f, dset = open_features(cfg["features"])
     n, d = dset.shape
     nl = cfg["n_latents"]
     try:
@@ -183,7 +156,7 @@ def stage_sae(cfg):
             if skip >= len(batches):
                 skip -= len(batches)
                 continue
-            X = _sae_rows(cfg["features"], dset, c0, c1)[torch.from_numpy(perm)].to(dev)
+            X = feature_rows(cfg["features"], dset, c0, c1)[torch.from_numpy(perm)].to(dev)
             for b0, b1 in batches[skip:]:
                 xn, _ = sae.normalize_in(X[b0:b1])
                 loss, fvu, values, indices = _sae_loss(sae, xn, rows_since_fired, dead_rows, aux_k, cfg["aux_coef"])
@@ -215,11 +188,11 @@ def stage_sae(cfg):
     fired = torch.zeros(n_latents, dtype=torch.bool)
     with torch.no_grad():
         for c0 in range(0, n, chunk):  # two streamed passes: the mean, then the residual and total sums
-            x = _sae_rows(cfg["features"], dset, c0, min(n, c0 + chunk)).to(dev)
+            x = feature_rows(cfg["features"], dset, c0, min(n, c0 + chunk)).to(dev)
             mean = x.sum(0) if mean is None else mean + x.sum(0)
         mean = mean / n
         for c0 in range(0, n, chunk):
-            x = _sae_rows(cfg["features"], dset, c0, min(n, c0 + chunk)).to(dev)
+            x = feature_rows(cfg["features"], dset, c0, min(n, c0 + chunk)).to(dev)
             v, i = sae.encode(x)
             xr = sae.decode(x, v, i)
             sse += float(((x - xr) ** 2).sum())
@@ -234,53 +207,13 @@ def stage_sae(cfg):
 
 
 def sae_encode(cfg):
-    """Top-k codes of every row of --features -> /sae/indices (n, k) int32, /sae/values (n, k) float16 in
-    --codes-out, or in --features itself. Written chunk by chunk into a temporary copy that replaces the
-    target only when complete (data.atomic_path): a killed job leaves the old file untouched."""
-    import shutil
-    import h5py
-    import numpy as np
-    from models import load_sae
+    """--encode: the codes of --features by the SAE --ckpt (models.sae_encode) into --codes-out or --features."""
+    from models import sae_encode as encode
     if not cfg["ckpt"]:
         sys.exit("train.py: error: --encode needs --ckpt (an SAE checkpoint: train.py --stage sae --out, or ViT-Prisma)")
-    sae, info = load_sae(cfg["ckpt"])
     if cfg["codes_dtype"] not in ("float16", "float32"):
         sys.exit(f"train.py: error: --codes-dtype {cfg['codes_dtype']!r}; expected float16 | float32")
-    src = cfg["features"]
-    dst = cfg["codes_out"] or src
-    f, dset = _sae_features(src)
-    n, d = dset.shape
-    if d != sae.d:
-        f.close()
-        raise data.DataError(f"{cfg['ckpt']}: checkpoint of another shape: the SAE takes d = {sae.d} features, "
-                             f"{src} /features has d = {d}")
-    k, chunk = sae.k, cfg["chunk_rows"]
-    with data.atomic_path(dst) as tmp:
-        if dst == src:
-            f.close()
-            shutil.copyfile(src, tmp)  # the copy gets the codes; the original stays intact until the rename
-            f, dset = _sae_features(src)
-        with h5py.File(tmp, "r+" if dst == src else "w") as fo:
-            if dst != src and "image_ids" in f:
-                fo.create_dataset("image_ids", data=f["image_ids"][...], dtype=f["image_ids"].dtype)
-            if "sae" in fo:
-                del fo["sae"]
-            g = fo.create_group("sae")
-            cr = (max(1, min(chunk, n, 8192)), k) if n else None
-            di = g.create_dataset("indices", shape=(n, k), dtype=np.int32, chunks=cr)
-            dv = g.create_dataset("values", shape=(n, k), dtype=np.dtype(cfg["codes_dtype"]), chunks=cr)
-            for c0 in range(0, n, chunk):
-                c1 = min(n, c0 + chunk)
-                v, i = sae.encode(_sae_rows(src, dset, c0, c1))
-                if cfg["codes_dtype"] == "float16" and float(v.max()) > 65504:
-                    raise ValueError(f"{src}: SAE values up to {float(v.max()):.3g} overflow float16; use --codes-dtype float32")
-                di[c0:c1] = i.numpy().astype(np.int32)
-                dv[c0:c1] = v.numpy().astype(cfg["codes_dtype"])
-            data.write_h5_attrs(g, dict(config=cfg, checkpoint=os.path.abspath(cfg["ckpt"]), checkpoint_format=info["format"],
-                                        sae=sae.args(), features=os.path.abspath(src)))
-    f.close()
-    print(f"train.py: /sae/indices, /sae/values ({n} x {k}) -> {dst}")
-    return dict(n=n, k=k, out=dst)
+    return encode(cfg["features"], cfg["ckpt"], cfg["codes_out"], cfg["codes_dtype"], cfg["chunk_rows"], config=cfg)
 
 
 # ------------------------------------------------------------------------------------ meta stage (issue 4)
@@ -361,9 +294,7 @@ def _meta_functions(cfg, X, ids, Xe, ide):
 
 
 def _plot_curve(csv_path, png_path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = data.pyplot()
     import pandas as pd
     df = pd.read_csv(csv_path)
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -375,10 +306,7 @@ def _plot_curve(csv_path, png_path):
     ax[1].axhline(0.5, color="grey", lw=0.6, ls="--")
     ax[1].set(xlabel="step", ylim=(min(0.0, ev["eval_magnitude_r2"].min() if len(ev) else 0), 1))
     ax[1].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    data.save_figure(fig, png_path, tight=True)
 
 
 def stage_meta(cfg):
@@ -551,22 +479,134 @@ def stage_meta(cfg):
     return best_metrics
 
 
+# ------------------------------------------------------------------------------------------ warp stage
+defaults_warp = dict(
+    targets="brain",                            # warp: brain (THINGS-fMRI voxels of --roi) | spose (SPoSE embedding)
+    d="1,10,100,1000",                          # warp: subspace dimensions, comma-separated ('full' is always added)
+    data="data/world/data",                     # warp: folder with the human data files
+    field="features",                           # warp: dataset inside --features (e.g. layers/block6)
+    subject="1",                                # warp (brain): THINGS-fMRI subject
+    roi="LOC",                                  # warp (brain): ROI column of VoxelMetadata
+    nc_min=5.0,                                 # warp (brain): keep voxels with nc_singletrial > nc_min
+    projection="fastfood",                      # warp: fastfood | dense (reference) | identity (d = D only)
+    groups="",                                  # warp: parameter groups with their own scale, regexes, e.g. 'body,readout'
+    objective="ridge",                          # warp: ridge (linear read-out, MSE) | rsa (differentiable RSA, no read-out)
+    readout="ridge",                            # warp: ridge (fit by ridge, then warped) | joint (trained directly beside theta_d)
+    readout_penalty=True,                       # warp: keep the ridge penalty of the read-out while training (see fit_one)
+    hidden=0,                                   # warp: MLP hidden width (0 = feature width)
+    warp_lr=0.05,                               # warp: Adam learning rate of theta_d and the scales
+    full_lr=1e-3,                               # warp: Adam learning rate of the full fit
+    warp_steps=1000,                            # warp: maximum Adam steps per d
+    warp_batch=256,                             # warp: rows per step
+    warp_eval_every=25,                         # warp: steps between validation checks
+    warp_patience=8,                            # warp: validation checks without improvement before stopping
+    val_frac=0.15,                              # warp: share of the training rows held out for early stopping
+    test_frac=0.2,                              # warp (spose): share of concepts held out for the test score
+    warp_threads=1,                             # warp: torch threads (small ops: 1 is ~100x faster than 2 contended threads; 0 = torch default)
+    name="",                                    # warp: model name in the results ('' = the features' backbone attr or file stem)
+)
+RESUME_KEYS = ("features", "field", "targets", "data", "subject", "roi", "nc_min", "projection", "groups",
+               "objective", "readout", "readout_penalty", "hidden", "warp_lr", "full_lr", "warp_steps", "warp_batch", "seed",
+               "val_frac", "test_frac")
+
+
+def parse_ds(text):
+    ds = []
+    for tok in str(text).split(","):
+        tok = tok.strip()
+        if not tok or tok == "full":
+            continue
+        try:
+            v = int(float(tok))
+        except ValueError:
+            raise ValueError(f"--d {text!r}: {tok!r} is not an integer") from None
+        if v < 1:
+            raise ValueError(f"--d {text!r}: subspace dimensions must be >= 1, got {v}")
+        ds.append(v)
+    return sorted(set(ds))
+
+
+def stage_warp(cfg):
+    """train.py --stage warp: the performance-vs-d curve of one model (features file) on one target."""
+    import json
+    from eval_warp import WarpEncoder, brain_target, make_split, spose_target, summarise, warp_curve
+    from models import param_group_index
+    try:
+        ds = parse_ds(cfg["d"])
+        X, ids = data.read_features(cfg["features"], field=cfg["field"])
+        if cfg["targets"] == "brain":
+            Xtr, Ytr, Xte, Yte, info = brain_target(cfg, X, ids)
+        elif cfg["targets"] == "spose":
+            Xtr, Ytr, Xte, Yte, info = spose_target(cfg, X, ids)
+        else:
+            raise data.DataError(f"--targets {cfg['targets']!r}: expected brain or spose")
+    except ValueError as e:  # DataError is a ValueError
+        sys.exit(f"train.py: error: {e}")
+    dev = "cuda" if cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available()) else "cpu"
+    split = make_split(Xtr, Ytr, None, cfg["val_frac"], cfg["seed"], dev, Xte, Yte)
+    name = cfg["name"]
+    if not name:
+        with data.open_h5(cfg["features"], "features") as f:
+            name = str(f.attrs.get("backbone", "")) or os.path.splitext(os.path.basename(cfg["features"]))[0]
+    tgt = cfg["targets"] if cfg["targets"] == "spose" else f"{info['subject']} {info['roi']}"
+    out = cfg["out"] or os.path.join("runs", "warp", f"{name}_{tgt.replace(' ', '_')}.json")
+    done = {}
+    if os.path.exists(out):  # resume: keep the d values already fitted under the same settings
+        with open(out) as fh:
+            old = json.load(fh)
+        diff = [k for k in RESUME_KEYS if str(old.get("config", {}).get(k)) != str(cfg.get(k))]
+        if diff:
+            sys.exit(f"train.py: error: {out} was written with different settings ({', '.join(diff)}); "
+                     "delete it or pass another --out")
+        done = old.get("results", {})
+        print(f"warp: resuming {out}: {len(done)} fits done ({', '.join(done)})")
+    # D (warped parameters) is only known after the model is built: a too large d fails before any training
+    p, t = split["Xtr"].shape[1], split["Ytr"].shape[1]
+    joint = cfg["readout"] == "joint"
+    probe = WarpEncoder(p, cfg["hidden"] or p, 0 if cfg["objective"] == "rsa" else t)
+    warped = {n: q.numel() for n, q in probe.named_parameters() if not (joint and n.startswith("readout"))}
+    D = int(sum(warped.values()))
+    try:  # parameter groups that match nothing fail here, before any fit is written
+        param_group_index(list(warped), [g for g in str(cfg["groups"]).split(",") if g])
+    except ValueError as e:
+        sys.exit(f"train.py: error: --groups {cfg['groups']!r}: {e}")
+    if ds and max(ds) > D:
+        sys.exit(f"train.py: error: --d {max(ds)} is larger than D = {D}, the number of warped parameters "
+                 f"({', '.join(f'{n} {k}' for n, k in warped.items())}); pass smaller d values")
+    cfg_json = {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+    def save(res):
+        doc = dict(name=name, target=tgt, target_info=info, metric="rsa" if cfg["objective"] == "rsa" else "r2",
+                   D=D, n_train=int(len(split["Xtr"])), n_val=int(len(split["Xva"])), n_test=int(len(split["Xte"])),
+                   results=res, config=cfg_json, versions=data.versions())
+        with data.atomic_path(out) as tmp, open(tmp, "w") as fh:
+            json.dump(doc, fh, indent=2)
+
+    with data.torch_threads(cfg["warp_threads"]):
+        res = warp_curve(split, ds, cfg, seed=cfg["seed"], done=done, on_result=save, progress=cfg["progress"])
+    save(res)
+    s = summarise(dict(results=res, name=name), frac=0.9)
+    print(f"\nwarp {name} -> {tgt} (D = {D}): held-out {'RSA' if cfg['objective'] == 'rsa' else 'R^2'}")
+    print(f"{'d':>8}{'test':>10}{'val':>10}{'steps':>8}")
+    for k in ["0"] + [str(d) for d in sorted(int(x) for x in res if x not in ("0", "full"))] + ["full"]:
+        r = res[k]
+        print(f"{k:>8}{r['test']:>10.4f}{r['val']:>10.4f}{r['steps']:>8}")
+    print(f"d_warp (90% of the full fit): {s['d_warp']}; wrote {out}")
+    return res
+
+
+STAGES = {"sae": stage_sae, "meta": stage_meta, "warp": stage_warp}  # every --stage X: stage_X, in this file
+
+
 def parse(argv=None):
-    return vars(data.flag_parser(__doc__, defaults, defaults_sae, defaults_meta, warp.defaults_warp).parse_args(argv))
+    return vars(data.flag_parser(__doc__, defaults, defaults_sae, defaults_meta, defaults_warp).parse_args(argv))
 
 
 def main(argv=None):
     cfg = parse(argv)
     if cfg["stage"] not in STAGES:
         sys.exit(f"train.py: error: --stage {cfg['stage']!r}; expected one of {sorted(STAGES)}")
-    if cfg["stage"] == "sae":
-        return stage_sae(cfg)
-    if cfg["stage"] == "meta":
-        return stage_meta(cfg)
-    if cfg["stage"] == "warp":
-        return warp.stage_warp(cfg)
-    print(f"train.py: stage {cfg['stage']!r} not implemented yet (arrives with {STAGES[cfg['stage']]})", file=sys.stderr)
-    sys.exit(2)
+    return STAGES[cfg["stage"]](cfg)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,15 @@ import pytest
 from scipy import optimize
 from scipy.special import logsumexp
 
-from choice import fit_odd_one_out, ooo_option_features, participant_codes, stratified_folds, torch_threads
+from choice import fit_odd_one_out, ooo_option_features, participant_codes, stratified_folds
+from data import torch_threads
 
 N_TRIPLETS, N_PARTICIPANTS, N_CONCEPTS, N_LOOP = 4_700_000, 10_000, 1_854, 100
 
 
 @pytest.fixture(autouse=True)
 def _threads():
-    """evaluate.py's default --behav-threads 1 (the fastest setting on the shared 2-core machines)."""
+    """evaluate.py's default --threads 1 (the fastest setting on the shared 2-core machines)."""
     with torch_threads(1):
         yield
 

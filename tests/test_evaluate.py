@@ -11,9 +11,11 @@ import torch
 from sklearn.metrics.pairwise import cosine_similarity
 
 import data
+import eval_geometry as geometry_tasks
 import evaluate
-import geometry_tasks
 import kernels
+from eval_behaviour import noise_ceiling, odd_one_out
+from representations import cosine_similarity_matrix
 
 
 def run(world, task, out, **kw):
@@ -34,9 +36,9 @@ def test_odd_one_out_matches_loop():
     for i, j, k in trip:  # the odd one out is the item outside the most similar pair
         pairs = {0: S[j, k], 1: S[i, k], 2: S[i, j]}
         want.append(max(pairs, key=pairs.get))
-    got = evaluate.odd_one_out(evaluate.cosine_similarity_matrix(R), trip)
+    got = odd_one_out(cosine_similarity_matrix(R), trip)
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_allclose(evaluate.cosine_similarity_matrix(R), S, atol=1e-12)
+    np.testing.assert_allclose(cosine_similarity_matrix(R), S, atol=1e-12)
 
 
 def test_noise_ceiling_matches_counter():
@@ -52,7 +54,7 @@ def test_noise_ceiling_matches_counter():
     for r, c in zip(trip, choice):
         groups[tuple(sorted(r))].append(r[c])
     shares = [collections.Counter(v).most_common(1)[0][1] / len(v) for v in groups.values() if len(v) > 1]
-    value, n_sets, n_trials = evaluate.noise_ceiling(trip, choice)
+    value, n_sets, n_trials = noise_ceiling(trip, choice)
     assert value == pytest.approx(np.mean(shares)) and n_sets == len(shares)
     assert n_trials == sum(len(v) for v in groups.values() if len(v) > 1)
 
@@ -74,7 +76,7 @@ def test_things_ooo_on_world(world, tmp_path):
     E = data.load_spose(world["data"])
     cos = lambda a, b: cosine_similarity(E[[a]], E[[b]])[0, 0]  # noqa: E731
     pred = np.array([np.argmax([cos(j, k), cos(i, k), cos(i, j)]) for i, j, k in t["triplets"][:500]])
-    full = evaluate.odd_one_out(evaluate.cosine_similarity_matrix(E), t["triplets"])
+    full = odd_one_out(cosine_similarity_matrix(E), t["triplets"])
     np.testing.assert_array_equal(full[:500], pred)
     assert np.mean(full == t["choice"]) == pytest.approx(h)
 
@@ -164,7 +166,7 @@ def test_ckpt_gives_aligned_representation(world, tmp_path):
     t = data.load_triplets(world["data"], len(concepts))
     with torch.no_grad():
         Z = model.encode(torch.as_tensor(X[data.concept_rows(ids, concepts)])).numpy()
-    want = np.mean(evaluate.odd_one_out(evaluate.cosine_similarity_matrix(Z), t["triplets"]) == t["choice"])
+    want = np.mean(odd_one_out(cosine_similarity_matrix(Z), t["triplets"]) == t["choice"])
     assert r["aligned"]["accuracy"] == pytest.approx(want) and r["aligned"]["dims"] == 16
     bad = tmp_path / "bad.pt"
     wide = dict(args, d=X.shape[1] + 1)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import data
+import eval_fmri as fmri
 import evaluate
-import fmri
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops (conftest.py)

@@ -1,6 +1,6 @@
-"""evaluate.py's geometry tasks: CKA (with jackknife or bootstrap intervals and per-layer tracing), RSA,
-class separation, t-SNE, model similarity across datasets and linear probes. The numerics live in
-geometry.py and kernels.py; this module loads representations (representations.py), runs them and draws.
+"""Geometry evaluations: CKA (with jackknife or bootstrap intervals and per-layer tracing), RSA, class
+separation, t-SNE, model similarity across datasets and linear probes. The numerics live in geometry.py and
+kernels.py; this module loads representations (representations.py), runs them and draws.
 
     python evaluate.py --task cka|rsa|class-separation|tsne|probe --features F.h5 --data DIR [--ckpt C.pt]
     python evaluate.py --task similarity --features A.h5 B.h5 ... [--datasets things,coco] --out R.json
@@ -144,9 +144,7 @@ def cka_by_layer(cfg, target, dims):
 
 def plot_cka_layers(layers, res, png):
     """CKA with SPoSE per traced layer of each aligned model, the base features as a dashed line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = data.pyplot()
     keys = ["all"] + (["dims"] if any("dims" in v for v in layers.values()) else [])
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -161,9 +159,7 @@ def plot_cka_layers(layers, res, png):
         ax.set_ylabel("linear CKA with SPoSE")
         ax.set_title("all SPoSE dims" if key == "all" else "chosen SPoSE dims")
     axes[0, 0].legend(frameon=False)
-    with data.atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
+    data.save_figure(fig, png, bbox_inches="tight")
     return png
 
 
@@ -235,9 +231,7 @@ def task_class_separation(cfg):
 def task_tsne(cfg):
     """t-SNE of every concept-level representation, Procrustes-aligned to the base panel, coloured by the
     first category of each concept; trustworthiness (sklearn) says how much neighbourhood survived."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = data.pyplot()
     from sklearn.manifold import TSNE, trustworthiness
     concepts, reps = load_representations(cfg)
     member, cats = load_categories(cfg, concepts)
@@ -253,9 +247,7 @@ def task_tsne(cfg):
         ax.set_title(f"{name} (trustworthiness {res[name]['trustworthiness']:.2f})")
         ax.set_xticks([]), ax.set_yticks([])
     png = os.path.splitext(cfg["_out"])[0] + ".png"
-    with data.atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
+    data.save_figure(fig, png, bbox_inches="tight")
     res["figure"] = png
     print_table("t-SNE trustworthiness (5 neighbours)", "trust", [(k, v["trustworthiness"], None) for k, v in res.items()
                                                               if isinstance(v, dict)], float("nan"))
@@ -274,9 +266,7 @@ def _model_name(path):
 
 def task_similarity(cfg):
     """Model-by-model similarity matrices per dataset and their consistency across datasets."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = data.pyplot()
     paths = [m.strip() for m in cfg["models"].split(",") if m.strip()]
     datasets = [d.strip() for d in cfg["datasets"].split(",") if d.strip()] or [""]
     measures = [m.strip() for m in cfg["measures"].split(",") if m.strip()]
@@ -310,9 +300,7 @@ def task_similarity(cfg):
             ax.set_yticks(range(len(names)), names, fontsize=6)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
     png = os.path.splitext(cfg["_out"])[0] + ".png"
-    with data.atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
+    data.save_figure(fig, png, bbox_inches="tight")
     res["figure"] = png
     print("\nconsistency across datasets (mean off-diagonal correlation of model-similarity upper triangles)")
     for m in measures:
