@@ -674,7 +674,7 @@ class FastfoodProjection(_nn.Module):
         self.norm = float(self.G.norm()) * _math.sqrt(self.L) * _math.sqrt(D / self.L)
 
     def forward(self, theta):
-        v = _torch._nn.functional.pad(theta, (0, self.L - self.d)) * self.B
+        v = _F.pad(theta, (0, self.L - self.d)) * self.B
         import kernels
         v = kernels.fwht(v)[self.Pi] * self.G
         return kernels.fwht(v)[:self.D] / self.norm
