@@ -62,7 +62,7 @@ def tree(tmp_path_factory):
 def run(tmp, tree, *flags, out="f.h5", on_batch=None):
     out = str(tmp / out)
     argv = ["--dataset", "things", "--images", str(tree), "--backbone", TIMM, "--weights", "random",
-            "--batch-size", "4", "--workers", "0", "--threads", "1", "--no-progress", "--out", out, *flags]
+            "--batch", "4", "--workers", "0", "--threads", "1", "--no-progress", "--out", out, *flags]
     return extract.main(argv, on_batch=on_batch), out
 
 
@@ -249,7 +249,7 @@ def test_extract_rows_ids_bad_files_and_values(tree, full):
     with h5py.File(out) as f:
         assert f.attrs["backbone"] == TIMM and f.attrs["weights"] == "random" and f.attrs["n_bad"] == 2
         assert json.loads(f.attrs["pooling"]) == {"output": "timm global_pool=token", "blocks.1": "cls"}
-        assert json.loads(f.attrs["config"])["batch_size"] == 4 and "timm" in json.loads(f.attrs["versions"])
+        assert json.loads(f.attrs["config"])["batch"] == 4 and "timm" in json.loads(f.attrs["versions"])
     # the rows are the network's outputs for those images (same seed -> same untrained weights)
     torch.manual_seed(0)
     bb = backbones.build(TIMM, "random")
@@ -363,7 +363,7 @@ def test_sae_codes_use_train_py_encoder(tree, full, tmp_path):
     import train
     ckpt = str(tmp_path / "sae.pt")
     train.main(["--stage", "sae", "--features", full[0], "--n-latents", "2x", "--k", "4", "--epochs", "2",
-                "--rows-per-step", "8", "--no-progress", "--out", ckpt])
+                "--batch", "8", "--no-progress", "--out", ckpt])
     _, out = run(tmp_path, tree, "--sae", ckpt, out="c.h5")
     ref = str(tmp_path / "codes.h5")
     train.main(["--stage", "sae", "--encode", "--ckpt", ckpt, "--features", full[0], "--codes-out", ref])
@@ -447,37 +447,3 @@ def test_cli_errors_and_list_layers(tree, tmp_path, capsys):
     extract.main(["--dataset", "things", "--backbone", TIMM, "--list-layers"])
     out = capsys.readouterr().out
     assert "blocks.1.attn" in out and "default layer 'output'" in out
-
-
-def test_slurm_scripts_submit_and_map_tasks(tmp_path):
-    """The array scripts with a stand-in sbatch (records its arguments) and PY=echo (prints the command)."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "sbatch").write_text('#!/bin/bash\necho "$@" >> "$SBATCH_LOG"\necho 4242\n')
-    (fake / "sbatch").chmod(0o755)
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SBATCH_LOG=str(tmp_path / "log"), PY="echo")
-    env.pop("SLURM_JOB_ID", None)
-    r = subprocess.run(["bash", "slurm/extract_array.sbatch", "things", "dinov2", "8", "F.h5", "--pca", "64"],
-                       cwd=ROOT, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    log = (tmp_path / "log").read_text().splitlines()
-    assert log[0].startswith("--parsable --array=0-7 ") and log[0].endswith("things dinov2 8 F.h5 --pca 64")
-    assert "--dependency=afterok:4242" in log[1] and "MERGE=1" in log[1]
-    r = subprocess.run(["bash", "slurm/extract_array.sbatch", "things", "dinov2", "8", "F.h5", "--pca", "64"], cwd=ROOT,
-                       env=dict(env, SLURM_JOB_ID="1", SLURM_ARRAY_TASK_ID="5"), capture_output=True, text=True)
-    assert "extract.py --dataset things --backbone dinov2 --out F.h5 --shard 5/8" in r.stdout and "--pca 64" in r.stdout
-    r = subprocess.run(["bash", "slurm/extract_array.sbatch", "things", "dinov2", "8", "F.h5"], cwd=ROOT,
-                       env=dict(env, SLURM_JOB_ID="1", MERGE="1"), capture_output=True, text=True)
-    assert "--out F.h5 --merge" in r.stdout
-    env.update(MODELS="data/features/clip/things.h5 data/features/dinov2/things.h5", SUBJECTS="1 2", ROIS="V1 FFA PPA")
-    r = subprocess.run(["bash", "slurm/evaluate_array.sbatch", "--n-perm", "100"], cwd=ROOT, env=env,
-                       capture_output=True, text=True)
-    assert "--array=0-11" in (tmp_path / "log").read_text().splitlines()[-1]
-    seen = set()
-    for i in range(12):
-        r = subprocess.run(["bash", "slurm/evaluate_array.sbatch", "--n-perm", "100"], cwd=ROOT, capture_output=True,
-                           text=True, env=dict(env, SLURM_JOB_ID="1", SLURM_ARRAY_TASK_ID=str(i)))
-        a = r.stdout.split()
-        seen.add((a[a.index("--features") + 1], a[a.index("--subjects") + 1], a[a.index("--rois") + 1]))
-        assert a[-2:] == ["--n-perm", "100"] and a[a.index("--out") + 1].startswith("runs/eval/fmri/")
-    assert len(seen) == 12  # every (model, subject, ROI) once
