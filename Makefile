@@ -9,8 +9,11 @@ STAGE   ?= sae
 FEATURES?= $(WORLD)/features/things.h5
 DATA    ?= $(WORLD)/data
 CKPT    ?= $(RUN)/meta/world.pt
-META_STEPS ?= 600
-EVAL    := evaluate.py representations.py   # every evaluation's result depends on these
+# the demo's SAE and meta settings ([sae], [meta] tables; paths are passed on the command line below)
+CONFIG  ?= configs/demo.toml
+EVAL    := evaluate.py representations.py data.py   # every evaluation's result depends on these
+# the README's "What the demo shows" is generated from the default demo's report (evaluate.demo_summary)
+README_SUMMARY := $(if $(filter runs/demo|data/world|small|0,$(RUN)|$(WORLD)|$(SIZE)|$(SEED)),--readme README.md,)
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
 .PHONY: demo test bench build nvcc world evaluate train data clean
@@ -65,8 +68,8 @@ $(RUN)/icl.json: $(WORLD)/world_truth.h5 $(EVAL) eval_behaviour.py choice.py $(C
 	$(PY) evaluate.py --task icl --data $(DATA) --ckpt $(CKPT) --out $@
 
 # SAE on the world's unlabelled pool, then its codes in a separate file (the world's features stay as written)
-$(RUN)/sae/world.pt: $(WORLD)/world_truth.h5 train.py models.py kernels.py
-	$(PY) train.py --stage sae --features $(WORLD)/features/coco.h5 --n-latents 4x --k 16 --epochs 30 --rows-per-step 256 --sae-lr 0.003 --no-progress --out $@
+$(RUN)/sae/world.pt: $(WORLD)/world_truth.h5 train.py models.py kernels.py $(CONFIG)
+	$(PY) train.py --stage sae --config $(CONFIG) --features $(WORLD)/features/coco.h5 --out $@
 
 $(RUN)/coco_codes.h5: $(RUN)/sae/world.pt
 	$(PY) train.py --stage sae --encode --ckpt $< --features $(WORLD)/features/coco.h5 --codes-out $@
@@ -75,12 +78,12 @@ $(RUN)/things_codes.h5: $(RUN)/sae/world.pt
 	$(PY) train.py --stage sae --encode --ckpt $< --features $(WORLD)/features/things.h5 --codes-out $@
 
 # meta-learning on the pool's SAE functions, held-out evaluation on the THINGS images' own codes
-$(RUN)/meta/world.pt: $(RUN)/coco_codes.h5 $(RUN)/things_codes.h5 models.py
-	$(PY) train.py --stage meta --features $(WORLD)/features/coco.h5 --codes $(RUN)/coco_codes.h5 --eval-features $(FEATURES) --eval-codes $(RUN)/things_codes.h5 --min-nonzero 40 --length 32 --batch 32 --steps $(META_STEPS) --d-model 64 --lr 2e-3 --input-pca 0.95 --eval-every 100 --no-progress --out $@
+$(RUN)/meta/world.pt: $(RUN)/coco_codes.h5 $(RUN)/things_codes.h5 models.py $(CONFIG)
+	$(PY) train.py --stage meta --config $(CONFIG) --features $(WORLD)/features/coco.h5 --codes $(RUN)/coco_codes.h5 --eval-features $(FEATURES) --eval-codes $(RUN)/things_codes.h5 --out $@
 
 
 demo: build $(RUN)/things-ooo.json $(RUN)/levels-ooo.json $(RUN)/category-learning.json $(RUN)/reward-learning.json $(RUN)/icl.json $(RUN)/cka.json $(RUN)/fmri.json $(RUN)/coco_codes.h5 $(GEOMETRY:%=$(RUN)/%.json) $(RUN)/similarity.json
-	$(PY) evaluate.py --task report --results $(RUN) --out $(RUN)/report.md
+	$(PY) evaluate.py --task report --results $(RUN) --out $(RUN)/report.md $(README_SUMMARY)
 	@cat $(RUN)/report.md
 
 evaluate: .venv/ok

@@ -26,12 +26,13 @@ class DataError(ValueError):
     """Bad or missing input data; the message names the file, the field and what was expected."""
 
 
-def flag_parser(doc, *defaults, nargs=()):
+def flag_parser(doc, *defaults, nargs=(), prog=None):
     """The flat scripts' argparse (STYLE.md): one --flag-with-dashes per key of the defaults dicts, type taken
     from the default, booleans as --x / --no-x (a key no_x gives --no-x for True and --x for False), list defaults
     and the keys in `nargs` take one or more values; unknown and abbreviated flags are errors. Returns the parser,
     for scripts that add flags or checks."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     for d in defaults:
         for k, v in d.items():
             flag = "--" + k.replace("_", "-")
@@ -60,10 +61,14 @@ def versions():
     return out
 
 
-def load_config(path, known):
-    """A preset file (TOML, read with the standard library's tomllib) -> {key: value} with flag names as keys
-    (dashes or underscores). Every key must be one of `known` (the flags of the script or stage); an unknown
-    key is a DataError naming the file and the key. Tables ([sae], [meta]) are not used: one file per run."""
+CONFIG_TABLES = ("sae", "meta", "warp", "evaluate")  # the tables a preset file may hold: train.py stages, evaluate.py
+
+
+def load_config(path, tables):
+    """A preset file (TOML, read with the standard library's tomllib) -> {table: {key: value}} for the tables this
+    script reads. `tables` maps each such table to the flags it may set (their defaults); keys are flag names
+    with dashes or underscores. An unknown key, a top-level key outside every table, or a table that no script
+    reads (see CONFIG_TABLES) is a DataError naming the file and the key."""
     import tomllib
     path = os.fspath(path)
     try:
@@ -74,13 +79,22 @@ def load_config(path, known):
     except tomllib.TOMLDecodeError as e:
         raise DataError(f"{path}: not valid TOML ({e})") from None
     out = {}
-    for k, v in raw.items():
-        key = k.replace("-", "_")
-        if key not in known or key == "config":
-            raise DataError(f"{path}: unknown key {k!r}; expected some of {sorted(x for x in known if x != 'config')}")
-        if isinstance(v, dict):
-            raise DataError(f"{path}: key {k!r} is a table; expected a plain value (one file per run)")
-        out[key] = v
+    for name, table in raw.items():
+        if not isinstance(table, dict):
+            raise DataError(f"{path}: key {name!r} outside a table; put it under one of "
+                            f"{', '.join(f'[{t}]' for t in CONFIG_TABLES)}")
+        if name not in CONFIG_TABLES:
+            raise DataError(f"{path}: unknown table [{name}]; expected some of {list(CONFIG_TABLES)}")
+        if name not in tables:
+            continue  # another script's table (evaluate.py's in a file train.py reads, and so on)
+        known = tables[name]
+        out[name] = {}
+        for k, v in table.items():
+            key = k.replace("-", "_")
+            if key not in known or key in ("config", "stage"):
+                raise DataError(f"{path}: unknown key {k!r} in [{name}]; expected some of "
+                                f"{sorted(x for x in known if x not in ('config', 'stage'))}")
+            out[name][key] = v
     return out
 
 
@@ -99,25 +113,29 @@ def _config_value(path, key, v, want, listed):
         ok = isinstance(v, type(want))
     if not ok:
         raise DataError(f"{path}: key {key!r} = {v!r}; expected {'a list of strings or ' if listed else ''}"
-                        f"a {type(want).__name__} like {want!r}")
+                        f"a value of type {type(want).__name__} (the default is {want!r})")
     if listed:
         return v if isinstance(v, list) else [v]
     return float(v) if isinstance(want, float) else v
 
 
-def parse_flags(p, argv, defaults, nargs=()):
-    """Parse argv with --config FILE.toml applied first: the file's values replace the defaults and flags given
-    on the command line override them (an unknown key or a value of the wrong type is a usage error naming the
-    file and the key). Returns the resolved config dict; its `config` is the file's path ('' without)."""
+def parse_flags(p, argv, defaults, table, tables, nargs=()):
+    """Parse argv with --config FILE.toml applied first: the file's [table] values replace the defaults and flags
+    given on the command line override them. `tables` ({table: defaults}) are the tables this script checks,
+    so a typo in the file fails whichever stage runs. An unknown key or a value of the wrong type is a usage
+    error naming the file and the key. Returns the resolved config dict (`config`: the file's path or '')."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default="")
     known, _ = pre.parse_known_args(argv)
     if known.config:
         try:
-            file_cfg = load_config(known.config, defaults)
-            p.set_defaults(**{k: _config_value(known.config, k, v, defaults[k],
-                                               isinstance(defaults[k], list) or k in nargs)
-                              for k, v in file_cfg.items()})
+            file_cfg = load_config(known.config, tables)
+            for name, values in file_cfg.items():  # every table type-checked, this script's one applied
+                checked = {k: _config_value(known.config, f"[{name}] {k}", v, tables[name][k],
+                                            isinstance(tables[name][k], list) or k in nargs)
+                           for k, v in values.items()}
+                if name == table:
+                    p.set_defaults(**checked)
         except DataError as e:
             p.error(str(e))
     return vars(p.parse_args(argv))
@@ -298,6 +316,28 @@ def open_h5(path, expected):
         return h5py.File(path, "r")
     except OSError as e:
         raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
+
+
+def is_synthetic(path):
+    """True for a file of the embedded world: world.py marks every HDF5 file it writes with the attr
+    `synthetic`. Missing or unreadable files are not synthetic (their readers report them)."""
+    try:
+        with h5py.File(os.fspath(path), "r") as f:
+            return bool(f.attrs.get("synthetic", False))
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+SYNTHETIC = "synthetic world"  # how every result and report built from the world's files begins its header
+
+
+def result_header(paths, what):
+    """The header line of a result: 'synthetic world: ...' when any input file is the world's, else the inputs."""
+    paths = [str(p) for p in paths if p]
+    synth = [p for p in paths if is_synthetic(p)]
+    if synth:
+        return f"{SYNTHETIC}: {what} on the embedded synthetic world (world.py), not human data; from {', '.join(synth)}"
+    return f"{what} on {', '.join(paths) or 'the inputs in config'}"
 
 
 def read_features(path, field="features", check_finite=True):

@@ -1,4 +1,4 @@
-"""THINGS-fMRI: voxelwise encoding (--task fmri), the encoding-model search (--task encsearch), trial splits.
+r"""THINGS-fMRI: voxelwise encoding (--task fmri), the encoding-model search (--task encsearch), trial splits.
 
     python evaluate.py --task fmri --features F.h5 --data DIR --out runs/demo/fmri.json [--aligned A.h5]
     python evaluate.py --task encsearch --features L1.h5 L2.h5 L3.h5 --data DIR --out runs/eval/encsearch.json

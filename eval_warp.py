@@ -1,4 +1,4 @@
-"""Encoder warping: fit an encoding model through a d-dimensional subspace of its parameters, and d_warp.
+r"""Encoder warping: fit an encoding model through a d-dimensional subspace of its parameters, and d_warp.
 
 The fitting library of `train.py --stage warp` and the task `evaluate.py --task dwarp`:
 
@@ -115,7 +115,7 @@ def fit_one(split, d, cfg, seed=0):
     else:
         groups = [g for g in str(cfg["groups"]).split(",") if g]
         net = SubspaceWrapper(model, int(d), cfg["projection"], groups, seed=seed, free=free).to(dev)
-        params, lr = [q for q in net.parameters() if q.requires_grad], cfg["warp_lr"]
+        params, lr = [q for q in net.parameters() if q.requires_grad], cfg["lr"]
 
     ysd = split["Ytr"].std(0).clamp_min(1e-8)  # MSE in units of each target's training sd
     # The read-out keeps its ridge penalty: per target, SSE_t + alpha_t |w_t|^2 in the same units as the loss
@@ -150,21 +150,21 @@ def fit_one(split, d, cfg, seed=0):
         opt = torch.optim.Adam(params, lr=lr)
         g = torch.Generator().manual_seed(seed)
         n, bad = len(split["Xtr"]), 0
-        bs = min(cfg["warp_batch"], n)
-        for steps in range(1, cfg["warp_steps"] + 1):
+        bs = min(cfg["batch"], n)
+        for steps in range(1, cfg["steps"] + 1):
             idx = torch.randint(0, n, (bs,), generator=g).to(dev) if bs < n else torch.arange(n, device=dev)
             loss = loss_fn(split["Xtr"][idx], split["Ytr"][idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if steps % cfg["warp_eval_every"] == 0 or steps == cfg["warp_steps"]:
+            if steps % cfg["eval_every"] == 0 or steps == cfg["steps"]:
                 v = score(split["Xva"], split["Yva"])
                 if v > best["val"]:
                     best = dict(val=v, step=steps, state={k: t.detach().clone() for k, t in net.state_dict().items()})
                     bad = 0
                 else:
                     bad += 1
-                    if bad >= cfg["warp_patience"]:
+                    if bad >= cfg["patience"]:
                         break
         net.load_state_dict(best["state"])
     D = net.D if isinstance(net, SubspaceWrapper) else sum(q.numel() for q in model.parameters())
@@ -312,23 +312,23 @@ def task_dwarp(cfg):
 # ------------------------------------------------------------------------------------------------ targets
 
 def brain_target(cfg, X, ids):
-    """THINGS-fMRI voxels of --roi for --subject: rows of X per trial (eval_fmri.trial_rows), split by
+    """THINGS-fMRI voxels of --rois (one ROI) for --subjects (one subject): rows of X per trial (eval_fmri.trial_rows), split by
     eval_fmri.trial_split -> (Xtr, Ytr, Xte, Yte, info)."""
     concepts = data.load_concepts(cfg["data"])
-    tag = data.subject_tag(cfg["subject"])
+    tag, roi = data.subject_tag(cfg["subjects"]), cfg["rois"].strip()
     sub = eval_fmri.load_subject(cfg["data"], tag, cfg["nc_min"])
     spath = os.path.join(cfg["data"], "brain_data", f"{tag}_StimulusMetadata.csv")
     vpath = os.path.join(cfg["data"], "brain_data", f"{tag}_VoxelMetadata.csv")
-    if cfg["roi"] not in sub["rois"] or not sub["rois"][cfg["roi"]].any():
+    if roi not in sub["rois"] or not sub["rois"][roi].any():
         have = [r for r, m in sub["rois"].items() if m.any()]
-        raise data.DataError(f"{vpath}: ROI column {cfg['roi']!r} missing or without voxels with nc_singletrial > "
+        raise data.DataError(f"{vpath}: ROI column {roi!r} missing or without voxels with nc_singletrial > "
                              f"{cfg['nc_min']}; ROIs with voxels: {have}")
     rows, _ = eval_fmri.trial_rows(sub["stimuli"], ids, concepts, spath)
-    Y = sub["Y"][:, sub["rois"][cfg["roi"]]]                      # (n_trials, n_voxels in the ROI)
+    Y = sub["Y"][:, sub["rois"][roi]]                      # (n_trials, n_voxels in the ROI)
     train, test_groups, how = eval_fmri.trial_split(rows, sub["stimuli"]["session"].to_numpy())
     Yte = np.stack([Y[g].mean(0) for g in test_groups])
     Xte = X[np.array([rows[g[0]] for g in test_groups])]
-    return X[rows[train]], Y[train], Xte, Yte, dict(subject=tag, roi=cfg["roi"], n_voxels=int(Y.shape[1]), test=how)
+    return X[rows[train]], Y[train], Xte, Yte, dict(subject=tag, roi=roi, n_voxels=int(Y.shape[1]), test=how)
 
 
 def spose_target(cfg, X, ids):

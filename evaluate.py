@@ -38,11 +38,13 @@ import eval_warp
 # ----------------------------------------------------------------------------------------------- defaults
 defaults = dict(
     task="things-ooo",                          # a key of TASKS, all or report
-    features="data/world/features/things.h5",   # backbone features of the THINGS images (HDF5)
+    config="",                                  # TOML preset file: its [evaluate] table sets flags (command-line flags override)
+    features="data/features/clip/things.h5",    # backbone features of the THINGS images (HDF5; extract.py's output)
     field="features",                           # dataset inside --features (e.g. layers/block6)
-    data="data/world/data",                     # folder with the human data files
+    data="data/external",                       # folder with the human data files (make data; the world: data/world/data)
     out="",                                     # result file ('' -> runs/eval/<task>.json)
-    results="runs/demo",                        # --task report: folder of result JSON files
+    results="runs/demo",                        # report: folder of result JSON files
+    readme="",                                  # report: also copy its demo summary into this file (make demo: README.md)
     n_boot=1000,                                # bootstrap resamples of concepts for CKA confidence intervals
     ci_method="jackknife",                      # cka: jackknife (leave-one-concept-out, default) | bootstrap (basic)
     ci=0.95,                                    # confidence level of the reported intervals
@@ -75,7 +77,7 @@ defaults = dict(
     behav_folds=5,                              # behavioural fits: stratified CV folds per participant
     behav_l2=0.1,                               # behavioural fits: L2 penalty on each participant's choice parameters
     threads=1,                                  # behavioural fits, encsearch: torch threads (1 is fastest on shared 2-core machines; 0 = torch default)
-    levels_features="data/world/features/levels.h5",  # levels-ooo: features of the Levels (ImageNet) images
+    levels_features="data/features/clip/levels.h5",  # levels-ooo: features of the Levels (ImageNet) images
     cat_c="0.01,0.1,1,10,100",                  # category-learning: C grid of the online L2 logistic learner
     reward_lambda="0.01,0.1,1,10,100",          # reward-learning: prior precisions of the online Bayesian regression
     icl_episodes=256,                           # icl: held-out episodes for the per-position curves
@@ -92,11 +94,12 @@ defaults = dict(
     progress=True,                              # tqdm progress bars
 )
 MULTI_FEATURES = ("similarity", "encsearch")  # the tasks that take several --features files
+NO_DATA = ("similarity", "dwarp", "icl")  # tasks that run without the human data folder (--data)
 
 
 def parse(argv=None):
     p = data.flag_parser(__doc__, defaults, nargs=("features",))  # several --features: MULTI_FEATURES only
-    cfg = vars(p.parse_args(argv))  # unknown flags are an error
+    cfg = data.parse_flags(p, argv, defaults, "evaluate", {"evaluate": defaults}, nargs=("features",))
     if len(cfg["features"]) > 1 and cfg["task"] not in MULTI_FEATURES:
         p.error(f"--features takes one file for --task {cfg['task']} (several only for --task "
                 f"{' or '.join(MULTI_FEATURES)})")
@@ -118,12 +121,19 @@ def task_report(cfg):
     files = sorted(f for f in os.listdir(folder) if f.endswith(".json")) if os.path.isdir(folder) else []
     if not files:
         raise data.DataError(f"{folder}: no result .json files to report (run evaluate.py tasks first)")
-    lines = ["# metalign report", "", f"Results from `{folder}`, written {time.strftime('%Y-%m-%d %H:%M')}.", "",
-             "| task | representation | metric | value | CI | noise ceiling |", "|---|---|---|---|---|---|"]
-    fmri_rows = []
+    docs = {}
     for f in files:
         with open(os.path.join(folder, f)) as fh:
-            r = json.load(fh)
+            docs[f] = json.load(fh)
+    synth = [f for f, r in docs.items() if str(r.get("header", "")).startswith(data.SYNTHETIC)]
+    lines = [f"# metalign report{': ' + data.SYNTHETIC if synth else ''}", ""]
+    if synth:
+        lines += [f"Built from the embedded {data.SYNTHETIC} (world.py), not from human data: {len(synth)} of "
+                  f"{len(files)} result files say so in their header.", ""]
+    lines += [f"Results from `{folder}`, written {time.strftime('%Y-%m-%d %H:%M')}.", "",
+              "| task | representation | metric | value | CI | noise ceiling |", "|---|---|---|---|---|---|"]
+    fmri_rows = []
+    for f, r in docs.items():
         task = r.get("config", {}).get("task", f[:-5])
         for name, v in r.items():
             if not isinstance(v, dict) or not (set(REPORT_METRICS) & set(v)):
@@ -141,22 +151,133 @@ def task_report(cfg):
     if fmri_rows:
         lines += ["", "THINGS-fMRI, R^2 / noise ceiling by ROI (mean over subjects):", "",
                   "| representation | early (V1-hV4) | high-level | ROIs |", "|---|---|---|---|"] + fmri_rows
-    for f in files:
-        with open(os.path.join(folder, f)) as fh:
-            r = json.load(fh)
+    for r in docs.values():
         if "consistency" in r:  # similarity: one line per measure
             lines += ["", f"Model similarity ({', '.join(r['models'])}) across datasets {r['datasets']}: "
                       "mean correlation of the matrices' upper triangles", ""]
             for m, C in r["consistency"].items():
                 C = np.array(C)
                 lines.append(f"- {m}: {C[np.triu_indices(len(C), 1)].mean() if len(C) > 1 else float('nan'):.3f}")
+    summary = demo_summary(docs)
+    if summary:
+        lines += ["", "## What the demo shows", "", summary]
     lines += ["", "Flags that differ from the defaults (every file stores its full config and versions):", ""]
-    for f in files:
-        with open(os.path.join(folder, f)) as fh:
-            c = json.load(fh).get("config", {})
+    for f, r in docs.items():
+        c = r.get("config", {})
         changed = {k: v for k, v in c.items() if k in defaults and v != defaults[k] and k not in ("task", "out")}
         lines.append(f"- `{f}`: " + (", ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in changed.items()) or "defaults"))
     return "\n".join(lines).replace("| nan |", "|  |") + "\n"
+
+
+README_BEGIN = "<!-- demo summary: generated by make demo from runs/demo/report.md; edit evaluate.demo_summary -->"
+README_END = "<!-- end of demo summary -->"
+
+
+def demo_summary(docs):
+    """'What the demo shows': one paragraph of the report's own numbers (formatted as in its table), from the
+    things-ooo, cka, rsa, category- and reward-learning, fmri and icl results in `docs` ({file: result});
+    '' without things-ooo and cka. make demo copies it into README.md (--readme)."""
+    def get(task, rep, key, sub=None):
+        v = docs.get(f"{task}.json", {}).get(rep, {})
+        v = v.get(sub, {}) if sub else v
+        return v.get(key) if isinstance(v, dict) else None
+
+    if get("things-ooo", "base", "accuracy") is None or get("cka", "base", "cka") is None:
+        return ""
+    ceiling = docs["things-ooo.json"].get("noise_ceiling")
+    measures = [("odd-one-out accuracy", "things-ooo", "accuracy", None),
+                ("odd-one-out McFadden R^2", "things-ooo", "mcfadden_r2", "fit"),
+                ("CKA with SPoSE", "cka", "cka", None), ("RSA with SPoSE", "rsa", "rsa", None),
+                ("category-learning McFadden R^2", "category-learning", "mcfadden_r2", None),
+                ("reward-learning McFadden R^2", "reward-learning", "mcfadden_r2", None),
+                ("THINGS-fMRI high-level ROIs (R^2 / noise ceiling)", "fmri", "r2_high", None)]
+    have = [m for m in measures if get(m[1], "base", m[2], m[3]) is not None]
+    fmt = "{:.3f}".format
+    h = f"- **Humans' h (SPoSE).** Odd-one-out accuracy {fmt(get('things-ooo', 'spose', 'accuracy'))}"
+    if ceiling is not None and ceiling == ceiling:
+        h += f" (noise ceiling {fmt(ceiling)})"
+    if get("things-ooo", "spose", "mcfadden_r2", "fit") is not None:
+        h += f", McFadden R^2 {fmt(get('things-ooo', 'spose', 'mcfadden_r2', 'fit'))}"
+    lines = [h + ".", f"- **Base features.** Odd-one-out accuracy {fmt(get('things-ooo', 'base', 'accuracy'))}, "
+             f"CKA with SPoSE {fmt(get('cka', 'base', 'cka'))}."]
+    if get("things-ooo", "aligned", "accuracy") is not None:
+        ctrl = get("things-ooo", "base_pca", "accuracy") is not None
+        parts, above, above_ctrl = [], 0, 0
+        for label, task, key, sub in have:
+            a, b = get(task, "aligned", key, sub), get(task, "base", key, sub)
+            if a is None:
+                continue
+            c = get(task, "base_pca", key, sub) if ctrl else None
+            parts.append(f"{label} {fmt(a)} vs {fmt(b)}" + (f" vs {fmt(c)}" if c is not None else ""))
+            above += a > b
+            above_ctrl += c is not None and a > c
+        verdict = f"above base on {above} of {len(parts)} measures"
+        if ctrl:
+            verdict += f" and above its control `base_pca` on {above_ctrl} of {len(parts)}"
+        lines.append(f"- **The meta-learned `aligned` representation** (vs base{' vs base_pca' if ctrl else ''}): "
+                     + "; ".join(parts) + f". It is {verdict}.")
+    icl = docs.get("icl.json", {}).get("model", {}).get("accuracy")
+    if icl is not None:
+        lines.append(f"- **In context**, the meta-learner predicts held-out functions with accuracy {fmt(icl)} "
+                     "(chance 0.5).")
+    return "\n".join(lines)
+
+
+def update_readme(path, summary):
+    """Replace the text between README_BEGIN and README_END in `path` by `summary` (atomically)."""
+    with open(path) as fh:
+        text = fh.read()
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1 or text.index(README_BEGIN) > text.index(README_END):
+        raise data.DataError(f"{path}: expected one line {README_BEGIN!r} and, after it, one line {README_END!r}")
+    head, rest = text.split(README_BEGIN)
+    tail = rest.split(README_END)[1]
+    with data.atomic_path(path) as tmp, open(tmp, "w") as fh:
+        fh.write(f"{head}{README_BEGIN}\n{summary}\n{README_END}{tail}")
+    return path
+
+
+def input_files(cfg, res):
+    """The HDF5 files a task's result was built from (features files and fMRI responses), for its header."""
+    task = cfg["task"]
+    if task == "levels-ooo":
+        paths = [cfg["levels_features"]]
+    elif task in MULTI_FEATURES:
+        paths = [m.replace("{dataset}", ds) for m in (data.split_list(cfg["models"]) or [cfg["features"]])
+                 for ds in (data.split_list(cfg["datasets"]) or [""])]
+    elif task == "icl":  # the pools the checkpoints' held-out functions were drawn from
+        paths = [v["features"] for v in res.values() if isinstance(v, dict) and "features" in v]
+    elif task in ("dwarp", "all"):
+        paths = []
+    else:
+        paths = [cfg["features"]]
+    paths += data.split_list(cfg["aligned"])
+    if task in ("fmri", "encsearch"):
+        paths += sorted(glob.glob(os.path.join(cfg["data"], "brain_data", "*_ResponseData.h5")))
+    return paths
+
+
+def header(cfg, res):
+    """'synthetic world: ...' when the result was built from the world's files (directly, or through the warp runs
+    or the tasks it collects), else the task and its inputs."""
+    h = data.result_header(input_files(cfg, res), f"--task {cfg['task']}")
+    subs = []
+    if cfg["task"] == "dwarp":
+        for f in res.get("files", []):
+            with open(f) as fh:
+                subs.append(json.load(fh).get("header", ""))
+    elif cfg["task"] == "all":
+        subs = [s.get("header", "") for s in res.get("tasks", {}).values()]
+    if not h.startswith(data.SYNTHETIC) and any(s.startswith(data.SYNTHETIC) for s in subs):
+        h = f"{data.SYNTHETIC}: --task {cfg['task']} collects results built from the embedded synthetic world"
+    return h
+
+
+def write_result(path, res, cfg):
+    """The result JSON: header first, then the task's keys, config and versions; written atomically."""
+    doc = {"header": header(cfg, res), **res, "config": cfg, "versions": data.versions()}
+    with data.atomic_path(path) as tmp, open(tmp, "w") as fh:  # nothing partial is ever left at `path`
+        json.dump(doc, fh, indent=2, default=_json_default)
+    return doc
 
 
 # --------------------------------------------------------------------------------------------- the registry
@@ -212,9 +333,7 @@ def task_all(cfg):
             summary[name] = dict(status="error", reason=str(e))
             print(f"all: {name}: error: {e}")
             continue
-        r["config"], r["versions"] = sub, data.versions()
-        with data.atomic_path(sub["out"]) as tmp, open(tmp, "w") as fh:
-            json.dump(r, fh, indent=2, default=_json_default)
+        r = write_result(sub["out"], r, sub)
         heads = {}
         for rep, v in r.items():  # headline: the report's first matching metric, plus the behavioural fit
             if not isinstance(v, dict) or rep in ("config", "versions", "files", "group_stats"):
@@ -225,7 +344,7 @@ def task_all(cfg):
             if metric is not None or r2 is not None:
                 heads[rep] = dict(metric=metric, value=float(v[metric]) if metric else None,
                                   mcfadden_r2=float(r2) if r2 is not None else None)
-        summary[name] = dict(status="done", file=sub["out"], headline=heads)
+        summary[name] = dict(status="done", file=sub["out"], header=r["header"], headline=heads)
         for rep, m in heads.items():
             rows.append((name, rep, m))
     lines = ["| task | representation | metric | value | McFadden R^2 (held-out) |", "|---|---|---|---|---|"]
@@ -266,13 +385,21 @@ def main(argv=None):
             text = task_report(cfg)
             with data.atomic_path(out) as tmp, open(tmp, "w") as fh:
                 fh.write(text)
+            if cfg["readme"]:
+                summary = text.split("## What the demo shows\n\n", 1)[-1].split("\n\n", 1)[0] if \
+                    "## What the demo shows" in text else ""
+                if not summary:
+                    raise data.DataError(f"--readme {cfg['readme']}: {cfg['results']} lacks the results of the "
+                                         "demo summary (things-ooo and cka)")
+                print(f"wrote the demo summary into {update_readme(cfg['readme'], summary)}")
         elif cfg["task"] == "all" or cfg["task"] in TASKS:
             cfg["_out"] = out  # tasks that draw figures put them beside the result file
+            if cfg["task"] not in NO_DATA and not os.path.isdir(cfg["data"]):
+                raise data.DataError(f"--data {cfg['data']}: folder not found; expected the human data sets there "
+                                     "(make data, README 'Data formats'), or pass --data DIR (the synthetic world's: "
+                                     "data/world/data)")
             res = task_all(cfg) if cfg["task"] == "all" else TASKS[cfg["task"]](cfg)
-            res["config"] = cfg
-            res["versions"] = data.versions()
-            with data.atomic_path(out) as tmp, open(tmp, "w") as fh:  # nothing partial is ever left at `out`
-                json.dump(res, fh, indent=2)
+            print(write_result(out, res, cfg)["header"])
         else:
             raise data.DataError(f"--task {cfg['task']!r}: expected one of {sorted(TASKS) + ['all', 'report']}")
     except data.DataError as e:

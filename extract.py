@@ -47,7 +47,7 @@ defaults = dict(
     layer="",                    # /features: 'output' (the library's pooled embedding) or a module name ('' = backbone default)
     layers="",                   # extra layers -> /layers/<name>, comma-separated module names
     pooling="",                  # head (the model's own) | cls | mean | max | flatten | auto ('' = backbone default)
-    batch_size=64,               # images per forward pass
+    batch=64,                    # images per forward pass
     workers=-1,                  # image-decoding processes (-1 = min(8, cores - 1); 0 = in the main process)
     threads=0,                   # torch threads for the forward pass (0 = torch's default; 1 is fastest on a busy 2-core machine)
     device="auto",               # auto (cuda if available) | cpu | cuda | cuda:1
@@ -70,16 +70,30 @@ IDENTITY = ("dataset", "backbone", "weights", "images", "list", "split", "layer"
 REAL = list(images.DATASETS)
 
 
+WORLD_ONLY = ("size",)  # flags of the synthetic world besides its knobs (world.SIZES, world.COMMON)
+
+
 def parse(argv=None):
+    """Flags; the world's (--size and every knob of world.py) only with --dataset synthetic: with a real
+    dataset each is an error naming it, never silently ignored."""
     import world
     p = data.flag_parser(__doc__, defaults)
+    p.set_defaults(size=None)  # None = not given: 'small' for the world, an error for a real dataset
     # world knobs: default None = the value of the chosen --size; type taken from the small world's value
     knobs = dict(world.SIZES["small"], **world.COMMON)
     for k, v in knobs.items():
         full = world.SIZES["full"].get(k, v)
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None,
-                       help=f"world setting (small: {v}, full: {full})")
-    return p.parse_args(argv)  # unknown flags are an error
+                       help=f"world setting (small: {v}, full: {full}; --dataset synthetic only)")
+    args = p.parse_args(argv)  # unknown flags are an error
+    given = [k for k in list(knobs) + list(WORLD_ONLY) if getattr(args, k) is not None]
+    if args.dataset != "synthetic" and given:
+        flags = ["--" + k.replace("_", "-") for k in given]
+        p.error(f"{flags[0]} is a setting of the synthetic world; it takes --dataset synthetic (got --dataset "
+                f"{args.dataset})" + (f"; also given: {', '.join(flags[1:])}" if len(flags) > 1 else ""))
+    if args.size is None:
+        args.size = defaults["size"]
+    return args
 
 
 # ------------------------------------------------------------------------------------------- output naming
@@ -309,7 +323,7 @@ def extract(cfg, on_batch=None):
     lo, hi, target = 0, len(items), out
     if cfg["shard"]:
         i, n = parse_shard(cfg["shard"])
-        lo, hi = shard_range(len(items), cfg["batch_size"], i, n)
+        lo, hi = shard_range(len(items), cfg["batch"], i, n)
         target = shard_path(out, i, n)
     if os.path.exists(target) and not cfg["overwrite"]:
         return existing(target, dict(cfg, pca=0, sae="") if cfg["shard"] else cfg)
@@ -359,7 +373,7 @@ def _extract(cfg, spec, items, root, lo, hi, target, on_batch):
     start = part.done
     workers = cfg["workers"] if cfg["workers"] >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
     loader = torch.utils.data.DataLoader(
-        images.ImageDataset(items, bb.transform, blank), batch_size=cfg["batch_size"],
+        images.ImageDataset(items, bb.transform, blank), batch_size=cfg["batch"],
         sampler=range(lo + start, hi), num_workers=workers, pin_memory=device.startswith("cuda"))
     print(f"extract.py: {cfg['dataset']} ({hi - lo} images of {len(items)} under {root}"
           f"{', resuming at ' + str(start) if start else ''}) -> {target}; {bb.name} ({bb.weights}) on {device}, "

@@ -1,24 +1,27 @@
-"""Features -> checkpoints.
+r"""Features -> checkpoints: every training stage (--stage sae | meta | warp), one parser per stage.
 
-    python train.py --stage sae  --features F.h5 --out sae/NAME.pt     # top-k sparse autoencoder (issue 3)
-    python train.py --stage sae --encode --ckpt sae/NAME.pt --features F.h5 [--codes-out C.h5]
-                                                                       # its codes -> /sae/indices, /sae/values
-    python train.py --stage meta --features F.h5 --out meta/NAME.pt    # meta-learned Transformer (issue 4)
-    python train.py --stage warp --features F.h5 --targets brain|spose --d 1,10,100 --out warp/NAME.json
-                                                                       # encoder warping curve (issue 9, warp.py)
-
-Meta stage (issue 4), on the embedded world, codes from --codes (default: the features file itself):
-    python train.py --stage meta --features data/world/features/coco.h5 --codes CODES.h5 \
-        --eval-features data/world/features/things.h5 --eval-codes THINGS_CODES.h5 --out runs/meta/world.pt
+    python train.py --stage sae  --features F.h5 --out runs/sae/NAME.pt                 # top-k sparse autoencoder
+    python train.py --stage sae --encode --ckpt runs/sae/NAME.pt --features F.h5 [--codes-out C.h5]   # its codes
+    python train.py --stage meta --features F.h5 --codes C.h5 --eval-features E.h5 --eval-codes EC.h5 \
+        --out runs/meta/NAME.pt                                                          # meta-learned Transformer
+    python train.py --stage warp --features F.h5 --targets brain|spose --d 1,10,100 --out runs/warp/NAME.json
+    python train.py --stage sae --help                                                   # that stage's flags only
+    python train.py --stage meta --config configs/demo.toml --features ... --out ...    # a preset's [meta] table
     torchrun --nproc_per_node=2 train.py --stage meta ...     # DDP: gloo on CPU, NCCL on GPU; same global batch
     sbatch slurm/train_meta.sbatch                            # SLURM: one node, torchrun inside
-Writes the best checkpoint (--out, with config + versions), <out>.last.pt (for --resume), <out>.csv, <out>.png.
 
-SAE stage (issue 3): top-k SAE (Gao et al. 2024) on rows streamed from HDF5; writes --out (config + versions)
-and <out>.last.pt (for --resume). --ckpt also reads ViT-Prisma top-k SAEs. On the embedded world:
-    python train.py --stage sae --features data/world/features/coco.h5 --n-latents 8x --k 8 --out runs/sae/world.pt
-    python train.py --stage sae --encode --ckpt runs/sae/world.pt --features data/world/features/coco.h5
+The same idea has the same flag in every stage: --lr, --batch, --steps (sae: --epochs), --device, --threads,
+--resume, --progress; --config FILE.toml reads the file's table for the stage ([sae], [meta], [warp]) and
+flags given on the command line override it. Feature paths default to data/features/clip/ (extract.py's
+output); the demo passes the world's (Makefile, configs/demo.toml).
+
+sae: top-k SAE (Gao et al. 2024) on rows streamed from HDF5; writes --out (config + versions) and
+<out>.last.pt (for --resume). --ckpt also reads ViT-Prisma top-k SAEs; --encode writes /sae/indices and
+/sae/values (models.sae_encode). meta: writes the best checkpoint (--out, with config + versions),
+<out>.last.pt (for --resume), <out>.csv, <out>.png. warp: the performance-vs-d curve of encoder warping
+(eval_warp.py) as a result JSON, resumed d by d.
 """
+import argparse
 import os
 import sys
 
@@ -28,16 +31,20 @@ import data
 from data import atomic_path
 
 # ----------------------------------------------------------------------------------------------- defaults
-defaults = dict(
-    stage="sae",                                # sae | meta
-    features="data/world/features/coco.h5",     # training features (HDF5, /features + /image_ids)
-    out="",                                     # checkpoint path
+defaults = dict(  # every stage
+    stage="sae",                                # sae | meta | warp
+    config="",                                  # TOML preset file: its [sae] / [meta] / [warp] table sets this stage's flags
+    out="",                                     # output: checkpoint (sae, meta) or result JSON (warp)
     seed=0,                                     # random seed
+    device="auto",                              # auto | cpu | cuda
+    threads=0,                                  # torch threads (0 = torch default)
+    progress=True,                              # tqdm progress bar
 )
 
 
-# ------------------------------------------------------------------------------------- sae stage (issue 3)
+# ------------------------------------------------------------------------------------------------ sae stage
 defaults_sae = dict(
+    features="data/features/clip/coco.h5",      # training features (HDF5, /features + /image_ids); --encode: the file to encode
     n_latents="16x",                            # SAE latents: a count ("12288") or a multiple of d ("16x")
     k=64,                                       # active latents per row (top-k)
     normalize="expected_average",               # expected_average (E|x|^2 = d) | none | layer_norm | constant_norm_rescale
@@ -45,11 +52,12 @@ defaults_sae = dict(
     aux_coef=1 / 32,                            # weight of the AuxK loss
     dead_rows=0,                                # a latent is dead after this many training rows without firing (0 = one epoch)
     epochs=20,                                  # passes over the features
-    rows_per_step=1024,                         # rows per Adam step
-    sae_lr=0.0,                                 # Adam learning rate (0 = 2e-4 / sqrt(n_latents / 2^14), Gao et al.)
+    batch=1024,                                 # rows per Adam step
+    lr=0.0,                                     # Adam learning rate (0 = 2e-4 / sqrt(n_latents / 2^14), Gao et al.)
     chunk_rows=65536,                           # rows read from HDF5 at once (shuffled within the chunk; chunk order shuffled)
     log_every=50,                               # steps between log lines (FVU, L0, dead fraction)
     ckpt_every=500,                             # steps between resumable checkpoints <out>.last.pt
+    resume=False,                               # continue from <out>.last.pt
     encode=False,                               # encode --features with --ckpt into /sae/indices, /sae/values
     ckpt="",                                    # SAE checkpoint to encode with (own or ViT-Prisma format)
     codes_out="",                               # write the codes here ('' = into --features itself)
@@ -117,10 +125,10 @@ def stage_sae(cfg):
     dev = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
                        ("cpu" if cfg["device"] == "auto" else cfg["device"]))
     torch.manual_seed(cfg["seed"])
-    B, chunk = cfg["rows_per_step"], max(cfg["chunk_rows"], cfg["rows_per_step"])
+    B, chunk = cfg["batch"], max(cfg["chunk_rows"], cfg["batch"])
     aux_k = cfg["aux_k"] or max(1, d // 2)
     dead_rows = cfg["dead_rows"] or n
-    lr = cfg["sae_lr"] or 2e-4 / math.sqrt(n_latents / 2 ** 14)
+    lr = cfg["lr"] or 2e-4 / math.sqrt(n_latents / 2 ** 14)
     sae = TopKSAE(d, n_latents, cfg["k"], cfg["normalize"]).to(dev)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)  # Gao et al.: a small eps
     rows_since_fired = torch.zeros(n_latents, dtype=torch.int64, device=dev)
@@ -216,10 +224,11 @@ def sae_encode(cfg):
     return encode(cfg["features"], cfg["ckpt"], cfg["codes_out"], cfg["codes_dtype"], cfg["chunk_rows"], config=cfg)
 
 
-# ------------------------------------------------------------------------------------ meta stage (issue 4)
+# ----------------------------------------------------------------------------------------------- meta stage
 defaults_meta = dict(
+    features="data/features/clip/coco.h5",      # training image pool (HDF5, /features + /image_ids)
     codes="",                                   # HDF5 with /sae/indices, /sae/values row-aligned with --features ('' = --features)
-    eval_features="data/world/features/things.h5",  # held-out image pool (HDF5)
+    eval_features="data/features/clip/things.h5",  # held-out image pool (HDF5)
     eval_codes="",                              # its codes ('' = --eval-features)
     functions="sae",                            # sae (latents of the codes) | neurons (feature dims split at the median)
     min_nonzero=120,                            # a latent is a function if active on at least this many training images
@@ -249,8 +258,6 @@ defaults_meta = dict(
     patience=10,                                # early stopping: evaluations without improvement (0 = off)
     compile=False,                              # torch.compile the model
     resume=False,                               # continue from <out>.last.pt
-    device="auto",                              # auto | cpu | cuda
-    progress=True,                              # tqdm progress bar
 )
 
 
@@ -481,32 +488,33 @@ def stage_meta(cfg):
 
 # ------------------------------------------------------------------------------------------ warp stage
 defaults_warp = dict(
-    targets="brain",                            # warp: brain (THINGS-fMRI voxels of --roi) | spose (SPoSE embedding)
-    d="1,10,100,1000",                          # warp: subspace dimensions, comma-separated ('full' is always added)
-    data="data/world/data",                     # warp: folder with the human data files
-    field="features",                           # warp: dataset inside --features (e.g. layers/block6)
-    subject="1",                                # warp (brain): THINGS-fMRI subject
-    roi="LOC",                                  # warp (brain): ROI column of VoxelMetadata
-    nc_min=5.0,                                 # warp (brain): keep voxels with nc_singletrial > nc_min
-    projection="fastfood",                      # warp: fastfood | dense (reference) | identity (d = D only)
-    groups="",                                  # warp: parameter groups with their own scale, regexes, e.g. 'body,readout'
-    objective="ridge",                          # warp: ridge (linear read-out, MSE) | rsa (differentiable RSA, no read-out)
-    readout="ridge",                            # warp: ridge (fit by ridge, then warped) | joint (trained directly beside theta_d)
-    readout_penalty=True,                       # warp: keep the ridge penalty of the read-out while training (see fit_one)
-    hidden=0,                                   # warp: MLP hidden width (0 = feature width)
-    warp_lr=0.05,                               # warp: Adam learning rate of theta_d and the scales
-    full_lr=1e-3,                               # warp: Adam learning rate of the full fit
-    warp_steps=1000,                            # warp: maximum Adam steps per d
-    warp_batch=256,                             # warp: rows per step
-    warp_eval_every=25,                         # warp: steps between validation checks
-    warp_patience=8,                            # warp: validation checks without improvement before stopping
-    val_frac=0.15,                              # warp: share of the training rows held out for early stopping
-    test_frac=0.2,                              # warp (spose): share of concepts held out for the test score
-    warp_threads=1,                             # warp: torch threads (small ops: 1 is ~100x faster than 2 contended threads; 0 = torch default)
-    name="",                                    # warp: model name in the results ('' = the features' backbone attr or file stem)
+    features="data/features/clip/things.h5",    # features of the THINGS images (HDF5, /features + /image_ids)
+    targets="brain",                            # brain (THINGS-fMRI voxels of --rois) | spose (SPoSE embedding)
+    d="1,10,100,1000",                          # subspace dimensions, comma-separated ('full' is always added)
+    data="data/external",                       # folder with the human data files
+    field="features",                           # dataset inside --features (e.g. layers/block6)
+    subjects="1",                               # brain: the THINGS-fMRI subject (one per run)
+    rois="LOC",                                 # brain: the ROI column of VoxelMetadata (one per run)
+    nc_min=5.0,                                 # brain: keep voxels with nc_singletrial > nc_min
+    projection="fastfood",                      # fastfood | dense (reference) | identity (d = D only)
+    groups="",                                  # parameter groups with their own scale, regexes, e.g. 'body,readout'
+    objective="ridge",                          # ridge (linear read-out, MSE) | rsa (differentiable RSA, no read-out)
+    readout="ridge",                            # ridge (fit by ridge, then warped) | joint (trained directly beside theta_d)
+    readout_penalty=True,                       # keep the ridge penalty of the read-out while training (see fit_one)
+    hidden=0,                                   # MLP hidden width (0 = feature width)
+    lr=0.05,                                    # Adam learning rate of theta_d and the scales
+    full_lr=1e-3,                               # Adam learning rate of the full fit
+    steps=1000,                                 # maximum Adam steps per d
+    batch=256,                                  # rows per step
+    eval_every=25,                              # steps between validation checks
+    patience=8,                                 # validation checks without improvement before stopping
+    val_frac=0.15,                              # share of the training rows held out for early stopping
+    test_frac=0.2,                              # spose: share of concepts held out for the test score
+    threads=1,                                  # torch threads (small ops: 1 is ~100x faster than 2 contended threads; 0 = torch default)
+    name="",                                    # model name in the results ('' = the features' backbone attr or file stem)
 )
-RESUME_KEYS = ("features", "field", "targets", "data", "subject", "roi", "nc_min", "projection", "groups",
-               "objective", "readout", "readout_penalty", "hidden", "warp_lr", "full_lr", "warp_steps", "warp_batch", "seed",
+RESUME_KEYS = ("features", "field", "targets", "data", "subjects", "rois", "nc_min", "projection", "groups",
+               "objective", "readout", "readout_penalty", "hidden", "lr", "full_lr", "steps", "batch", "seed",
                "val_frac", "test_frac")
 
 
@@ -531,6 +539,10 @@ def stage_warp(cfg):
     import json
     from eval_warp import WarpEncoder, brain_target, make_split, spose_target, summarise, warp_curve
     from models import param_group_index
+    for key in ("subjects", "rois"):
+        if len(data.split_list(cfg[key])) != 1:
+            sys.exit(f"train.py: error: --{key} {cfg[key]!r}: the warp stage fits one subject and one ROI per run "
+                     "(slurm/evaluate_array.sbatch shows how to spread runs over a job array)")
     try:
         ds = parse_ds(cfg["d"])
         X, ids = data.read_features(cfg["features"], field=cfg["field"])
@@ -582,8 +594,7 @@ def stage_warp(cfg):
         with data.atomic_path(out) as tmp, open(tmp, "w") as fh:
             json.dump(doc, fh, indent=2)
 
-    with data.torch_threads(cfg["warp_threads"]):
-        res = warp_curve(split, ds, cfg, seed=cfg["seed"], done=done, on_result=save, progress=cfg["progress"])
+    res = warp_curve(split, ds, cfg, seed=cfg["seed"], done=done, on_result=save, progress=cfg["progress"])
     save(res)
     s = summarise(dict(results=res, name=name), frac=0.9)
     print(f"\nwarp {name} -> {tgt} (D = {D}): held-out {'RSA' if cfg['objective'] == 'rsa' else 'R^2'}")
@@ -596,17 +607,31 @@ def stage_warp(cfg):
 
 
 STAGES = {"sae": stage_sae, "meta": stage_meta, "warp": stage_warp}  # every --stage X: stage_X, in this file
+STAGE_DEFAULTS = {"sae": defaults_sae, "meta": defaults_meta, "warp": defaults_warp}
+
+
+def stage_defaults(stage):
+    """The flags of one stage: the common ones, then the stage's own (which override, e.g. --threads for warp)."""
+    return {**defaults, **STAGE_DEFAULTS[stage]}
 
 
 def parse(argv=None):
-    return vars(data.flag_parser(__doc__, defaults, defaults_sae, defaults_meta, defaults_warp).parse_args(argv))
+    """--stage picks the parser: `train.py --stage sae --help` lists the SAE's flags only. --config FILE.toml
+    applies the file's table for that stage (every table is checked against its stage's flags)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--stage", default=defaults["stage"])
+    stage = pre.parse_known_args(argv)[0].stage
+    if stage not in STAGES:
+        sys.exit(f"train.py: error: --stage {stage!r}; expected one of {sorted(STAGES)}")
+    d = stage_defaults(stage)
+    p = data.flag_parser(__doc__, d, prog=f"train.py --stage {stage}")
+    return data.parse_flags(p, argv, d, stage, {s: stage_defaults(s) for s in STAGES})
 
 
 def main(argv=None):
     cfg = parse(argv)
-    if cfg["stage"] not in STAGES:
-        sys.exit(f"train.py: error: --stage {cfg['stage']!r}; expected one of {sorted(STAGES)}")
-    return STAGES[cfg["stage"]](cfg)
+    with data.torch_threads(cfg["threads"]):
+        return STAGES[cfg["stage"]](cfg)
 
 
 if __name__ == "__main__":

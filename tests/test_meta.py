@@ -19,6 +19,7 @@ from eval_behaviour import odd_one_out
 from representations import cosine_similarity_matrix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "demo.toml")  # the demo's SAE and meta settings (make demo)
 
 
 def write_truth_codes(world, split, out, k=4):
@@ -182,8 +183,8 @@ def sae_codes(world, tmp_path_factory):
     """The demo's chain: a top-k SAE on the world's COCO pool (make demo's flags), its codes for COCO and THINGS."""
     tmp = tmp_path_factory.mktemp("sae_meta")
     sae = str(tmp / "sae.pt")
-    train.main(["--stage", "sae", "--features", world["features/coco"], "--out", sae, "--n-latents", "4x", "--k", "16",
-                "--epochs", "30", "--rows-per-step", "256", "--sae-lr", "0.003", "--no-progress", "--log-every", "100000"])
+    train.main(["--stage", "sae", "--config", CONFIG, "--features", world["features/coco"], "--out", sae,
+                "--log-every", "100000"])
     for split in ("coco", "things"):
         train.main(["--stage", "sae", "--encode", "--ckpt", sae, "--features", world[f"features/{split}"],
                     "--codes-out", str(tmp / f"{split}_codes.h5")])
@@ -248,16 +249,17 @@ def test_meta_ddp_two_ranks_match_one(world, codes, tmp_path):
 
 
 def test_demo_meta_run_orders_every_behavioural_task(world, sae_codes, tmp_path):
-    """make demo's meta run (SAE functions, --input-pca 0.95, 600 steps, seed 0) evaluated as the demo does: on
-    THINGS and Levels odd-one-out, category and reward learning, h (the world's SPoSE file; Levels: the images'
-    codes, tests/test_behaviour.py) scores highest, the checkpoint's encode next and the base features lowest;
-    encode also beats its own control base_pca (the base features standardised and projected onto the same
-    principal subspace), so the gain is meta-learning's, not the projection's. Measured (McFadden R^2, h >
-    aligned > base_pca > base): THINGS 0.316 > 0.167 > 0.068 > 0.040; Levels (no h) 0.198 > 0.071 > 0.045;
+    """make demo's meta run ([meta] of configs/demo.toml: SAE functions, --input-pca 0.95, 600 steps, seed 0)
+    evaluated as the demo does: on THINGS and Levels odd-one-out, category and reward learning, h (the world's SPoSE
+    file; Levels: the images' codes, tests/test_behaviour.py) scores highest, the checkpoint's encode next and the
+    base features lowest; encode also beats its own control base_pca (the base features standardised and projected
+    onto the same principal subspace), so the gain is meta-learning's, not the projection's. Measured (McFadden R^2,
+    h > aligned > base_pca > base): THINGS 0.316 > 0.167 > 0.068 > 0.040; Levels (no h) 0.198 > 0.071 > 0.045;
     category learning 0.421 > 0.408 > 0.374 > 0.369; reward learning 0.403 > 0.391 > 0.373 > 0.361."""
     ckpt = str(sae_codes / "demo.pt")
-    train.main(_args(world, sae_codes, out=ckpt, min_nonzero=40, steps=600, lr=2e-3, eval_every=100,
-                     eval_episodes=256, warmup=100, input_pca=0.95))
+    train.main(["--stage", "meta", "--config", CONFIG, "--features", world["features/coco"],  # make demo's run
+                "--codes", str(sae_codes / "coco_codes.h5"), "--eval-features", world["features/things"],
+                "--eval-codes", str(sae_codes / "things_codes.h5"), "--out", ckpt])
     common = ["--features", world["features/things"], "--levels-features", world["dir"] + "/features/levels.h5",
               "--data", world["data"], "--ckpt", ckpt]
     r2 = {}

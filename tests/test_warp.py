@@ -128,8 +128,8 @@ def _synthetic(seed=0, n=600, p=4, t=8):
 
 def test_synthetic_warp_curves_rise_with_d_and_the_closer_model_warps_less():
     XA, XB, Y = _synthetic()
-    cfg = dict(train.defaults_warp, hidden=32, warp_lr=0.2, full_lr=1e-2, warp_steps=400, warp_batch=10_000,
-               warp_eval_every=20, warp_patience=10)
+    cfg = dict(train.defaults_warp, hidden=32, lr=0.2, full_lr=1e-2, steps=400, batch=10_000,
+               eval_every=20, patience=10)
     # D = 332 (MLP 4 -> 32 -> 4 plus the 4 -> 8 read-out); d stays below D: a square random projection is
     # ill-conditioned, which slows training down at d = D
     ds = [1, 8, 32, 64, 96, 128, 192, 256]
@@ -156,8 +156,8 @@ def test_synthetic_warp_curves_rise_with_d_and_the_closer_model_warps_less():
 def warp_runs(world, tmp_path_factory):
     """Two warp runs on the world's fMRI (base features and the extra backbone b3), few steps."""
     out = tmp_path_factory.mktemp("warp")
-    common = ["--stage", "warp", "--targets", "brain", "--data", world["data"], "--roi", "LOC", "--warp-steps", "60",
-              "--warp-eval-every", "20", "--no-progress"]
+    common = ["--stage", "warp", "--targets", "brain", "--data", world["data"], "--rois", "LOC", "--steps", "60",
+              "--eval-every", "20", "--no-progress"]
     paths = {}
     for name, feats in (("base", world["features/things"]), ("b3", world["features/things_b3"])):
         paths[name] = str(out / f"{name}.json")
@@ -175,8 +175,8 @@ def test_stage_warp_writes_curve_and_resumes(warp_runs, world):
     doc2 = json.load(open(paths["base"]))
     assert set(doc2["results"]) == {"0", "full", "1", "8", "32"}
     assert all(doc2["results"][k]["seconds"] == s for k, s in before.items())  # resumed: old fits kept, not redone
-    with pytest.raises(SystemExit, match="different settings \\(warp_lr\\)"):
-        train.main(common + ["--features", world["features/things"], "--d", "1", "--warp-lr", "0.5", "--out", paths["base"]])
+    with pytest.raises(SystemExit, match="different settings \\(lr\\)"):
+        train.main(common + ["--features", world["features/things"], "--d", "1", "--lr", "0.5", "--out", paths["base"]])
 
 
 def test_linear_baseline_is_the_ridge_fit(world):
@@ -213,7 +213,7 @@ def test_stage_warp_bad_input(world, tmp_path):
     with pytest.raises(SystemExit, match="--d 100000 is larger than D = "):
         train.main(base + ["--d", "100000"])
     with pytest.raises(SystemExit, match="ROI column 'XYZ' missing"):
-        train.main(base + ["--roi", "XYZ"])
+        train.main(base + ["--rois", "XYZ"])
     with pytest.raises(SystemExit, match="--targets 'eeg': expected brain or spose"):
         train.main(base + ["--targets", "eeg"])
     with pytest.raises(SystemExit, match="group\\(s\\) \\['attn'\\] match no warped parameter"):
@@ -236,8 +236,8 @@ def test_rsa_score_matches_scipy():
 def test_rsa_objective_and_joint_readout():
     XA, _, Y = _synthetic()
     split = warp.make_split(XA, Y, np.arange(480, 600), 0.2, seed=0)
-    cfg = dict(train.defaults_warp, hidden=16, warp_lr=0.2, full_lr=1e-2, warp_steps=200, warp_batch=128,
-               warp_eval_every=20, warp_patience=5, objective="rsa")
+    cfg = dict(train.defaults_warp, hidden=16, lr=0.2, full_lr=1e-2, steps=200, batch=128,
+               eval_every=20, patience=5, objective="rsa")
     res = warp.warp_curve(split, [8, 64], cfg)
     assert res["8"]["D"] == 4 * 16 + 16 + 16 * 4 + 4  # no read-out under the RSA objective
     assert res["full"]["test"] > res["0"]["test"] + 0.02  # training the body towards the target RDM helps
@@ -249,7 +249,7 @@ def test_rsa_objective_and_joint_readout():
 def test_stage_warp_spose(world, tmp_path):
     out = str(tmp_path / "spose.json")
     train.main(["--stage", "warp", "--targets", "spose", "--features", world["features/things"], "--data", world["data"],
-                "--d", "2", "--warp-steps", "40", "--warp-eval-every", "20", "--no-progress", "--out", out])
+                "--d", "2", "--steps", "40", "--eval-every", "20", "--no-progress", "--out", out])
     doc = json.load(open(out))
     assert doc["target"] == "spose" and doc["n_test"] == 30 and doc["n_train"] + doc["n_val"] == 120  # 150 concepts
     assert set(doc["results"]) == {"0", "full", "2"}
