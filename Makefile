@@ -1,4 +1,4 @@
-# metalign: make demo | test | bench | build | world | evaluate TASK=cka | train BACKBONE=clip | data | clean   (see README)
+# metalign: make demo | test | lint | bench | build | world | evaluate TASK=cka | train BACKBONE=clip | data | clean   (see README)
 PY      ?= .venv/bin/python
 WORLD   ?= data/world
 SIZE    ?= small
@@ -16,7 +16,7 @@ EVAL    := evaluate.py representations.py data.py   # every evaluation's result 
 README_SUMMARY := $(if $(filter runs/demo|data/world|small|0,$(RUN)|$(WORLD)|$(SIZE)|$(SEED)),--readme README.md,)
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test bench build nvcc world evaluate train data clean
+.PHONY: demo test lint bench build nvcc world evaluate train data clean
 
 .venv/ok: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -44,7 +44,7 @@ $(RUN)/things-ooo.json: $(WORLD)/world_truth.h5 $(EVAL) eval_behaviour.py choice
 $(RUN)/cka.json: $(WORLD)/world_truth.h5 $(EVAL) eval_geometry.py kernels.py $(CKPT)
 	$(PY) evaluate.py --task cka --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --spose-dims 0,1,2 --out $@
 
-# representational geometry (issue 7): one file target per task, each with the aligned checkpoint
+# representational geometry: one file target per task, each with the aligned checkpoint
 GEOMETRY = rsa class-separation tsne probe
 $(GEOMETRY:%=$(RUN)/%.json): $(RUN)/%.json: $(WORLD)/world_truth.h5 $(EVAL) eval_geometry.py geometry.py $(CKPT)
 	$(PY) evaluate.py --task $* --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
@@ -120,6 +120,10 @@ data: .venv/ok
 
 test: build nvcc
 	KERNELS_REQUIRE=1 $(PY) -m pytest -q tests --benchmark-skip
+
+# ruff (pyproject.toml) and the issue-reference check; make test runs the same through tests/test_lint.py
+lint: .venv/ok
+	$(PY) -m pytest -q tests/test_lint.py
 
 bench: build
 	THP_MEM_ALLOC_ENABLE=1 KERNELS_REQUIRE=1 $(PY) -m pytest tests/test_bench*.py --benchmark-only --benchmark-group-by=group --benchmark-columns=min,mean,median,rounds --benchmark-json=runs/bench.json

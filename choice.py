@@ -95,7 +95,8 @@ def fit_conditional_logit(X, y, group, n_groups, rows=None, l2=0.1, max_iter=100
     G, p = n_groups, X.shape[2]
     n_trials = torch.bincount(group, minlength=G)
     empty = n_trials == 0
-    theta = torch.zeros(G, p, dtype=torch.float64) if theta0 is None else torch.as_tensor(theta0, dtype=torch.float64).clone()
+    theta = (torch.zeros(G, p, dtype=torch.float64) if theta0 is None
+             else torch.as_tensor(theta0, dtype=torch.float64).clone())
     f, g, H = _logit_pass(theta, Xt, y, group, l2, True)
     converged = empty.clone()
     it = 0
@@ -216,7 +217,8 @@ def summarise_fit(nll, correct, codes, n_groups, n_options, labels, ci=0.95, see
         i = rng.integers(n_groups, size=n_groups)
         boots.append(1 - s[i].sum() / max(n[i].sum(), 1) / math.log(n_options))
     lo, hi = np.quantile(boots, [(1 - ci) / 2, 1 - (1 - ci) / 2]) if n_groups else (float("nan"),) * 2
-    summary = dict(mcfadden_r2=float(pooled), r2_ci=[float(lo), float(hi)], r2_ci_method="percentile bootstrap over participants",
+    summary = dict(mcfadden_r2=float(pooled), r2_ci=[float(lo), float(hi)],
+                   r2_ci_method="percentile bootstrap over participants",
                    heldout_nll=float(v.mean()) if len(v) else float("nan"),
                    heldout_accuracy=float(ok.mean()) if len(ok) else float("nan"),
                    participant_r2_mean=float(per["r2"].mean()) if n_groups else float("nan"),
@@ -452,7 +454,8 @@ def wilcoxon_pair(nll_a, nll_b):
     a, b = np.asarray(nll_a, np.float64), np.asarray(nll_b, np.float64)
     d = a - b
     if len(d) < 2 or np.all(d == 0):
-        return dict(statistic=float("nan"), p=float("nan"), n=int(len(d)), median_difference=float(np.median(d)) if len(d) else float("nan"))
+        return dict(statistic=float("nan"), p=float("nan"), n=int(len(d)),
+                    median_difference=float(np.median(d)) if len(d) else float("nan"))
     st = wilcoxon(a, b)
     return dict(statistic=float(st.statistic), p=float(st.pvalue), n=int(len(d)), median_difference=float(np.median(d)),
                 better_a=int((d < 0).sum()), better_b=int((d > 0).sum()))

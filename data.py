@@ -336,7 +336,7 @@ def result_header(paths, what):
     paths = [str(p) for p in paths if p]
     synth = [p for p in paths if is_synthetic(p)]
     if synth:
-        return f"{SYNTHETIC}: {what} on the embedded synthetic world (world.py), not human data; from {', '.join(synth)}"
+        return f"{SYNTHETIC}: {what} on the embedded world (world.py), not human data; from {', '.join(synth)}"
     return f"{what} on {', '.join(paths) or 'the inputs in config'}"
 
 
@@ -486,7 +486,8 @@ def load_levels(data_dir):
         if len(gap):
             raise DataError(f"{path}: field '{c}' missing in {len(gap)} exp trials, first of participant "
                             f"{df['participant'][gap[0]]!r}")
-    key = lambda s: s.astype(str).map(lambda p: p.replace("\\", "/").rsplit("/", 1)[-1])
+    def key(s):
+        return s.astype(str).map(lambda p: p.replace("\\", "/").rsplit("/", 1)[-1])
     imgs = np.stack([key(df[f"image{j}Path"]).to_numpy() for j in (1, 2, 3)], 1)  # (n_trials, 3)
     sel = key(df["selected_image"]).to_numpy()
     hit = imgs == sel[:, None]
@@ -502,7 +503,8 @@ def load_levels(data_dir):
 
 
 def load_category_learning(data_dir):
-    """category_learning.csv -> DataFrame (participant, image, choice, true_category_binary[, trial, dimension, correct])."""
+    """category_learning.csv -> DataFrame (participant, image, choice, true_category_binary[, trial, dimension,
+    correct])."""
     path = _need(os.path.join(data_dir, "category_learning.csv"), "category learning CSV")
     df = pd.read_csv(path)
     req = ["participant", "image", "choice", "true_category_binary"]

@@ -9,7 +9,8 @@ Run through evaluate.py (this module holds the tasks; evaluate.py registers them
     python evaluate.py --task icl --ckpt META.pt --data DIR --out R.json              # model vs human curves
 
 things-ooo scores each representation zero-shot (cosine similarity, the odd one out is the item outside the
-most similar pair) against the noise ceiling of repeated triplets, then fits it as below. Each task maps the trials' images to representations (base, SPoSE, aligned with --ckpt), fits every
+most similar pair) against the noise ceiling of repeated triplets, then fits it as below. Each task maps the
+trials' images to representations (base, SPoSE, aligned with --ckpt), fits every
 representation with choice.py (a conditional logit per participant by batched Newton steps, stratified 5-fold
 cross-validation, held-out per-trial NLL, group statistics) and writes, beside its JSON: <out>.trials.h5
 (per-trial held-out NLL, correctness, fold; config + versions attrs) and PNG figures.
@@ -21,8 +22,9 @@ import numpy as np
 import torch
 
 import data
-from choice import (LN3, crossval_choice, entropy_ceiling, fit_odd_one_out, group_statistics, online_blr, online_logistic,
-                    participant_codes, repeated_responses, span_project, stratified_folds, summarise_fit, to_panels)
+from choice import (LN3, crossval_choice, entropy_ceiling, fit_odd_one_out, group_statistics, online_blr,
+                    online_logistic, participant_codes, repeated_responses, span_project, stratified_folds,
+                    summarise_fit, to_panels)
 from data import with_threads
 from representations import (aligned_representations, cosine_similarity_matrix, load_representations, print_table,
                              z_value)
@@ -95,7 +97,8 @@ def write_trials(path, cfg, tables):
             for k, v in cols.items():
                 v = np.asarray(v)
                 if v.dtype.kind in "OU":
-                    f.create_dataset(f"{gname}/{k}", data=v.astype(str).astype(object), dtype=h5py.string_dtype("utf-8"))
+                    f.create_dataset(f"{gname}/{k}", data=v.astype(str).astype(object),
+                                     dtype=h5py.string_dtype("utf-8"))
                 else:
                     f.create_dataset(f"{gname}/{k}", data=v, compression="gzip" if v.size > 100000 else None)
         data.write_h5_attrs(f, dict(config=cfg))
@@ -271,7 +274,8 @@ def task_levels_ooo(cfg, reps=None):
     for name, R in reps.items():
         S = cosine_similarity_matrix(R)
         zs = odd_one_out(S, trip) == choice
-        fit = fit_odd_one_out(S, trip, choice, trials["participant"].to_numpy(), cfg["behav_folds"], cfg["behav_l2"], cfg["seed"])
+        fit = fit_odd_one_out(S, trip, choice, trials["participant"].to_numpy(), cfg["behav_folds"], cfg["behav_l2"],
+                              cfg["seed"])
         summary, per[name] = summarise_fit(fit["nll"], fit["correct"], fit["codes"], len(fit["labels"]), 3,
                                            fit["labels"], cfg["ci"], cfg["seed"])
         by_type = {}
@@ -280,8 +284,9 @@ def task_levels_ooo(cfg, reps=None):
             by_type[ty] = dict(mcfadden_r2=float(1 - fit["nll"][m].mean() / LN3) if m.any() else float("nan"),
                                heldout_accuracy=float(fit["correct"][m].mean()) if m.any() else float("nan"),
                                accuracy=float(zs[ttype == ty].mean()), n_trials=int((ttype == ty).sum()))
-        res[name] = dict(accuracy=float(zs.mean()), mcfadden_r2=summary["mcfadden_r2"], fit=dict(summary, skipped=fit["skipped"],
-                         not_converged=int((~fit["converged"]).sum())), by_triplet_type=by_type, dims=int(R.shape[1]))
+        res[name] = dict(accuracy=float(zs.mean()), mcfadden_r2=summary["mcfadden_r2"],
+                         fit=dict(summary, skipped=fit["skipped"], not_converged=int((~fit["converged"]).sum())),
+                         by_triplet_type=by_type, dims=int(R.shape[1]))
         dots[name], pooled[name] = per[name]["r2"], summary["mcfadden_r2"]
         tables[name] = dict(nll=fit["nll"].astype(np.float32), correct=fit["correct"], fold=fit["fold"].astype(np.int8))
     tables["trials"] = dict(participant=trials["participant"].astype(str).to_numpy(), triplet_type=ttype)
@@ -345,15 +350,18 @@ def task_category_learning(cfg):
     df = data.load_category_learning(cfg["data"])
     csv = os.path.join(cfg["data"], "category_learning.csv")
     reps, row = image_representations(cfg, df["image"].to_numpy(), csv, "image")
-    fits = fit_category_learning(reps, row, df, data.parse_floats(cfg["cat_c"], "cat-c"), cfg["behav_folds"], cfg["behav_l2"], cfg["seed"])
+    fits = fit_category_learning(reps, row, df, data.parse_floats(cfg["cat_c"], "cat-c"), cfg["behav_folds"],
+                                 cfg["behav_l2"], cfg["seed"])
     pos = _trial_position(df)
     human = (df["choice"].to_numpy() == df["true_category_binary"].to_numpy()).astype(np.float64)
     T = pos.max() + 1
     curve = lambda v: (np.arange(1, T + 1), np.bincount(pos, weights=np.nan_to_num(v), minlength=T)  # noqa: E731
-                       / np.bincount(pos, weights=np.isfinite(v).astype(float), minlength=T))  # skipped participants: nan
+                       # skipped participants: nan
+                       / np.bincount(pos, weights=np.isfinite(v).astype(float), minlength=T))
     curves = {"human": curve(human)}
     return _learning_task(cfg, fits, 2, "category learning", curves, curve, lambda f: f["p_true"],
-                          extra=lambda f: dict(C_median=float(np.median(f["chosen_C"])), beta_median=float(np.median(f["beta"]))),
+                          extra=lambda f: dict(C_median=float(np.median(f["chosen_C"])),
+                                               beta_median=float(np.median(f["beta"]))),
                           human_curve=curves["human"])
 
 
@@ -363,8 +371,9 @@ def _learning_task(cfg, fits, K, title, curves, curve, model_curve_of, extra, hu
     for name, f in fits.items():
         summary, per[name] = summarise_fit(f["nll"], f["correct"], f["codes"], len(f["labels"]), K, f["labels"],
                                            cfg["ci"], cfg["seed"])
-        res[name] = dict(mcfadden_r2=summary["mcfadden_r2"], ci=summary["r2_ci"], fit=dict(summary, skipped=f["skipped"],
-                         not_converged=int((~f["converged"]).sum()), **extra(f)))
+        res[name] = dict(mcfadden_r2=summary["mcfadden_r2"], ci=summary["r2_ci"],
+                         fit=dict(summary, skipped=f["skipped"], not_converged=int((~f["converged"]).sum()),
+                                  **extra(f)))
         dots[name], pooled[name] = per[name]["r2"], summary["mcfadden_r2"]
         m = f["codes"] >= 0
         if model_curve_of is not None:
@@ -387,11 +396,13 @@ def fit_reward_learning(reps, rows_lr, df, lams, n_folds, l2, seed=0):
     choice = df["choice"].to_numpy()
     bad = ~np.isin(choice, [0, 1])
     if bad.any():
-        raise data.DataError(f"reward_learning.csv: column 'choice' has {int(bad.sum())} values not in {{0 (left), 1 (right)}}, "
+        raise data.DataError(f"reward_learning.csv: column 'choice' has {int(bad.sum())} values not in "
+                             f"{{0 (left), 1 (right)}}, "
                              f"first {choice[bad][0]!r} (row {np.flatnonzero(bad)[0] + 1})")
     rew = df[["left_reward", "right_reward"]].to_numpy(np.float64)
     if not np.isfinite(rew).all():
-        raise data.DataError(f"reward_learning.csv: columns 'left_reward'/'right_reward' have {int((~np.isfinite(rew)).sum())} "
+        raise data.DataError(f"reward_learning.csv: columns 'left_reward'/'right_reward' have "
+                             f"{int((~np.isfinite(rew)).sum())} "
                              f"non-numeric or missing values")
     rew = (rew - rew.mean()) / (rew.std() if rew.std() > 0 else 1.0)
     _, idx, valid = to_panels(df)
@@ -403,7 +414,8 @@ def fit_reward_learning(reps, rows_lr, df, lams, n_folds, l2, seed=0):
     for name, R in reps.items():
         Rs = _standardise(np.asarray(R, np.float64))
         P, T = idx.shape
-        Zb = torch.from_numpy(np.concatenate([Rs[rows_lr[0][ix]], Rs[rows_lr[1][ix]]], 1)) * torch.cat([vt, vt], 1)[:, :, None]
+        Zb = torch.from_numpy(np.concatenate([Rs[rows_lr[0][ix]], Rs[rows_lr[1][ix]]], 1))
+        Zb = Zb * torch.cat([vt, vt], 1)[:, :, None]
         Zb = span_project(Zb, 2 * T)  # (P, 2T, r) shared basis for the left and right images
         vals = online_blr(Zb[:, :T], Zb[:, T:], torch.from_numpy(rew[ix, 0]), torch.from_numpy(rew[ix, 1]), vt, lams)
         Xs = []
@@ -416,7 +428,8 @@ def fit_reward_learning(reps, rows_lr, df, lams, n_folds, l2, seed=0):
         lp = r["logp"].numpy()
         best = (rew[:, 1] > rew[:, 0]).astype(np.int64)
         out[name] = dict(nll=r["nll"].numpy(), correct=(lp.argmax(1) == choice) & (codes >= 0),
-                         p_best=np.exp(lp[np.arange(len(df)), best]), codes=codes, labels=labels, skipped=skipped, fold=fold,
+                         p_best=np.exp(lp[np.arange(len(df)), best]), codes=codes, labels=labels, skipped=skipped,
+                         fold=fold,
                          chosen_lambda=np.asarray(lams)[r["choice_idx"].numpy()], beta=r["theta"].numpy()[:, :, 0],
                          converged=r["converged"].numpy())
     return out
@@ -440,7 +453,8 @@ def task_reward_learning(cfg):
                        / np.bincount(pos, weights=np.isfinite(v).astype(float), minlength=T))
     curves = {"human": curve(human)}
     return _learning_task(cfg, fits, 2, "reward learning", curves, curve, lambda f: f["p_best"],
-                          extra=lambda f: dict(lambda_median=float(np.median(f["chosen_lambda"])), beta_median=float(np.median(f["beta"]))),
+                          extra=lambda f: dict(lambda_median=float(np.median(f["chosen_lambda"])),
+                                               beta_median=float(np.median(f["beta"]))),
                           human_curve=curves["human"])
 
 
@@ -478,7 +492,8 @@ def task_icl(cfg):
         human = (df["choice"].to_numpy() == df["true_category_binary"].to_numpy()).astype(np.float64)
         T = pos.max() + 1
         hc = np.bincount(pos, weights=human, minlength=T) / np.bincount(pos, minlength=T)
-        res["human"] = dict(learning_curve=hc.tolist(), accuracy=float(human.mean()), n_participants=int(df["participant"].nunique()))
+        res["human"] = dict(learning_curve=hc.tolist(), accuracy=float(human.mean()),
+                            n_participants=int(df["participant"].nunique()))
         curves["human category learning"] = (np.arange(1, T + 1), hc)
     paths = [p.strip() for p in (cfg.get("ckpt") or "").split(",") if p.strip()]
     if not paths:
@@ -488,7 +503,8 @@ def task_icl(cfg):
         res[name] = _icl_one(cfg, path)
         r = res[name]
         curves[f"{name} (held-out functions)"] = (np.arange(1, r["length"] + 1), np.array(r["accuracy_by_position"]))
-        print(f"\nicl {path}: held-out accuracy {r['accuracy']:.4f} (first position {r['accuracy_by_position'][0]:.3f}, "
+        print(f"\nicl {path}: held-out accuracy {r['accuracy']:.4f} "
+              f"(first position {r['accuracy_by_position'][0]:.3f}, "
               f"last {r['accuracy_by_position'][-1]:.3f})")
     res["files"] = dict(curves_figure=plot_curves(curves, stem + ".curves.png", xlabel="position / trial",
                                                   ylabel="accuracy", title="in-context learning vs humans"))

@@ -254,7 +254,8 @@ def run_fmri(cfg, reps_for_subject, representations):
             per[name]["vs_base_p"] = {r: sign_flip_test(voxels[tag][name][m] - voxels[tag]["base"][m],
                                                         cfg["n_perm"], cfg["seed"])
                                       for r, m in sub["rois"].items() if m.any()}
-        per["n_voxels"], per["n_voxels_kept"], per["n_trials"] = sub["n_voxels_total"], int(len(sub["nc"])), int(len(sessions))
+        per["n_voxels"], per["n_voxels_kept"] = sub["n_voxels_total"], int(len(sub["nc"]))
+        per["n_trials"] = int(len(sessions))
         per["seconds"] = time.perf_counter() - t0
         res["per_subject"][tag] = per
         timing[tag] = per["seconds"]
@@ -386,7 +387,8 @@ def candidates(Xtr, Ytr, fold_id, pcas, regressions, alphas, pls_ks):
                                 cv_r2=float(1 - fit.cv_scores.mean())))
             else:
                 for k in [k for k in pls_ks if k <= min(Z.shape[1], min(len(Z) - len(v) for v in folds))]:
-                    mse = np.mean([((Ytr[v] - _pls_predict(np.delete(Z, v, 0), np.delete(Ytr, v, 0), Z[v], k)) ** 2).mean()
+                    mse = np.mean([((Ytr[v] - _pls_predict(np.delete(Z, v, 0), np.delete(Ytr, v, 0), Z[v], k))
+                                    ** 2).mean()
                                    for v in folds])
                     out.append(dict(pca=n_pc, regression="pls", hyper=int(k), cv_r2=float(1 - mse)))
     return out
@@ -503,7 +505,8 @@ def task_encsearch(cfg):
     md = os.path.splitext(out)[0] + ".md"
     text = table(res)
     with data.atomic_path(md) as tmp, open(tmp, "w") as fh:
-        fh.write(f"# Encoding-model search\n\n{res['split']}; chosen per subject x ROI x layer by {cfg['folds']}-fold CV."
+        fh.write(f"# Encoding-model search\n\n{res['split']}; chosen per subject x ROI x layer by "
+                 f"{cfg['folds']}-fold CV."
                  "\n\n" + text)
     print(text)
     print(f"wrote {md} ({res['seconds']:.1f} s)")

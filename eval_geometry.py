@@ -175,7 +175,8 @@ def load_categories(cfg, concepts):
     import pandas as pd
     path = cfg["categories"] or os.path.join(cfg["data"], "categories.tsv")
     if not os.path.exists(path):
-        raise data.DataError(f"{path} not found; expected a tab-separated table: uniqueID + one 0/1 column per category")
+        raise data.DataError(f"{path} not found; expected a tab-separated table: uniqueID + one 0/1 column per "
+                             "category")
     df = pd.read_csv(path, sep="\t")
     key = "uniqueID" if "uniqueID" in df.columns else "concept"
     if key not in df.columns:
@@ -238,7 +239,8 @@ def task_tsne(cfg):
     colour = np.where(member.any(1), member.argmax(1), -1)
     emb, res = {}, {}
     for name, R in reps.items():
-        Z = TSNE(perplexity=min(cfg["perplexity"], (len(R) - 1) / 3), init="pca", random_state=cfg["seed"]).fit_transform(R)
+        Z = TSNE(perplexity=min(cfg["perplexity"], (len(R) - 1) / 3), init="pca",
+                 random_state=cfg["seed"]).fit_transform(R)
         emb[name] = Z if name == "base" else geometry.procrustes_to(emb["base"], Z)
         res[name] = dict(trustworthiness=float(trustworthiness(R, Z, n_neighbors=5)))
     fig, axes = plt.subplots(1, len(emb), figsize=(4.5 * len(emb), 4.5), squeeze=False)
@@ -249,7 +251,8 @@ def task_tsne(cfg):
     png = os.path.splitext(cfg["_out"])[0] + ".png"
     data.save_figure(fig, png, bbox_inches="tight")
     res["figure"] = png
-    print_table("t-SNE trustworthiness (5 neighbours)", "trust", [(k, v["trustworthiness"], None) for k, v in res.items()
+    print_table("t-SNE trustworthiness (5 neighbours)", "trust",
+                [(k, v["trustworthiness"], None) for k, v in res.items()
                                                               if isinstance(v, dict)], float("nan"))
     return res
 
@@ -271,7 +274,8 @@ def task_similarity(cfg):
     datasets = [d.strip() for d in cfg["datasets"].split(",") if d.strip()] or [""]
     measures = [m.strip() for m in cfg["measures"].split(",") if m.strip()]
     if len(paths) < 2:
-        raise data.DataError("--models: need at least two comma-separated feature files (use {dataset} for the dataset name)")
+        raise data.DataError("--models: need at least two comma-separated feature files (use {dataset} for the "
+                             "dataset name)")
     names = [_model_name(p.replace("{dataset}", datasets[0])) for p in paths]
     res = dict(models=names, datasets=datasets, measures=measures, matrices={}, indices={})
     for ds in datasets:
@@ -280,7 +284,8 @@ def task_similarity(cfg):
             f = p.replace("{dataset}", ds)
             X, ids = data.read_features(f, field=cfg["field"])
             if ids0 is not None and ids != ids0:
-                raise data.DataError(f"{f}: /image_ids differ from {src0} (models must see the same images in the same order)")
+                raise data.DataError(f"{f}: /image_ids differ from {src0} (models must see the same images in the "
+                                     "same order)")
             ids0, src0 = ids0 or ids, src0 or f
             feats.append(X)
         rng = np.random.default_rng(cfg["seed"])
@@ -290,7 +295,8 @@ def task_similarity(cfg):
         res["indices"][ds] = idx.tolist()
     res["consistency"] = {m: geometry.consistency([np.array(res["matrices"][d][m]) for d in datasets]).tolist()
                           for m in measures}
-    fig, axes = plt.subplots(len(datasets), len(measures), figsize=(3.2 * len(measures), 3 * len(datasets)), squeeze=False)
+    fig, axes = plt.subplots(len(datasets), len(measures), figsize=(3.2 * len(measures), 3 * len(datasets)),
+                             squeeze=False)
     for r, ds in enumerate(datasets):
         for c, m in enumerate(measures):
             ax = axes[r, c]

@@ -301,7 +301,8 @@ def task_dwarp(cfg):
     for k, s in zip(keys, summaries):
         s["name"] = k
     plot_curves(summaries, frac, png)
-    print(f"\nencoder warping: d_warp = smallest d reaching {frac:.0%} of the full fit (held-out {summaries[0]['metric']})")
+    print(f"\nencoder warping: d_warp = smallest d reaching {frac:.0%} of the full fit "
+          f"(held-out {summaries[0]['metric']})")
     print(f"{'model':<28}{'linear':>9}{'full':>9}{'d_warp':>9}{'interp':>10}")
     for s in summaries:
         interp = f"{s['d_warp_interp']:.1f}" if s["d_warp_interp"] else "-"
@@ -312,8 +313,8 @@ def task_dwarp(cfg):
 # ------------------------------------------------------------------------------------------------ targets
 
 def brain_target(cfg, X, ids):
-    """THINGS-fMRI voxels of --rois (one ROI) for --subjects (one subject): rows of X per trial (eval_fmri.trial_rows), split by
-    eval_fmri.trial_split -> (Xtr, Ytr, Xte, Yte, info)."""
+    """THINGS-fMRI voxels of --rois (one ROI) for --subjects (one subject): rows of X per trial
+    (eval_fmri.trial_rows), split by eval_fmri.trial_split -> (Xtr, Ytr, Xte, Yte, info)."""
     concepts = data.load_concepts(cfg["data"])
     tag, roi = data.subject_tag(cfg["subjects"]), cfg["rois"].strip()
     sub = eval_fmri.load_subject(cfg["data"], tag, cfg["nc_min"])

@@ -38,21 +38,21 @@ import eval_warp
 # ----------------------------------------------------------------------------------------------- defaults
 defaults = dict(
     task="things-ooo",                          # a key of TASKS, all or report
-    config="",                                  # TOML preset file: its [evaluate] table sets flags (command-line flags override)
+    config="",                                  # TOML preset: its [evaluate] table sets flags (flags given override)
     features="data/features/clip/things.h5",    # backbone features of the THINGS images (HDF5; extract.py's output)
     field="features",                           # dataset inside --features (e.g. layers/block6)
-    data="data/external",                       # folder with the human data files (make data; the world: data/world/data)
+    data="data/external",                       # human data files (make data; the world's: data/world/data)
     out="",                                     # result file ('' -> runs/eval/<task>.json)
     results="runs/demo",                        # report: folder of result JSON files
-    readme="",                                  # report: also copy its demo summary into this file (make demo: README.md)
+    readme="",                                  # report: also copy its demo summary into this file (make demo)
     n_boot=1000,                                # bootstrap resamples of concepts for CKA confidence intervals
     ci_method="jackknife",                      # cka: jackknife (leave-one-concept-out, default) | bootstrap (basic)
     ci=0.95,                                    # confidence level of the reported intervals
     debiased=False,                             # cka: report the debiased HSIC estimator as the headline
     seed=0,                                     # bootstrap seed
-    aligned="",                                 # fmri: features HDF5 of aligned representation(s), comma-separated ('' -> none yet)
-    subjects="",                                # fmri: subjects to evaluate, e.g. 1,2 ('' -> every sub-0X in DIR/brain_data)
-    rois="",                                    # fmri: only voxels in these ROIs, e.g. FFA,PPA ('' -> every voxel kept by --nc-min)
+    aligned="",                                 # fmri: features files of aligned representations, comma-separated
+    subjects="",                                # fmri, encsearch: subjects, e.g. 1,2 ('' -> all in DIR/brain_data)
+    rois="",                                    # fmri, encsearch: only these ROIs, e.g. FFA,PPA ('' -> every voxel)
     nc_min=5.0,                                 # fmri: keep voxels with nc_singletrial > nc_min (percent)
     alpha_min=-6.0,                             # fmri: log10 of the smallest ridge alpha (original study: -6)
     alpha_max=3.0,                              # fmri: log10 of the largest ridge alpha (original study: 3)
@@ -62,12 +62,13 @@ defaults = dict(
     voxel_out="",                               # fmri: per-voxel HDF5 ('' -> --out with .h5)
     figures=True,                               # fmri: ROI bar plot + voxel scatter PNGs beside --out
     spose_dims="",                              # cka/rsa: also compare with these SPoSE dims only, e.g. 0,1,2
-    ckpt="",                                    # meta checkpoint(s), comma-separated: encode(features) = `aligned`, `aligned2`, ...
+    ckpt="",                                    # meta checkpoints, comma-separated: encode(features) = aligned, ...
     rdm_metric="correlation",                   # rsa: correlation | cosine | euclidean dissimilarity
     rdm_compare="spearman",                     # rsa: pearson | spearman | cosine comparison of RDMs
-    categories="",                              # class-separation/tsne/probe: concept category table ('' -> DIR/categories.tsv)
+    categories="",                              # class-separation, tsne, probe: categories ('' -> DIR/categories.tsv)
     perplexity=30.0,                            # tsne: t-SNE perplexity
-    models="",                                  # similarity, encsearch: feature files (or --features A.h5 B.h5 ...); similarity replaces '{dataset}' in a path
+    models="",                                  # similarity, encsearch: feature files (or --features A.h5 B.h5 ...);
+                                                # similarity fills '{dataset}' in a path
     datasets="",                                # similarity: comma-separated dataset names filling '{dataset}'
     measures="cka_linear,cka_rbf_0.5,cka_rbf_1.0,cka_rbf_2.0,rsa_correlation",  # similarity: measures to compute
     max_images=10000,                           # similarity: subsample each dataset to at most this many images
@@ -76,20 +77,25 @@ defaults = dict(
     behav_fit=True,                             # things-ooo: also fit per-participant choice models
     behav_folds=5,                              # behavioural fits: stratified CV folds per participant
     behav_l2=0.1,                               # behavioural fits: L2 penalty on each participant's choice parameters
-    threads=1,                                  # behavioural fits, encsearch: torch threads (1 is fastest on shared 2-core machines; 0 = torch default)
+    threads=1,                                  # behavioural fits, encsearch: torch threads (1: fastest on busy
+                                                # 2-core machines; 0: torch default)
     levels_features="data/features/clip/levels.h5",  # levels-ooo: features of the Levels (ImageNet) images
     cat_c="0.01,0.1,1,10,100",                  # category-learning: C grid of the online L2 logistic learner
     reward_lambda="0.01,0.1,1,10,100",          # reward-learning: prior precisions of the online Bayesian regression
     icl_episodes=256,                           # icl: held-out episodes for the per-position curves
-    icl_features="",                            # icl: image pool of the held-out functions ('' -> the checkpoint's eval pool)
-    tasks="",                                   # all: comma-separated tasks to try ('' -> every task whose data is present)
+    icl_features="",                            # icl: image pool of the held-out functions ('' -> the checkpoint's eval
+                                                # pool)
+    tasks="",                                   # all: comma-separated tasks to try ('' -> every task whose data is
+                                                # present)
     warp_runs="",                               # dwarp: result files of train.py --stage warp, comma-separated globs
     warp_frac=0.9,                              # dwarp: d_warp = smallest d reaching this fraction of the full fit
-    layers="",                                  # encsearch: datasets inside each --features file used as layers, comma-separated ('' = /features)
+    layers="",                                  # encsearch: datasets inside each --features file used as layers, comma-
+                                                # separated ('' = /features)
     pca="0",                                    # encsearch: PCA sizes to try, comma-separated (0 = raw features)
     regressions="ridge,pls",                    # encsearch: ridge (kernels.ridge_cv) | pls (sklearn PLSRegression)
     alphas="1e-2,1e-1,1,10,100,1e3,1e4,1e5",    # encsearch: ridge alphas
-    pls_components="1,2,4,8,16,32",             # encsearch: PLS n_components (sizes above the feature count are skipped)
+    pls_components="1,2,4,8,16,32",             # encsearch: PLS n_components (sizes above the feature count are
+                                                # skipped)
     folds=5,                                    # encsearch: inner CV folds on the training trials (random, seeded)
     progress=True,                              # tqdm progress bars
 )
@@ -112,7 +118,8 @@ def parse(argv=None):
 # ------------------------------------------------------------------------------------------------- report
 
 REPORT_METRICS = ("accuracy", "cka", "r2", "rsa", "class_separation_coarse", "class_separation_fine",
-                  "trustworthiness", "probe_full", "mcfadden_r2")  # the headline value of a representation, first match wins
+                  # the headline value of a representation, first match wins
+                  "trustworthiness", "probe_full", "mcfadden_r2")
 
 
 def task_report(cfg):
@@ -143,10 +150,13 @@ def task_report(cfg):
                 fmri_rows.append(f"| {name} | {v['r2_early']:.3f} | {v['r2_high']:.3f} | "
                                  + ", ".join(f"{r} {x:.2f}" for r, x in v["rois"].items()) + " |")
             ci = "" if not v.get("ci") else f"[{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
-            lines.append(f"| {task} | {name} | {metric} | {v[metric]:.3f} | {ci} | {r.get('noise_ceiling', float('nan')):.3f} |")
-            fit = v.get("fit") if metric != "mcfadden_r2" else None  # behavioural fits (eval_behaviour.py): a second row
+            nc = r.get("noise_ceiling", float("nan"))
+            lines.append(f"| {task} | {name} | {metric} | {v[metric]:.3f} | {ci} | {nc:.3f} |")
+            # behavioural fits (eval_behaviour.py): a second row
+            fit = v.get("fit") if metric != "mcfadden_r2" else None
             if isinstance(fit, dict) and "mcfadden_r2" in fit:
-                lines.append(f"| {task} | {name} | McFadden R^2 (held-out) | {fit['mcfadden_r2']:.3f} | [{fit['r2_ci'][0]:.3f}, "
+                lines.append(f"| {task} | {name} | McFadden R^2 (held-out) | {fit['mcfadden_r2']:.3f} | "
+                             f"[{fit['r2_ci'][0]:.3f}, "
                              f"{fit['r2_ci'][1]:.3f}] | {r.get('r2_noise_ceiling', float('nan')):.3f} |")
     if fmri_rows:
         lines += ["", "THINGS-fMRI, R^2 / noise ceiling by ROI (mean over subjects):", "",
@@ -165,7 +175,8 @@ def task_report(cfg):
     for f, r in docs.items():
         c = r.get("config", {})
         changed = {k: v for k, v in c.items() if k in defaults and v != defaults[k] and k not in ("task", "out")}
-        lines.append(f"- `{f}`: " + (", ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in changed.items()) or "defaults"))
+        lines.append(f"- `{f}`: " + (", ".join(f"`--{k.replace('_', '-')} {v}`" for k,
+                                               v in changed.items()) or "defaults"))
     return "\n".join(lines).replace("| nan |", "|  |") + "\n"
 
 
@@ -227,7 +238,8 @@ def update_readme(path, summary):
     """Replace the text between README_BEGIN and README_END in `path` by `summary` (atomically)."""
     with open(path) as fh:
         text = fh.read()
-    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1 or text.index(README_BEGIN) > text.index(README_END):
+    if (text.count(README_BEGIN) != 1 or text.count(README_END) != 1
+            or text.index(README_BEGIN) > text.index(README_END)):
         raise data.DataError(f"{path}: expected one line {README_BEGIN!r} and, after it, one line {README_END!r}")
     head, rest = text.split(README_BEGIN)
     tail = rest.split(README_END)[1]
@@ -303,7 +315,7 @@ PRESENT = {  # task -> files that must exist for --task all to run it
     "icl": lambda c: [p.strip() for p in (c.get("ckpt") or "").split(",") if p.strip()] or ["<--ckpt not given>"],
     "fmri": lambda c: [os.path.join(c["data"], "brain_data")],
     "encsearch": lambda c: [os.path.join(c["data"], "brain_data")],
-    "dwarp": lambda c: [f for p in (c.get("warp_runs") or "").split(",") if p.strip() for f in sorted(glob.glob(p.strip()))]
+    "dwarp": lambda c: [f for p in data.split_list(c.get("warp_runs") or "") for f in sorted(glob.glob(p))]
     or ["<--warp-runs not given, or matching no file>"],
 }
 

@@ -5,7 +5,8 @@ Real images (backbones.py: models and weights; images.py: image sets; README "Ex
     python extract.py --dataset coco   --backbone clip   --split train2017,val2017      # -> data/features/clip/coco.h5
     python extract.py --dataset levels --backbone clip   --images data/external/imagenet/train
     python extract.py --dataset folder --images DIR --backbone timm:resnet18.a1_in1k --out F.h5 --layers layer3,layer4
-    python extract.py --dataset list --list paths.txt --images ROOT ...   |   --dataset wds --images 'shards/{000..099}.tar'
+    python extract.py --dataset list --list paths.txt --images ROOT ...
+    python extract.py --dataset wds --images 'shards/{000..099}.tar'
     python extract.py ... --pca 256                 # also /pca/features/scores (IncrementalPCA) and the basis
     python extract.py ... --sae runs/sae/clip.pt    # also /sae/indices, /sae/values (models.sae_encode)
     python extract.py ... --shard 3/16              # one of 16 contiguous shards -> F.shard-00003-of-00016.h5
@@ -34,9 +35,11 @@ import images
 # ----------------------------------------------------------------------------------------------- defaults
 defaults = dict(
     dataset="synthetic",         # synthetic | things | coco | levels | folder | list | wds
-    out="",                      # real: features HDF5 ('' -> data/features/<backbone>/<dataset>.h5); synthetic: folder ('' -> data/world)
+    out="",                      # real: features HDF5 ('' -> data/features/<backbone>/<dataset>.h5); synthetic: folder
+                                 # ('' -> data/world)
     size="small",                # synthetic: small | full world
-    seed=0,                      # synthetic: world seed (same seed -> identical files); real: init seed of --weights random
+    seed=0,                      # synthetic: world seed (same seed -> identical files); real: init seed of --weights
+                                 # random
     backbone="clip",             # a backbones.REGISTRY name, or timm:ARCH | open_clip:ARCH[@TAG] | torchvision:ARCH
     weights="",                  # '' = local file (data/weights, Hugging Face / torch cache) | PATH | random
     weights_dir="data/weights",  # where <backbone>.safetensors|.pt|.pth|.bin are looked for first
@@ -44,12 +47,14 @@ defaults = dict(
     data="data/external",        # data folder (levels.pkl for --dataset levels; default image roots)
     list="",                     # --dataset list: text file, one image path per line
     split="train2017",           # coco: comma-separated split folders
-    layer="",                    # /features: 'output' (the library's pooled embedding) or a module name ('' = backbone default)
+    layer="",                    # /features: 'output' (the library's pooled embedding) or a module name ('' = backbone
+                                 # default)
     layers="",                   # extra layers -> /layers/<name>, comma-separated module names
     pooling="",                  # head (the model's own) | cls | mean | max | flatten | auto ('' = backbone default)
     batch=64,                    # images per forward pass
     workers=-1,                  # image-decoding processes (-1 = min(8, cores - 1); 0 = in the main process)
-    threads=0,                   # torch threads for the forward pass (0 = torch's default; 1 is fastest on a busy 2-core machine)
+    threads=0,                   # torch threads for the forward pass (0 = torch's default; 1 is fastest on a busy
+                                 # 2-core machine)
     device="auto",               # auto (cuda if available) | cpu | cuda | cuda:1
     precision="fp32",            # fp32 | bf16 | fp16 (autocast for the forward pass)
     dtype="float32",             # stored features: float32 | float16

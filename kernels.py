@@ -216,7 +216,8 @@ def cka(X, Y, kernel="linear", debiased=False, sigma=None, sigma_frac=1.0, chunk
     if Y.shape[0] != n:
         raise ValueError(f"X and Y must have the same number of rows (images), got {n} and {Y.shape[0]}")
     if n < (4 if debiased else 2):
-        raise ValueError(f"CKA needs at least {4 if debiased else 2} rows{' when debiased' if debiased else ''}, got {n}")
+        raise ValueError(f"CKA needs at least {4 if debiased else 2} rows{' when debiased' if debiased else ''}, "
+                         f"got {n}")
     if kernel == "rbf":
         return _cka_rbf(X, Y, sigma, sigma_frac, debiased, tile)
     tot, shift_x, shift_y = None, None, None
@@ -264,7 +265,7 @@ def cka_ref(X, Y, kernel="linear", debiased=False, sigma=None, sigma_frac=1.0):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# episodes: fused episode construction for meta-learning (issue 4)
+# episodes: fused episode construction for meta-learning
 # ---------------------------------------------------------------------------------------------------------
 
 _M64 = (1 << 64) - 1
@@ -316,16 +317,20 @@ def episodes_ref(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val,
         p0, pc = pp[f], pp[f + 1] - pp[f]
         r, yy, mm = [], [], []
         for k in _ep_floyd(draw, 3, n_pos, pc):
-            r.append(pi[p0 + k]); yy.append(1.0); mm.append(pv[p0 + k] * scale[f])
+            r.append(pi[p0 + k])
+            yy.append(1.0)
+            mm.append(pv[p0 + k] * scale[f])
         if has_neg:
             n0, nc = npp[f], npp[f + 1] - npp[f]
         else:
             keys, nc = [p - q for q, p in enumerate(pi[p0:p0 + pc])], n - pc  # P[q] - q, non-decreasing
         for k in _ep_floyd(draw, 3 + n_pos, L - n_pos, nc):
             if has_neg:
-                r.append(ni[n0 + k]); mm.append(nv[n0 + k] * scale[f])
+                r.append(ni[n0 + k])
+                mm.append(nv[n0 + k] * scale[f])
             else:  # the k-th row that is not a positive
-                r.append(k + bisect.bisect_right(keys, k)); mm.append(0.0)
+                r.append(k + bisect.bisect_right(keys, k))
+                mm.append(0.0)
             yy.append(0.0)
         for i in range(L - 1, 0, -1):  # Fisher-Yates
             j = (draw(3 + L + (L - 1 - i)) * (i + 1)) >> 64
@@ -497,7 +502,7 @@ def _cka_rbf(X, Y, sigma, sigma_frac, debiased, tile):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# streaming ridge (issue 6): X'X / X'Y from row blocks, one eigendecomposition per fold, every alpha scored
+# streaming ridge: X'X / X'Y from row blocks, one eigendecomposition per fold, every alpha scored
 # for every target by the fused ops ridge_score_{kfold,loo,gcv} (csrc/ridge_cpu.cpp), refit of the chosen alphas
 # ---------------------------------------------------------------------------------------------------------
 
@@ -607,7 +612,7 @@ class RidgeCVResult(NamedTuple):
     best_alphas: torch.Tensor   # (n_targets,) float64, the alpha chosen per target (or the shared one)
     coef: torch.Tensor          # (n_features, n_targets), refit on all rows with the chosen alphas
     intercept: torch.Tensor     # (n_targets,), zeros when fit_intercept=False
-    cv_scores: torch.Tensor     # (n_targets,) float64: CV criterion at the chosen alpha (MSE for k-fold/groups/loo, GCV)
+    cv_scores: torch.Tensor     # (n_targets,) float64: CV criterion at the chosen alpha (MSE; GCV for gcv)
 
     def predict(self, X):
         return _as_tensor(X).to(self.coef.dtype) @ self.coef + self.intercept
@@ -810,7 +815,8 @@ def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_ba
                 b.addr_(st["Vsx"], my_tr.to(ct), alpha=-1)
                 yy = yyf - 2 * my_tr * syf + nf * my_tr ** 2
                 if st["basis"] is not None:
-                    total += ridge_score_kfold_basis(st["s"], z, b, yy, st["quad"], alphas, st["rows"], *st["basis"]) / nf
+                    total += ridge_score_kfold_basis(st["s"], z, b, yy, st["quad"], alphas, st["rows"],
+                                                     *st["basis"]) / nf
                 else:
                     total += ridge_score_kfold(st["s"], z, b, yy, st["quad"], alphas, st["rows"]) / nf
             total /= len(fold_state)                                      # mean over folds of the validation MSE
@@ -894,7 +900,7 @@ def ridge_cv_ref(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, targe
 
 
 # ---------------------------------------------------------------------------------------------------------
-# SAE top-k encode (issue 3)
+# SAE top-k encode
 # ---------------------------------------------------------------------------------------------------------
 
 def topk_encode_ref(x, W_enc, b_enc, k, b_pre=None):
@@ -925,7 +931,7 @@ def topk_encode(x, W_enc, b_enc, k, b_pre=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# fast Walsh-Hadamard transform (issue 9: the Fastfood projection of warp.py)
+# fast Walsh-Hadamard transform (the Fastfood projection of models.SubspaceWrapper)
 # ---------------------------------------------------------------------------------------------------------
 
 def _fwht_check(x):

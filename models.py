@@ -1,4 +1,5 @@
-"""Models shared by train.py and evaluate.py: the SAE (issue 3) and the meta-learner (issue 4).
+"""Models shared by train.py, extract.py and the eval_*.py tasks: the top-k SAE (and its encoder into HDF5),
+the meta-learner, and the subspace wrappers of encoder warping.
 
     from models import load_meta
     model, ckpt = load_meta("runs/meta/world.pt")      # MetaLearner in eval mode + config/versions
@@ -10,12 +11,15 @@
 """
 
 # =========================================================================================================
-# sparse autoencoder (issue 3): TopKSAE (Gao et al. 2024), its checkpoints, the ViT-Prisma format
+# sparse autoencoder: TopKSAE (Gao et al. 2024), its checkpoints, the ViT-Prisma format
 # =========================================================================================================
 import json as _json
+import math as _math
 import os as _os
 import pickle as _pickle
+import re as _re
 
+import numpy as _np
 import torch as _torch
 import torch.nn as _nn
 import torch.nn.functional as _F
@@ -240,16 +244,9 @@ def load_sae(path, config_path=None, map_location="cpu"):
 
 
 # =========================================================================================================
-# meta-learning (issue 4): functions from SAE codes or neurons, the meta-learned Transformer, LSTM and
+# meta-learning: functions from SAE codes or neurons, the meta-learned Transformer, LSTM and
 # static-linear baselines, encode(), checkpoint loading
 # =========================================================================================================
-import math as _math
-
-import numpy as _np
-import torch as _torch
-import torch.nn as _nn
-import torch.nn.functional as _F
-
 
 def read_codes(path, n_rows=None, image_ids=None):
     """SAE codes (/sae/indices (n, k) int, /sae/values (n, k) float) -> (indices int64, values float32) numpy.
@@ -260,7 +257,8 @@ def read_codes(path, n_rows=None, image_ids=None):
     from data import DataError, decode_strings
     import os
     if not os.path.exists(path):
-        raise DataError(f"{path} not found; expected an HDF5 file with /sae/indices and /sae/values (train.py --stage sae)")
+        raise DataError(f"{path} not found; expected an HDF5 file with /sae/indices and /sae/values "
+                        "(train.py --stage sae)")
     with h5py.File(path, "r") as f:
         for k in ("sae/indices", "sae/values"):
             if k not in f:
@@ -321,12 +319,14 @@ def functions_from_neurons(X, latents=None):
     n, d = X.shape
     dims = _np.arange(d) if latents is None else _np.asarray(latents)
     Z = X[:, dims] - _np.median(X[:, dims], 0)
-    out, e = {}, []
+    out = {}
     for name, m in (("pos", Z > 0), ("neg", Z <= 0)):
         cols = [_np.nonzero(m[:, j])[0] for j in range(len(dims))]
-        out[f"{name}_ptr"] = _torch.from_numpy(_np.concatenate([[0], _np.cumsum([len(c) for c in cols])]).astype(_np.int64))
+        ptr = _np.concatenate([[0], _np.cumsum([len(c) for c in cols])])
+        out[f"{name}_ptr"] = _torch.from_numpy(ptr.astype(_np.int64))
         out[f"{name}_idx"] = _torch.from_numpy(_np.concatenate(cols).astype(_np.int64))
-        out[f"{name}_val"] = _torch.from_numpy(_np.concatenate([Z[c, j] for j, c in enumerate(cols)]).astype(_np.float32))
+        vals = _np.concatenate([Z[c, j] for j, c in enumerate(cols)])
+        out[f"{name}_val"] = _torch.from_numpy(vals.astype(_np.float32))
     out["mag_scale"] = _torch.from_numpy((1 / _np.maximum(Z.std(0), 1e-6)).astype(_np.float32))
     out["latents"], out["n_rows"] = _torch.from_numpy(dims.astype(_np.int64)), n
     return out
@@ -361,7 +361,8 @@ class Block(_nn.Module):
         self.qkv = _nn.Linear(d_model, 3 * d_model)
         self.proj = _nn.Linear(d_model, d_model)
         self.ln2 = _nn.LayerNorm(d_model) if mlp else None
-        self.mlp = _nn.Sequential(_nn.Linear(d_model, 4 * d_model), _nn.GELU(), _nn.Linear(4 * d_model, d_model)) if mlp else None
+        self.mlp = (_nn.Sequential(_nn.Linear(d_model, 4 * d_model), _nn.GELU(), _nn.Linear(4 * d_model, d_model))
+                    if mlp else None)
 
     def forward(self, x):  # (B, L, d_model)
         B, L, D = x.shape
@@ -552,7 +553,7 @@ def evaluate_meta(model, features, fns, length, n_episodes=256, seed=12345, head
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
-    correct, bce, sse, sst_parts, n_items = _torch.zeros(length, dtype=_torch.float64), 0.0, 0.0, [], 0
+    correct, bce = _torch.zeros(length, dtype=_torch.float64), 0.0
     preds, targs = [], []
     for start in range(0, n_episodes, batch):
         B = min(batch, n_episodes - start)
@@ -563,7 +564,8 @@ def evaluate_meta(model, features, fns, length, n_episodes=256, seed=12345, head
         correct += ((logit > 0).float() == y).double().sum(0)
         bce += float(_F.binary_cross_entropy_with_logits(logit, y, reduction="sum"))
         w = y > 0 if mse_on_positives else _torch.ones_like(y, dtype=_torch.bool)
-        preds.append(m[w]); targs.append(mag[w])
+        preds.append(m[w])
+        targs.append(mag[w])
     p, t = _torch.cat(preds).double(), _torch.cat(targs).double()
     r2 = float(1 - ((p - t) ** 2).sum() / ((t - t.mean()) ** 2).sum().clamp_min(1e-12)) if len(t) > 1 else float("nan")
     model.train(was)
@@ -655,8 +657,6 @@ def sae_encode(features, ckpt, codes_out="", codes_dtype="float16", chunk_rows=6
 # subspace wrappers (encoder warping, eval_warp.py): train any nn.Module only through a d-dimensional
 # subspace of its D parameters (Li et al. 2018; Aghajanyan et al. 2020)
 # =========================================================================================================
-import re as _re
-
 
 class FastfoodProjection(_nn.Module):
     """theta (d,) -> P theta (D,): P = H G Pi H B / (|G| sqrt(L)) on theta zero-padded to L = 2^ceil(log2 D),

@@ -33,7 +33,7 @@ from data import atomic_path
 # ----------------------------------------------------------------------------------------------- defaults
 defaults = dict(  # every stage
     stage="sae",                                # sae | meta | warp
-    config="",                                  # TOML preset file: its [sae] / [meta] / [warp] table sets this stage's flags
+    config="",                                  # TOML preset: its [sae] / [meta] / [warp] table sets this stage's flags
     out="",                                     # output: checkpoint (sae, meta) or result JSON (warp)
     seed=0,                                     # random seed
     device="auto",                              # auto | cpu | cuda
@@ -44,17 +44,18 @@ defaults = dict(  # every stage
 
 # ------------------------------------------------------------------------------------------------ sae stage
 defaults_sae = dict(
-    features="data/features/clip/coco.h5",      # training features (HDF5, /features + /image_ids); --encode: the file to encode
+    features="data/features/clip/coco.h5",      # training features (HDF5, /features + /image_ids); --encode: its input
     n_latents="16x",                            # SAE latents: a count ("12288") or a multiple of d ("16x")
     k=64,                                       # active latents per row (top-k)
-    normalize="expected_average",               # expected_average (E|x|^2 = d) | none | layer_norm | constant_norm_rescale
+    normalize="expected_average",               # expected_average (E|x|^2 = d) | none | layer_norm |
+                                                # constant_norm_rescale (ViT-Prisma's options)
     aux_k=0,                                    # AuxK: dead latents used to model the residual (0 = d / 2, Gao et al.)
     aux_coef=1 / 32,                            # weight of the AuxK loss
-    dead_rows=0,                                # a latent is dead after this many training rows without firing (0 = one epoch)
+    dead_rows=0,                                # a latent is dead after this many rows without firing (0 = one epoch)
     epochs=20,                                  # passes over the features
     batch=1024,                                 # rows per Adam step
     lr=0.0,                                     # Adam learning rate (0 = 2e-4 / sqrt(n_latents / 2^14), Gao et al.)
-    chunk_rows=65536,                           # rows read from HDF5 at once (shuffled within the chunk; chunk order shuffled)
+    chunk_rows=65536,                           # rows read from HDF5 at once (rows shuffled within chunks, chunks too)
     log_every=50,                               # steps between log lines (FVU, L0, dead fraction)
     ckpt_every=500,                             # steps between resumable checkpoints <out>.last.pt
     resume=False,                               # continue from <out>.last.pt
@@ -95,7 +96,8 @@ def _sae_loss(sae, xn, rows_since_fired, dead_rows, aux_k, aux_coef):
 
 
 def _sae_save(path, sae, cfg, step, epoch, opt=None, rows_since_fired=None, metrics=None):
-    ckpt = dict(kind="metalign.sae", sae_args=sae.args(), state_dict={k: v.detach().cpu() for k, v in sae.state_dict().items()},
+    state = {k: v.detach().cpu() for k, v in sae.state_dict().items()}
+    ckpt = dict(kind="metalign.sae", sae_args=sae.args(), state_dict=state,
                 config=cfg, versions=data.versions(), step=step, epoch=epoch, metrics=metrics or {},
                 optimizer=opt.state_dict() if opt is not None else None,
                 rows_since_fired=rows_since_fired.cpu() if rows_since_fired is not None else None)
@@ -178,13 +180,16 @@ def stage_sae(cfg):
                     rows_since_fired[indices[values > 0]] = 0
                 step += 1
                 bar.update(1)
-                win["fvu"] += fvu.item(); win["l0"] += float((values > 0).sum(1).float().mean()); win["m"] += 1
+                win["fvu"] += fvu.item()
+                win["l0"] += float((values > 0).sum(1).float().mean())
+                win["m"] += 1
                 if step % cfg["log_every"] == 0 or step == total:
                     row = dict(step=step, epoch=epoch, fvu=win["fvu"] / win["m"], l0=win["l0"] / win["m"],
                                dead=float((rows_since_fired > dead_rows).float().mean()))
                     hist.append(row)
                     win = dict(fvu=0.0, l0=0.0, m=0)
-                    bar.write(f"step {step:6d}/{total}  fvu {row['fvu']:.4f}  L0 {row['l0']:.1f}  dead {row['dead']:.3f}")
+                    bar.write(f"step {step:6d}/{total}  fvu {row['fvu']:.4f}  L0 {row['l0']:.1f}  "
+                              f"dead {row['dead']:.3f}")
                 if step % cfg["ckpt_every"] == 0:
                     _sae_save(last, sae, cfg, step, epoch, opt, rows_since_fired)
             skip = 0
@@ -218,7 +223,8 @@ def sae_encode(cfg):
     """--encode: the codes of --features by the SAE --ckpt (models.sae_encode) into --codes-out or --features."""
     from models import sae_encode as encode
     if not cfg["ckpt"]:
-        sys.exit("train.py: error: --encode needs --ckpt (an SAE checkpoint: train.py --stage sae --out, or ViT-Prisma)")
+        sys.exit("train.py: error: --encode needs --ckpt (an SAE checkpoint: train.py --stage sae --out, or "
+                 "ViT-Prisma)")
     if cfg["codes_dtype"] not in ("float16", "float32"):
         sys.exit(f"train.py: error: --codes-dtype {cfg['codes_dtype']!r}; expected float16 | float32")
     return encode(cfg["features"], cfg["ckpt"], cfg["codes_out"], cfg["codes_dtype"], cfg["chunk_rows"], config=cfg)
@@ -227,18 +233,19 @@ def sae_encode(cfg):
 # ----------------------------------------------------------------------------------------------- meta stage
 defaults_meta = dict(
     features="data/features/clip/coco.h5",      # training image pool (HDF5, /features + /image_ids)
-    codes="",                                   # HDF5 with /sae/indices, /sae/values row-aligned with --features ('' = --features)
+    codes="",                                   # /sae/indices, /sae/values, rows as --features ('' = --features)
     eval_features="data/features/clip/things.h5",  # held-out image pool (HDF5)
     eval_codes="",                              # its codes ('' = --eval-features)
-    functions="sae",                            # sae (latents of the codes) | neurons (feature dims split at the median)
+    functions="sae",                            # sae (latents of the codes) | neurons (feature dims split at median)
     min_nonzero=120,                            # a latent is a function if active on at least this many training images
-    holdout=0.0,                                # share of functions held out of training (0: the same functions on the eval pool)
+    holdout=0.0,                                # share of functions held out of training (0: all, on the eval pool)
     model="transformer",                        # transformer | lstm | static_linear (non-meta multitask baseline)
     no_embed=False,                             # ablation: frozen identity embedding (encode(x) = x)
-    standardize=True,                           # z-score features with the training pool's mean/std inside the embedding
+    standardize=True,                           # z-score features by the pool's mean/std inside the embedding
     input_pca=0.0,                              # embedding reads the pool's top principal subspace (of standardised
-                                                # features): r >= 1 directions, or the share of variance in (0, 1); 0 = all
-    embed_init="orthogonal",                    # orthogonal (encode starts as an isometry of the input) | default (nn.Linear)
+                                                # features): r >= 1 directions, or the share of variance in (0, 1);
+                                                # 0 = all
+    embed_init="orthogonal",                    # orthogonal (encode starts as an isometry) | default (nn.Linear)
     embed_gain=1.0,                             # gain of the orthogonal embedding init
     d_model=0,                                  # model width (0 = feature width d)
     n_layers=2,                                 # Transformer blocks / LSTM layers
@@ -296,7 +303,9 @@ def _meta_functions(cfg, X, ids, Xe, ide):
     if not ok.all():
         sys.exit(f"train.py: error: {int((~ok).sum())} held-out functions have fewer than L = {L} positives or "
                  f"negatives in {cfg['eval_features']}; shorten --length or use a larger eval pool")
-    heads = torch.from_numpy(np.searchsorted(train_lat, eval_fns["latents"].numpy())) if cfg["model"] == "static_linear" else None
+    heads = None
+    if cfg["model"] == "static_linear":
+        heads = torch.from_numpy(np.searchsorted(train_lat, eval_fns["latents"].numpy()))
     return train, eval_fns, heads
 
 
@@ -356,7 +365,8 @@ def stage_meta(cfg):
             sys.exit(f"train.py: error: --input-pca {cfg['input_pca']}: {e}")
         if rank == 0:
             print(f"train.py: embedding input = top {basis.shape[1]} of {X.shape[1]} principal directions of the "
-                  f"{'standardised ' if cfg['standardize'] else ''}training pool ({float(share[:basis.shape[1]].sum()):.1%} of its variance)")
+                  f"{'standardised ' if cfg['standardize'] else ''}training pool "
+                  f"({float(share[:basis.shape[1]].sum()):.1%} of its variance)")
     model_args = dict(d=X.shape[1], d_model=cfg["d_model"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
                       mlp=cfg["mlp"], model=cfg["model"], n_functions=F, no_embed=cfg["no_embed"],
                       dropout=cfg["dropout"], input_rank=0 if basis is None else basis.shape[1])
@@ -475,11 +485,13 @@ def stage_meta(cfg):
                 csv.writer(fh).writerow([row.get(k, "") for k in fields])
         if stop:
             if rank == 0:
-                print(f"train.py: early stop at step {step + 1}: no held-out improvement in {cfg['patience']} evaluations")
+                print(f"train.py: early stop at step {step + 1}: no held-out improvement in {cfg['patience']} "
+                      "evaluations")
             break
     if rank == 0:
         _plot_curve(csv_path, png_path)
-        print(f"train.py: best held-out accuracy {best:.4f} (magnitude R^2 {best_metrics.get('magnitude_r2', float('nan')):.3f}) "
+        r2 = best_metrics.get("magnitude_r2", float("nan"))
+        print(f"train.py: best held-out accuracy {best:.4f} (magnitude R^2 {r2:.3f}) "
               f"at step {best_metrics.get('step')} -> {out}; log {csv_path}, curve {png_path}")
     if ddp:
         dist.destroy_process_group()
@@ -499,7 +511,7 @@ defaults_warp = dict(
     projection="fastfood",                      # fastfood | dense (reference) | identity (d = D only)
     groups="",                                  # parameter groups with their own scale, regexes, e.g. 'body,readout'
     objective="ridge",                          # ridge (linear read-out, MSE) | rsa (differentiable RSA, no read-out)
-    readout="ridge",                            # ridge (fit by ridge, then warped) | joint (trained directly beside theta_d)
+    readout="ridge",                            # ridge (fit by ridge, then warped) | joint (trained beside theta_d)
     readout_penalty=True,                       # keep the ridge penalty of the read-out while training (see fit_one)
     hidden=0,                                   # MLP hidden width (0 = feature width)
     lr=0.05,                                    # Adam learning rate of theta_d and the scales
@@ -510,8 +522,8 @@ defaults_warp = dict(
     patience=8,                                 # validation checks without improvement before stopping
     val_frac=0.15,                              # share of the training rows held out for early stopping
     test_frac=0.2,                              # spose: share of concepts held out for the test score
-    threads=1,                                  # torch threads (small ops: 1 is ~100x faster than 2 contended threads; 0 = torch default)
-    name="",                                    # model name in the results ('' = the features' backbone attr or file stem)
+    threads=1,                                  # torch threads (small ops: 1 is ~100x faster than 2 contended; 0 = all)
+    name="",                                    # model name in the results ('' = the features' backbone or file stem)
 )
 RESUME_KEYS = ("features", "field", "targets", "data", "subjects", "rois", "nc_min", "projection", "groups",
                "objective", "readout", "readout_penalty", "hidden", "lr", "full_lr", "steps", "batch", "seed",

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small ops (conftest.py)
 
 
 def run(world, task, out, data_dir=None, **kw):
-    argv = ["--task", task, "--features", world["dir"] + "/features/things.h5", "--data", str(data_dir or world["data"]),
+    argv = ["--task", task, "--features", world["dir"] + "/features/things.h5", "--data",
+            str(data_dir or world["data"]),
             "--levels-features", world["dir"] + "/features/levels.h5", "--out", str(out)]
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
@@ -136,7 +137,8 @@ def test_online_blr_matches_ridge():
                 if t == 0:
                     assert (v[li, p, 0] == 0).all()
                     continue
-                m = Ridge(alpha=lam, fit_intercept=False, solver="cholesky").fit(np.r_[A[:t], B[:t]], np.r_[RL[p, :t], RR[p, :t]])
+                m = Ridge(alpha=lam, fit_intercept=False, solver="cholesky").fit(np.r_[A[:t], B[:t]], np.r_[RL[p, :t],
+                                                                                                            RR[p, :t]])
                 np.testing.assert_allclose(v[li, p, t], m.predict(np.r_[A[t:t + 1], B[t:t + 1]]), atol=1e-8)
 
 
@@ -236,7 +238,8 @@ def test_levels_ordering_on_world(world, tmp_path):
         codes = f["levels/codes"][...]
     X, ids = data.read_features(world["dir"] + "/features/levels.h5")
     assert ids == keys
-    h = behaviour.task_levels_ooo(dict(evaluate.defaults, data=world["data"], task="levels-ooo", out=str(tmp_path / "h.json")),
+    h = behaviour.task_levels_ooo(dict(evaluate.defaults, data=world["data"], task="levels-ooo",
+                                       out=str(tmp_path / "h.json")),
                                   reps={"base": X, "h": codes})
     assert h["h"]["mcfadden_r2"] > h["base"]["mcfadden_r2"] + 0.15  # measured 0.290 vs 0.037
     assert h["base"]["mcfadden_r2"] == pytest.approx(r["base"]["mcfadden_r2"])

@@ -33,7 +33,8 @@ def ooo_data():
     w = rng.gamma(1.0, 1.0, N_PARTICIPANTS)  # uneven trials per participant, like the real data
     part = rng.choice(N_PARTICIPANTS, N_TRIPLETS, p=w / w.sum())
     beta = rng.gamma(4.0, 2.0, N_PARTICIPANTS)
-    s = np.stack([S[trip[:, 1], trip[:, 2]], S[trip[:, 0], trip[:, 2]], S[trip[:, 0], trip[:, 1]]], 1) * beta[part, None]
+    s = np.stack([S[trip[:, 1], trip[:, 2]], S[trip[:, 0], trip[:, 2]], S[trip[:, 0], trip[:, 1]]], 1) * beta[part,
+                                                                                                              None]
     p = np.exp(s - logsumexp(s, 1, keepdims=True))
     choice = (rng.random((N_TRIPLETS, 1)) > p.cumsum(1)).sum(1).clip(0, 2)
     return S, trip, choice, part

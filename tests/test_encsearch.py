@@ -52,7 +52,8 @@ def test_candidates_match_sklearn_on_the_same_folds():
             assert c["cv_r2"] == pytest.approx(want, abs=1e-9)
 
 
-@pytest.mark.parametrize("best", [dict(pca=0, regression="ridge", hyper=10.0), dict(pca=5, regression="ridge", hyper=1.0),
+@pytest.mark.parametrize("best", [dict(pca=0, regression="ridge", hyper=10.0), dict(pca=5, regression="ridge",
+                                                                                    hyper=1.0),
                                   dict(pca=4, regression="pls", hyper=3)])
 def test_refit_score_matches_sklearn(best):
     X, Y = _data(seed=1)
@@ -71,7 +72,8 @@ def test_refit_score_matches_sklearn(best):
 @pytest.fixture(scope="module")
 def world_search(world, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("encsearch") / "search.json")
-    res = evaluate.main(["--task", "encsearch", "--features", world["features/things"], world["features/things_b3"], "--data", world["data"],
+    res = evaluate.main(["--task", "encsearch", "--features", world["features/things"], world["features/things_b3"],
+                         "--data", world["data"],
                          "--subjects", "1", "--pca", "0,8", "--pls-components", "2,8", "--no-progress", "--out", out])
     return res, out
 

@@ -19,7 +19,8 @@ from representations import cosine_similarity_matrix
 
 
 def run(world, task, out, **kw):
-    argv = ["--task", task, "--features", world["dir"] + "/features/things.h5", "--data", world["data"], "--out", str(out)]
+    argv = ["--task", task, "--features", world["dir"] + "/features/things.h5", "--data", world["data"], "--out",
+            str(out)]
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     evaluate.main(argv)
@@ -30,7 +31,8 @@ def run(world, task, out, **kw):
 def test_odd_one_out_matches_loop():
     rng = np.random.default_rng(0)
     R = rng.normal(size=(30, 5))
-    trip = np.array(list(itertools.permutations(range(6), 3)) + [tuple(rng.choice(30, 3, replace=False)) for _ in range(200)])
+    trip = np.array(list(itertools.permutations(range(6), 3)) + [tuple(rng.choice(30, 3,
+                                                                                  replace=False)) for _ in range(200)])
     S = cosine_similarity(R)
     want = []
     for i, j, k in trip:  # the odd one out is the item outside the most similar pair
@@ -48,7 +50,8 @@ def test_noise_ceiling_matches_counter():
     for t in range(len(base)):
         for _ in range(rng.integers(1, 7)):
             perm = rng.permutation(3)  # the same set shown in other orders
-            rows.append(base[t][perm]); choices.append(rng.integers(0, 3))
+            rows.append(base[t][perm])
+            choices.append(rng.integers(0, 3))
     trip, choice = np.array(rows), np.array(choices)
     groups = collections.defaultdict(list)
     for r, c in zip(trip, choice):
@@ -121,14 +124,17 @@ def test_bad_input(world, tmp_path, case):
         feats = tmp_path / "nope.h5"
     elif case == "triplet_out_of_range":
         lines = (d / "THINGS_triplets.csv").read_text().splitlines()
-        cols = lines[3].split("\t"); cols[1] = "99999"; lines[3] = "\t".join(cols)
+        cols = lines[3].split("\t")
+        cols[1] = "99999"
+        lines[3] = "\t".join(cols)
         (d / "THINGS_triplets.csv").write_text("\n".join(lines) + "\n")
     elif case == "row_mismatch":  # drop every image of the last concept
         last = ids[-1].split("/")[0]
         keep = [i for i, s in enumerate(ids) if not s.startswith(last + "/")]
         data.write_features(feats, X[keep], [ids[i] for i in keep])
     elif case == "nan":
-        X = X.copy(); X[5, 2] = np.nan
+        X = X.copy()
+        X[5, 2] = np.nan
         data.write_features(feats, X, ids)
     elif case == "missing_spose":
         os.remove(d / "spose_embedding_66d_sorted.txt")

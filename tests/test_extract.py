@@ -109,7 +109,8 @@ def test_readers_list_ids_in_their_order(tree, tmp_path, world):
         shards.append(tmp_path / f"shard-{s:03d}.tar")
         with tarfile.open(shards[-1], "w") as tf:
             for k in range(3):
-                for name, payload in [(f"s{s}k{k}.jpg", (tree / "cat" / f"cat_0{k}.{'jpg' if k % 2 == 0 else 'png'}").read_bytes()),
+                for name, payload in [(f"s{s}k{k}.jpg",
+                                       (tree / "cat" / f"cat_0{k}.{'jpg' if k % 2 == 0 else 'png'}").read_bytes()),
                                       (f"s{s}k{k}.cls", b"7")]:
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
@@ -138,11 +139,13 @@ def test_decoding_modes_and_bad_files(tree):
     g = np.asarray(images.load_rgb(item("cat/cat_gray.jpg")))
     assert g.shape == (70, 50, 3) and (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()
     cmyk = images.load_rgb(item("cat/cat_cmyk.jpg"))
-    assert cmyk.mode == "RGB" and np.array_equal(np.asarray(cmyk), np.asarray(Image.open(tree / "cat/cat_cmyk.jpg").convert("RGB")))
+    assert cmyk.mode == "RGB" and np.array_equal(np.asarray(cmyk),
+                                                 np.asarray(Image.open(tree / "cat/cat_cmyk.jpg").convert("RGB")))
     assert images.load_rgb(item("banana/banana_rgba.png")).getpixel((0, 0)) == (10, 20, 200)
     assert images.load_rgb(item("banana/banana_palette.png")).mode == "RGB"
     assert images.load_rgb(item("aardvark/aardvark_16bit.png")).getpixel((3, 3)) == (156, 156, 156)  # 40000/65535*255
-    for rel, why in [("banana/banana_corrupt.jpg", "not a decodable image"), ("cat/cat_truncated.jpg", "not a decodable")]:
+    for rel, why in [("banana/banana_corrupt.jpg", "not a decodable image"), ("cat/cat_truncated.jpg",
+                                                                              "not a decodable")]:
         with pytest.raises(images.ImageError, match=why):
             images.load_rgb(item(rel))
     with pytest.raises(images.ImageError, match="unreadable"):
@@ -219,7 +222,8 @@ def test_hooks_and_pooling_agree_with_direct_computation():
     y = torch.randn(2, 3, 64, 64)
     f, used = bt.features(y, ["output", "layer4", "avgpool"])
     assert torch.equal(f["output"], f["layer4"]) and torch.equal(f["avgpool"], f["output"])  # fc input = mean of layer4
-    with pytest.raises(backbones.WeightsError, match=r"no layer named 'blocks.9'; near ones: \['blocks.5', .*'blocks.0'\]"):
+    with pytest.raises(backbones.WeightsError,
+                       match=r"no layer named 'blocks.9'; near ones: \['blocks.5', .*'blocks.0'\]"):
         bb.features(x, ["blocks.9"])
     f, used = bb.features(x, ["output", "blocks.1"], "head")  # head: the library's pooling; hooks fall back to auto
     assert used == {"output": "timm global_pool=token", "blocks.1": "cls"}
@@ -325,7 +329,8 @@ def test_pca_is_incremental_pca_over_the_extracted_rows(tree, full, tmp_path):
         X = raw[name].astype(np.float64)
         ipca = IncrementalPCA(5, batch_size=8).fit(X)  # batches of 8, the last 3 rows merged into the one before
         np.testing.assert_allclose(got[f"pca/{name}/components"], ipca.components_, atol=1e-6)
-        np.testing.assert_allclose(got[f"pca/{name}/explained_variance_ratio"], ipca.explained_variance_ratio_, rtol=1e-6)
+        np.testing.assert_allclose(got[f"pca/{name}/explained_variance_ratio"], ipca.explained_variance_ratio_,
+                                   rtol=1e-6)
         np.testing.assert_allclose(got[f"pca/{name}/scores"], ipca.transform(X), atol=1e-4)
     assert same(got["image_ids"], raw["image_ids"])
 
@@ -369,7 +374,8 @@ def test_sae_codes_use_train_py_encoder(tree, full, tmp_path):
     train.main(["--stage", "sae", "--encode", "--ckpt", ckpt, "--features", full[0], "--codes-out", ref])
     got, want = arrays(out), arrays(ref)
     assert got["sae/indices"].shape == (N_GOOD, 4)
-    assert np.array_equal(got["sae/indices"], want["sae/indices"]) and np.array_equal(got["sae/values"], want["sae/values"])
+    assert np.array_equal(got["sae/indices"], want["sae/indices"]) and np.array_equal(got["sae/values"],
+                                                                                      want["sae/values"])
     assert np.array_equal(got["features"], arrays(full[0])["features"])
 
 

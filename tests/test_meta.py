@@ -43,7 +43,8 @@ def _args(world, tmp, **kw):
     cfg.update(kw)
     argv = ["--stage", "meta", "--no-progress"]
     for k, v in cfg.items():
-        argv += [f"--{k.replace('_', '-')}={v}"] if not isinstance(v, bool) else [f"--{'' if v else 'no-'}{k.replace('_', '-')}"]
+        flag = k.replace("_", "-")
+        argv += [f"--{flag}={v}"] if not isinstance(v, bool) else [f"--{'' if v else 'no-'}{flag}"]
     return argv
 
 
@@ -100,7 +101,8 @@ def test_principal_basis_matches_sklearn_pca():
     P_ref = pca.components_.T @ pca.components_  # projections are sign-free
     np.testing.assert_allclose((B @ B.T).numpy(), P_ref, atol=1e-9)
     B90, _ = models.principal_basis(X, 0.9)
-    assert B90.shape[1] == int(np.searchsorted(np.cumsum(PCA().fit(X.double().numpy()).explained_variance_ratio_), 0.9) + 1)
+    assert B90.shape[1] == int(np.searchsorted(np.cumsum(PCA().fit(X.double().numpy()).explained_variance_ratio_),
+                                               0.9) + 1)
     sc = torch.rand(10, generator=g) + 0.5  # scale= (the standardised features) without a scaled copy
     Bs, share_s = models.principal_basis(X, 4, scale=sc)
     Bx, share_x = models.principal_basis(X * sc, 4)

@@ -95,7 +95,8 @@ def _prisma_state(d=6, n_lat=24, k=3, seed=0):
 def _prisma_forward(sd, x, k, normalize):
     """ViT-Prisma's StandardSparseAutoencoder.encode/decode with a TopK activation, written out."""
     if normalize == "layer_norm":
-        mu = x.mean(-1, keepdim=True); std = (x - mu).std(-1, keepdim=True)
+        mu = x.mean(-1, keepdim=True)
+        std = (x - mu).std(-1, keepdim=True)
         xn = (x - mu) / (std + 1e-5)
     else:
         xn = x

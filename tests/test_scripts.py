@@ -63,7 +63,8 @@ def test_one_parser_per_stage_with_the_same_names(capsys):
     with pytest.raises(SystemExit):  # no old aliases
         train.parse(["--stage", "sae", "--sae-lr", "0.1"])
     import evaluate
-    assert {"threads", "subjects", "rois", "progress"} <= set(evaluate.defaults) and "behav_threads" not in evaluate.defaults
+    assert {"threads", "subjects", "rois",
+            "progress"} <= set(evaluate.defaults) and "behav_threads" not in evaluate.defaults
 
 
 def test_config_file_sets_a_stage_and_flags_override(tmp_path):
@@ -99,7 +100,8 @@ def test_config_file_errors_name_the_file_and_the_key(tmp_path, capsys, text, wh
 def test_demo_config_holds_the_demo_runs():
     """configs/demo.toml is the one place the demo's SAE and meta settings are spelled (Makefile, tests)."""
     c = train.parse(["--stage", "meta", "--config", str(ROOT / "configs" / "demo.toml")])
-    assert (c["steps"], c["length"], c["batch"], c["d_model"], c["input_pca"], c["min_nonzero"]) == (600, 32, 32, 64, 0.95, 40)
+    assert (c["steps"], c["length"], c["batch"], c["d_model"], c["input_pca"], c["min_nonzero"]) == (600, 32, 32, 64,
+                                                                                                     0.95, 40)
     s = train.parse(["--stage", "sae", "--config", str(ROOT / "configs" / "demo.toml")])
     assert (s["n_latents"], s["k"], s["epochs"], s["batch"], s["lr"]) == ("4x", 16, 30, 256, 0.003)
     make = (ROOT / "Makefile").read_text()
@@ -121,7 +123,8 @@ def test_real_defaults_and_missing_data_folder(tmp_path, monkeypatch):
 
 def test_extract_world_flags_only_for_the_synthetic_dataset(capsys):
     import extract
-    for argv, flag in ((["--dataset", "things", "--d", "512"], "--d"), (["--dataset", "coco", "--size", "full"], "--size"),
+    for argv, flag in ((["--dataset", "things", "--d", "512"], "--d"), (["--dataset", "coco", "--size", "full"],
+                                                                        "--size"),
                        (["--dataset", "folder", "--n-concepts", "30", "--seed", "1"], "--n-concepts")):
         with pytest.raises(SystemExit) as e:
             extract.parse(argv)

@@ -65,7 +65,8 @@ def test_train_meta_reads_and_writes_the_makefile_paths(fake, tmp_path):
     assert calls[0][:2] == ["make", "build"]  # ahead-of-time build before the ranks start
     assert calls[1][0] == "srun" and calls[2][0] == "torchrun" and calls[1][1].endswith("torchrun")
     tr = calls[2]
-    assert "--standalone" in tr and "--nproc_per_node=2" in tr and tr[tr.index("train.py") + 1:][:2] == ["--stage", "meta"]
+    assert "--standalone" in tr and "--nproc_per_node=2" in tr and tr[tr.index("train.py") + 1:][:2] == ["--stage",
+                                                                                                         "meta"]
     for name in ("--features", "--codes", "--eval-features", "--eval-codes", "--out"):
         assert flag(tr, name) == flag(meta, name), name  # the Makefile's paths, both ways
     assert tr[-2:] == ["--steps", "5"]

@@ -171,7 +171,8 @@ def test_stage_warp_writes_curve_and_resumes(warp_runs, world):
     assert set(doc["results"]) == {"0", "full", "1", "8"} and doc["config"]["d"] == "1,8" and "versions" in doc
     assert doc["metric"] == "r2" and doc["target_info"]["roi"] == "LOC" and doc["n_test"] == 20  # repeated images
     before = {k: v["seconds"] for k, v in doc["results"].items()}
-    train.main(common + ["--features", world["features/things"], "--d", "1,8,32", "--name", "base", "--out", paths["base"]])
+    train.main(common + ["--features", world["features/things"], "--d", "1,8,32", "--name", "base", "--out",
+                         paths["base"]])
     doc2 = json.load(open(paths["base"]))
     assert set(doc2["results"]) == {"0", "full", "1", "8", "32"}
     assert all(doc2["results"][k]["seconds"] == s for k, s in before.items())  # resumed: old fits kept, not redone
@@ -221,7 +222,8 @@ def test_stage_warp_bad_input(world, tmp_path):
     assert not os.path.exists(tmp_path / "w.json")
     import evaluate
     with pytest.raises(SystemExit, match="no warp result file matches"):
-        evaluate.main(["--task", "dwarp", "--warp-runs", str(tmp_path / "none*.json"), "--out", str(tmp_path / "r.json")])
+        evaluate.main(["--task", "dwarp", "--warp-runs", str(tmp_path / "none*.json"), "--out",
+                       str(tmp_path / "r.json")])
 
 
 def test_rsa_score_matches_scipy():
@@ -248,7 +250,8 @@ def test_rsa_objective_and_joint_readout():
 
 def test_stage_warp_spose(world, tmp_path):
     out = str(tmp_path / "spose.json")
-    train.main(["--stage", "warp", "--targets", "spose", "--features", world["features/things"], "--data", world["data"],
+    train.main(["--stage", "warp", "--targets", "spose", "--features", world["features/things"], "--data",
+                world["data"],
                 "--d", "2", "--steps", "40", "--eval-every", "20", "--no-progress", "--out", out])
     doc = json.load(open(out))
     assert doc["target"] == "spose" and doc["n_test"] == 30 and doc["n_train"] + doc["n_val"] == 120  # 150 concepts
