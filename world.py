@@ -429,7 +429,7 @@ def make_world(out_dir, size="small", seed=0, verbose=True, **overrides):
         with atomic_path(p) as tmp:
             rd.to_hdf(tmp, key="ResponseData", mode="w", format="fixed")
             with h5py.File(tmp, "a") as f:
-                f.attrs["synthetic"] = True  # readers tell the world's files from real data by this attr
+                f.attrs["synthetic"] = 1  # readers tell the world's files by this attr (an int: pytables reads it)
         paths[f"fmri/{tag}/responses"] = p
         vm = pd.DataFrame(dict(voxel_id=voxel_id, subject_id=sub, nc_singletrial=nc.round(3),
                                nc_testset=(100 * (nc / 100) / (nc / 100 + (1 - nc / 100) / n_ses)).round(3),
