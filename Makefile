@@ -1,4 +1,4 @@
-# metalign: make demo | test | bench | build | world | evaluate TASK=cka | train BACKBONE=clip | data | clean   (see README)
+# metalign: make demo | test | lint | bench | build | world | evaluate TASK=cka | train BACKBONE=clip | data | clean   (see README)
 PY      ?= .venv/bin/python
 WORLD   ?= data/world
 SIZE    ?= small
@@ -9,11 +9,14 @@ STAGE   ?= sae
 FEATURES?= $(WORLD)/features/things.h5
 DATA    ?= $(WORLD)/data
 CKPT    ?= $(RUN)/meta/world.pt
-META_STEPS ?= 600
-EVAL    := evaluate.py representations.py   # every evaluation's result depends on these
+# the demo's SAE and meta settings ([sae], [meta] tables; paths are passed on the command line below)
+CONFIG  ?= configs/demo.toml
+EVAL    := evaluate.py representations.py data.py   # every evaluation's result depends on these
+# the README's "What the demo shows" is generated from the default demo's report (evaluate.demo_summary)
+README_SUMMARY := $(if $(filter runs/demo|data/world|small|0,$(RUN)|$(WORLD)|$(SIZE)|$(SEED)),--readme README.md,)
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test bench build nvcc world evaluate train data clean
+.PHONY: demo test lint bench build nvcc world evaluate train data clean
 
 .venv/ok: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -35,38 +38,38 @@ $(WORLD)/world_truth.h5: .venv/ok world.py extract.py data.py
 
 world: $(WORLD)/world_truth.h5
 
-$(RUN)/things-ooo.json: $(WORLD)/world_truth.h5 $(EVAL) behaviour.py choice.py $(CKPT)
+$(RUN)/things-ooo.json: $(WORLD)/world_truth.h5 $(EVAL) eval_behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task things-ooo --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/cka.json: $(WORLD)/world_truth.h5 $(EVAL) geometry_tasks.py kernels.py $(CKPT)
+$(RUN)/cka.json: $(WORLD)/world_truth.h5 $(EVAL) eval_geometry.py kernels.py $(CKPT)
 	$(PY) evaluate.py --task cka --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --spose-dims 0,1,2 --out $@
 
-# representational geometry (issue 7): one file target per task, each with the aligned checkpoint
+# representational geometry: one file target per task, each with the aligned checkpoint
 GEOMETRY = rsa class-separation tsne probe
-$(GEOMETRY:%=$(RUN)/%.json): $(RUN)/%.json: $(WORLD)/world_truth.h5 $(EVAL) geometry_tasks.py geometry.py $(CKPT)
+$(GEOMETRY:%=$(RUN)/%.json): $(RUN)/%.json: $(WORLD)/world_truth.h5 $(EVAL) eval_geometry.py geometry.py $(CKPT)
 	$(PY) evaluate.py --task $* --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/similarity.json: $(WORLD)/world_truth.h5 $(EVAL) geometry_tasks.py geometry.py
+$(RUN)/similarity.json: $(WORLD)/world_truth.h5 $(EVAL) eval_geometry.py geometry.py
 	$(PY) evaluate.py --task similarity --models "$(WORLD)/features/{dataset}.h5,$(WORLD)/features/{dataset}_b1.h5,$(WORLD)/features/{dataset}_b2.h5,$(WORLD)/features/{dataset}_b3.h5" --datasets things,levels,coco --data $(DATA) --out $@
 
-$(RUN)/fmri.json: $(WORLD)/world_truth.h5 $(EVAL) fmri.py kernels.py $(CKPT)
+$(RUN)/fmri.json: $(WORLD)/world_truth.h5 $(EVAL) eval_fmri.py kernels.py $(CKPT)
 	$(PY) evaluate.py --task fmri --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/levels-ooo.json: $(WORLD)/world_truth.h5 $(EVAL) behaviour.py choice.py $(CKPT)
+$(RUN)/levels-ooo.json: $(WORLD)/world_truth.h5 $(EVAL) eval_behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task levels-ooo --levels-features $(WORLD)/features/levels.h5 --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/category-learning.json: $(WORLD)/world_truth.h5 $(EVAL) behaviour.py choice.py $(CKPT)
+$(RUN)/category-learning.json: $(WORLD)/world_truth.h5 $(EVAL) eval_behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task category-learning --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/reward-learning.json: $(WORLD)/world_truth.h5 $(EVAL) behaviour.py choice.py $(CKPT)
+$(RUN)/reward-learning.json: $(WORLD)/world_truth.h5 $(EVAL) eval_behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task reward-learning --features $(FEATURES) --data $(DATA) --ckpt $(CKPT) --out $@
 
-$(RUN)/icl.json: $(WORLD)/world_truth.h5 $(EVAL) behaviour.py choice.py $(CKPT)
+$(RUN)/icl.json: $(WORLD)/world_truth.h5 $(EVAL) eval_behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task icl --data $(DATA) --ckpt $(CKPT) --out $@
 
 # SAE on the world's unlabelled pool, then its codes in a separate file (the world's features stay as written)
-$(RUN)/sae/world.pt: $(WORLD)/world_truth.h5 train.py models.py kernels.py
-	$(PY) train.py --stage sae --features $(WORLD)/features/coco.h5 --n-latents 4x --k 16 --epochs 30 --rows-per-step 256 --sae-lr 0.003 --no-progress --out $@
+$(RUN)/sae/world.pt: $(WORLD)/world_truth.h5 train.py models.py kernels.py $(CONFIG)
+	$(PY) train.py --stage sae --config $(CONFIG) --features $(WORLD)/features/coco.h5 --out $@
 
 $(RUN)/coco_codes.h5: $(RUN)/sae/world.pt
 	$(PY) train.py --stage sae --encode --ckpt $< --features $(WORLD)/features/coco.h5 --codes-out $@
@@ -75,12 +78,12 @@ $(RUN)/things_codes.h5: $(RUN)/sae/world.pt
 	$(PY) train.py --stage sae --encode --ckpt $< --features $(WORLD)/features/things.h5 --codes-out $@
 
 # meta-learning on the pool's SAE functions, held-out evaluation on the THINGS images' own codes
-$(RUN)/meta/world.pt: $(RUN)/coco_codes.h5 $(RUN)/things_codes.h5 models.py
-	$(PY) train.py --stage meta --features $(WORLD)/features/coco.h5 --codes $(RUN)/coco_codes.h5 --eval-features $(FEATURES) --eval-codes $(RUN)/things_codes.h5 --min-nonzero 40 --length 32 --batch 32 --steps $(META_STEPS) --d-model 64 --lr 2e-3 --input-pca 0.95 --eval-every 100 --no-progress --out $@
+$(RUN)/meta/world.pt: $(RUN)/coco_codes.h5 $(RUN)/things_codes.h5 models.py $(CONFIG)
+	$(PY) train.py --stage meta --config $(CONFIG) --features $(WORLD)/features/coco.h5 --codes $(RUN)/coco_codes.h5 --eval-features $(FEATURES) --eval-codes $(RUN)/things_codes.h5 --out $@
 
 
 demo: build $(RUN)/things-ooo.json $(RUN)/levels-ooo.json $(RUN)/category-learning.json $(RUN)/reward-learning.json $(RUN)/icl.json $(RUN)/cka.json $(RUN)/fmri.json $(RUN)/coco_codes.h5 $(GEOMETRY:%=$(RUN)/%.json) $(RUN)/similarity.json
-	$(PY) evaluate.py --task report --results $(RUN) --out $(RUN)/report.md
+	$(PY) evaluate.py --task report --results $(RUN) --out $(RUN)/report.md $(README_SUMMARY)
 	@cat $(RUN)/report.md
 
 evaluate: .venv/ok
@@ -117,6 +120,10 @@ data: .venv/ok
 
 test: build nvcc
 	KERNELS_REQUIRE=1 $(PY) -m pytest -q tests --benchmark-skip
+
+# ruff (pyproject.toml) and the issue-reference check; make test runs the same through tests/test_lint.py
+lint: .venv/ok
+	$(PY) -m pytest -q tests/test_lint.py
 
 bench: build
 	THP_MEM_ALLOC_ENABLE=1 KERNELS_REQUIRE=1 $(PY) -m pytest tests/test_bench*.py --benchmark-only --benchmark-group-by=group --benchmark-columns=min,mean,median,rounds --benchmark-json=runs/bench.json

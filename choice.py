@@ -1,4 +1,4 @@
-"""Choice models for the behavioural evaluations, vectorised with torch; behaviour.py builds the tasks on them.
+"""Choice models for the behavioural evaluations, vectorised with torch; eval_behaviour.py builds the tasks on them.
 
 Every fit is a conditional (multinomial) logit per participant: P(option k) = softmax_k(x_nk . theta_p), fitted by
 batched Newton steps on all participants at once (one (n_participants, p) parameter tensor; trials are
@@ -9,7 +9,6 @@ features and noise ceiling, the online learners whose trial-by-trial predictions
 statistics over participants (Wilcoxon signed-rank, random-effects group BMS with protected exceedance
 probabilities).
 """
-import contextlib
 import functools
 import math
 
@@ -96,7 +95,8 @@ def fit_conditional_logit(X, y, group, n_groups, rows=None, l2=0.1, max_iter=100
     G, p = n_groups, X.shape[2]
     n_trials = torch.bincount(group, minlength=G)
     empty = n_trials == 0
-    theta = torch.zeros(G, p, dtype=torch.float64) if theta0 is None else torch.as_tensor(theta0, dtype=torch.float64).clone()
+    theta = (torch.zeros(G, p, dtype=torch.float64) if theta0 is None
+             else torch.as_tensor(theta0, dtype=torch.float64).clone())
     f, g, H = _logit_pass(theta, Xt, y, group, l2, True)
     converged = empty.clone()
     it = 0
@@ -217,7 +217,8 @@ def summarise_fit(nll, correct, codes, n_groups, n_options, labels, ci=0.95, see
         i = rng.integers(n_groups, size=n_groups)
         boots.append(1 - s[i].sum() / max(n[i].sum(), 1) / math.log(n_options))
     lo, hi = np.quantile(boots, [(1 - ci) / 2, 1 - (1 - ci) / 2]) if n_groups else (float("nan"),) * 2
-    summary = dict(mcfadden_r2=float(pooled), r2_ci=[float(lo), float(hi)], r2_ci_method="percentile bootstrap over participants",
+    summary = dict(mcfadden_r2=float(pooled), r2_ci=[float(lo), float(hi)],
+                   r2_ci_method="percentile bootstrap over participants",
                    heldout_nll=float(v.mean()) if len(v) else float("nan"),
                    heldout_accuracy=float(ok.mean()) if len(ok) else float("nan"),
                    participant_r2_mean=float(per["r2"].mean()) if n_groups else float("nan"),
@@ -298,7 +299,7 @@ def entropy_ceiling(triplets, choice, n_options=3):
 
 # ================================================================================ online learners (category / reward)
 
-def _span_project(X, max_rank):
+def span_project(X, max_rank):
     """(P, T, d) -> (P, T, r) coordinates in each participant's own row span, r = min(d, rank bound).
 
     L2-penalised linear models are rotation invariant and their solutions lie in the span of the training
@@ -309,29 +310,6 @@ def _span_project(X, max_rank):
         return X
     U, Sv, _ = torch.linalg.svd(X, full_matrices=False)  # (P, T, min(T, d))
     return U * Sv[:, None, :]
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    """Temporarily run torch with n threads (n <= 0: leave as is). The fits are long chains of elementwise ops;
-    on the shared 2-core machines one thread is fastest (measured 327 s with 2 contended threads vs ~60 s with
-    one for the 4.7M-triplet fit), on a free many-core node more threads help: --behav-threads."""
-    old = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def with_behav_threads(fn):
-    """Decorator: run fn(cfg, ...) with cfg["behav_threads"] torch threads (see torch_threads)."""
-    @functools.wraps(fn)
-    def wrapped(cfg, *args, **kwargs):
-        with torch_threads(cfg.get("behav_threads", 1)):
-            return fn(cfg, *args, **kwargs)
-    return wrapped
 
 
 def _single_thread(fn):
@@ -451,7 +429,7 @@ def online_blr(ZL, ZR, RL, RR, valid, lams):
     return out.view(nL, P, T, 2)
 
 
-def _to_panels(df):
+def to_panels(df):
     """Long table (one row per trial, in order) -> per-participant padded panels.
 
     Returns (labels (P,), index (P, T) row numbers into df, -1 for padding, valid (P, T) bool)."""
@@ -476,7 +454,8 @@ def wilcoxon_pair(nll_a, nll_b):
     a, b = np.asarray(nll_a, np.float64), np.asarray(nll_b, np.float64)
     d = a - b
     if len(d) < 2 or np.all(d == 0):
-        return dict(statistic=float("nan"), p=float("nan"), n=int(len(d)), median_difference=float(np.median(d)) if len(d) else float("nan"))
+        return dict(statistic=float("nan"), p=float("nan"), n=int(len(d)),
+                    median_difference=float(np.median(d)) if len(d) else float("nan"))
     st = wilcoxon(a, b)
     return dict(statistic=float(st.statistic), p=float(st.pvalue), n=int(len(d)), median_difference=float(np.median(d)),
                 better_a=int((d < 0).sum()), better_b=int((d > 0).sum()))

@@ -11,6 +11,7 @@ so a user with a half-downloaded data folder learns what to fix without reading 
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import pickle
@@ -25,12 +26,13 @@ class DataError(ValueError):
     """Bad or missing input data; the message names the file, the field and what was expected."""
 
 
-def flag_parser(doc, *defaults, nargs=()):
+def flag_parser(doc, *defaults, nargs=(), prog=None):
     """The flat scripts' argparse (STYLE.md): one --flag-with-dashes per key of the defaults dicts, type taken
     from the default, booleans as --x / --no-x (a key no_x gives --no-x for True and --x for False), list defaults
     and the keys in `nargs` take one or more values; unknown and abbreviated flags are errors. Returns the parser,
     for scripts that add flags or checks."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     for d in defaults:
         for k, v in d.items():
             flag = "--" + k.replace("_", "-")
@@ -57,6 +59,171 @@ def versions():
         except Exception:
             pass
     return out
+
+
+CONFIG_TABLES = ("sae", "meta", "warp", "evaluate")  # the tables a preset file may hold: train.py stages, evaluate.py
+
+
+def load_config(path, tables):
+    """A preset file (TOML, read with the standard library's tomllib) -> {table: {key: value}} for the tables this
+    script reads. `tables` maps each such table to the flags it may set (their defaults); keys are flag names
+    with dashes or underscores. An unknown key, a top-level key outside every table, or a table that no script
+    reads (see CONFIG_TABLES) is a DataError naming the file and the key."""
+    import tomllib
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise DataError(f"{path} not found; expected a TOML config file (--config)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise DataError(f"{path}: not valid TOML ({e})") from None
+    out = {}
+    for name, table in raw.items():
+        if not isinstance(table, dict):
+            raise DataError(f"{path}: key {name!r} outside a table; put it under one of "
+                            f"{', '.join(f'[{t}]' for t in CONFIG_TABLES)}")
+        if name not in CONFIG_TABLES:
+            raise DataError(f"{path}: unknown table [{name}]; expected some of {list(CONFIG_TABLES)}")
+        if name not in tables:
+            continue  # another script's table (evaluate.py's in a file train.py reads, and so on)
+        known = tables[name]
+        out[name] = {}
+        for k, v in table.items():
+            key = k.replace("-", "_")
+            if key not in known or key in ("config", "stage"):
+                raise DataError(f"{path}: unknown key {k!r} in [{name}]; expected some of "
+                                f"{sorted(x for x in known if x not in ('config', 'stage'))}")
+            out[name][key] = v
+    return out
+
+
+def _config_value(path, key, v, want, listed):
+    """A config file's value checked against the flag's default: bool for bool, int for int, a number for
+    float, a string for str, a string or a list of strings where the flag takes several values."""
+    if isinstance(want, bool):
+        ok = isinstance(v, bool)
+    elif isinstance(v, bool):
+        ok = False
+    elif listed:
+        ok = isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+    elif isinstance(want, float):
+        ok = isinstance(v, (int, float))
+    else:
+        ok = isinstance(v, type(want))
+    if not ok:
+        raise DataError(f"{path}: key {key!r} = {v!r}; expected {'a list of strings or ' if listed else ''}"
+                        f"a value of type {type(want).__name__} (the default is {want!r})")
+    if listed:
+        return v if isinstance(v, list) else [v]
+    return float(v) if isinstance(want, float) else v
+
+
+def parse_flags(p, argv, defaults, table, tables, nargs=()):
+    """Parse argv with --config FILE.toml applied first: the file's [table] values replace the defaults and flags
+    given on the command line override them. `tables` ({table: defaults}) are the tables this script checks,
+    so a typo in the file fails whichever stage runs. An unknown key or a value of the wrong type is a usage
+    error naming the file and the key. Returns the resolved config dict (`config`: the file's path or '')."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default="")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        try:
+            file_cfg = load_config(known.config, tables)
+            for name, values in file_cfg.items():  # every table type-checked, this script's one applied
+                checked = {k: _config_value(known.config, f"[{name}] {k}", v, tables[name][k],
+                                            isinstance(tables[name][k], list) or k in nargs)
+                           for k, v in values.items()}
+                if name == table:
+                    p.set_defaults(**checked)
+        except DataError as e:
+            p.error(str(e))
+    return vars(p.parse_args(argv))
+
+
+def subject_tag(s):
+    """A THINGS-fMRI subject as its file-name tag: 1, "1", "01" or "sub-01" -> "sub-01"."""
+    s = str(s).strip()
+    return s if s.startswith("sub-") else f"sub-{int(s):02d}"
+
+
+def split_list(text):
+    """A comma-separated flag value -> its non-empty, stripped items ('' -> [])."""
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def parse_floats(text, flag):
+    """A comma-separated list of positive numbers (a grid of C or lambda values) -> list[float]."""
+    try:
+        vals = [float(x) for x in split_list(text)]
+    except ValueError:
+        raise DataError(f"--{flag} {text!r}: expected comma-separated numbers") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise DataError(f"--{flag} {text!r}: expected positive comma-separated numbers")
+    return vals
+
+
+def parse_ints(text, flag, low):
+    """A comma-separated list of integers >= low -> list[int]."""
+    try:
+        vals = [int(t) for t in split_list(text)]
+    except ValueError:
+        raise DataError(f"--{flag} {text!r}: expected comma-separated integers") from None
+    bad = [v for v in vals if v < low]
+    if bad or not vals:
+        raise DataError(f"--{flag} {text!r}: expected integers >= {low}")
+    return vals
+
+
+def r2_per_target(pred, Y):
+    """Coefficient of determination of each column of Y (n, t) -> (t,): 1 - SSE / SST (SST floored at 1e-12).
+    Works on numpy arrays and torch tensors alike."""
+    sse = ((Y - pred) ** 2).sum(0)
+    sst = ((Y - Y.mean(0)) ** 2).sum(0)
+    return 1 - sse / sst.clip(min=1e-12)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """Temporarily run torch with n threads (n <= 0: leave as is). Small ops and the behavioural fits are long
+    chains of elementwise ops; on the shared 2-core machines one thread is fastest (measured 327 s with 2
+    contended threads vs ~60 s with one for the 4.7M-triplet fit), on a free many-core node more help: --threads."""
+    import torch
+    old = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def with_threads(fn):
+    """Decorator: run fn(cfg, ...) with cfg["threads"] torch threads (see torch_threads)."""
+    @functools.wraps(fn)
+    def wrapped(cfg, *args, **kwargs):
+        with torch_threads(cfg.get("threads", 1)):
+            return fn(cfg, *args, **kwargs)
+    return wrapped
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on cluster nodes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi=120, tight=False, **kwargs):
+    """Write a figure as PNG atomically (see atomic_path) and close it -> path."""
+    plt = pyplot()
+    if tight:
+        fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, **kwargs)
+    plt.close(fig)
+    return path
 
 
 @contextlib.contextmanager
@@ -135,7 +302,7 @@ def write_features(path, features, image_ids, attrs=None, layers=None, chunk_row
     return path
 
 
-def _decode(a):
+def decode_strings(a):
     return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in a]
 
 
@@ -151,6 +318,28 @@ def open_h5(path, expected):
         raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
 
 
+def is_synthetic(path):
+    """True for a file of the embedded world: world.py marks every HDF5 file it writes with the attr
+    `synthetic`. Missing or unreadable files are not synthetic (their readers report them)."""
+    try:
+        with h5py.File(os.fspath(path), "r") as f:
+            return bool(f.attrs.get("synthetic", False))
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+SYNTHETIC = "synthetic world"  # how every result and report built from the world's files begins its header
+
+
+def result_header(paths, what):
+    """The header line of a result: 'synthetic world: ...' when any input file is the world's, else the inputs."""
+    paths = [str(p) for p in paths if p]
+    synth = [p for p in paths if is_synthetic(p)]
+    if synth:
+        return f"{SYNTHETIC}: {what} on the embedded world (world.py), not human data; from {', '.join(synth)}"
+    return f"{what} on {', '.join(paths) or 'the inputs in config'}"
+
+
 def read_features(path, field="features", check_finite=True):
     """Read (features (n, d) float32, image_ids list[str]) from a features HDF5 file."""
     path = os.fspath(path)
@@ -163,7 +352,7 @@ def read_features(path, field="features", check_finite=True):
             raise DataError(f"{path}: field '/image_ids' missing (needed to match rows to images); "
                             f"datasets present: {present}")
         X = np.asarray(f[field][...], dtype=np.float32)
-        ids = _decode(f["image_ids"][...])
+        ids = decode_strings(f["image_ids"][...])
     if X.ndim != 2:
         raise DataError(f"{path}: /{field} must be 2-d (n_images, d), got shape {X.shape}")
     if X.shape[0] != len(ids):
@@ -297,7 +486,8 @@ def load_levels(data_dir):
         if len(gap):
             raise DataError(f"{path}: field '{c}' missing in {len(gap)} exp trials, first of participant "
                             f"{df['participant'][gap[0]]!r}")
-    key = lambda s: s.astype(str).map(lambda p: p.replace("\\", "/").rsplit("/", 1)[-1])
+    def key(s):
+        return s.astype(str).map(lambda p: p.replace("\\", "/").rsplit("/", 1)[-1])
     imgs = np.stack([key(df[f"image{j}Path"]).to_numpy() for j in (1, 2, 3)], 1)  # (n_trials, 3)
     sel = key(df["selected_image"]).to_numpy()
     hit = imgs == sel[:, None]
@@ -313,7 +503,8 @@ def load_levels(data_dir):
 
 
 def load_category_learning(data_dir):
-    """category_learning.csv -> DataFrame (participant, image, choice, true_category_binary[, trial, dimension, correct])."""
+    """category_learning.csv -> DataFrame (participant, image, choice, true_category_binary[, trial, dimension,
+    correct])."""
     path = _need(os.path.join(data_dir, "category_learning.csv"), "category learning CSV")
     df = pd.read_csv(path)
     req = ["participant", "image", "choice", "true_category_binary"]
@@ -339,8 +530,7 @@ def load_fmri(data_dir, subject):
     Returns dict(responses (n_voxels, n_trials) float32, voxel_ids (n_voxels,) int64,
     voxels = VoxelMetadata rows in response order, stimuli = StimulusMetadata, one row per trial).
     """
-    s = str(subject)
-    sub = s if s.startswith("sub-") else f"sub-{int(s):02d}"
+    sub = subject_tag(subject)
     folder = os.path.join(data_dir, "brain_data")
     rpath = _need(os.path.join(folder, f"{sub}_ResponseData.h5"), "pandas HDF file of single-trial responses")
     vpath = _need(os.path.join(folder, f"{sub}_VoxelMetadata.csv"), "voxel metadata CSV")

@@ -1,21 +1,27 @@
 """Checkpoints + features + human data -> results (JSON) and a report.
 
-    python evaluate.py --task things-ooo --features F.h5 --data DIR --out R.json   # odd-one-out accuracy
-    python evaluate.py --task cka        --features F.h5 --data DIR --out R.json   # CKA with SPoSE, bootstrap CI
-    python evaluate.py --task fmri       --features F.h5 --data DIR --out R.json   # voxelwise encoding (fmri.py)
-    python evaluate.py --task levels-ooo --levels-features L.h5 --data DIR --out R.json   # Levels fit (behaviour.py)
+    python evaluate.py --task things-ooo --features F.h5 --data DIR --out R.json   # odd-one-out (eval_behaviour.py)
+    python evaluate.py --task cka        --features F.h5 --data DIR --out R.json   # CKA with SPoSE (eval_geometry.py)
+    python evaluate.py --task fmri       --features F.h5 --data DIR --out R.json   # voxelwise encoding (eval_fmri.py)
+    python evaluate.py --task levels-ooo --levels-features L.h5 --data DIR --out R.json   # Levels fit
     python evaluate.py --task category-learning|reward-learning --features F.h5 --data DIR --out R.json
     python evaluate.py --task icl        --ckpt META.pt --data DIR --out R.json             # in-context curves
+    python evaluate.py --task encsearch  --features L1.h5 L2.h5 --data DIR --out R.json     # encoding-model search
+    python evaluate.py --task dwarp      --warp-runs 'runs/warp/*.json' --out R.json   # d_warp curves (eval_warp.py)
     python evaluate.py --task all        --features F.h5 --data DIR --out runs/eval/all.json  # every task with data
     python evaluate.py --task report     --results runs/demo --out runs/demo/report.md
-    python evaluate.py --task dwarp      --warp-runs 'runs/warp/*.json' --out R.json   # d_warp curves (warp.py)
+
+Where a task lives: things-ooo, levels-ooo, category-learning, reward-learning, icl in eval_behaviour.py;
+cka, rsa, class-separation, tsne, similarity, probe in eval_geometry.py; fmri, encsearch in eval_fmri.py;
+dwarp in eval_warp.py. This file holds the flags, the registry (TASKS), `all`, `report` and main.
 
 F.h5 holds /features (n_images, d) and /image_ids "<concept>/<image>.jpg" (see README, "Data formats");
 DIR holds the human files (unique_id.txt, spose_embedding_66d_sorted.txt, THINGS_triplets.csv, ...).
 A concept's representation is the features of its first sorted image. Each task prints a table and writes
-R.json with one top-level key per representation (`base`, `spose`; `aligned` once the meta stage exists),
-plus `noise_ceiling` and `config`. On a cluster node: the same command inside `srun`.
+R.json with one top-level key per representation (`base`, `spose`, `aligned` per --ckpt, ...), plus
+`noise_ceiling`, `config` and `versions`. On a cluster node: the same command inside `srun`.
 """
+import glob
 import json
 import os
 import sys
@@ -23,30 +29,30 @@ import time
 
 import numpy as np
 
-import behaviour
 import data
-import geometry_tasks as gt
-import warp
-from choice import repeated_responses
-from representations import (aligned_representations, cosine_similarity_matrix, load_representations, print_table,
-                             z_value)
+import eval_behaviour
+import eval_fmri
+import eval_geometry
+import eval_warp
 
 # ----------------------------------------------------------------------------------------------- defaults
 defaults = dict(
-    task="things-ooo",                          # things-ooo | cka | fmri | report
-    features="data/world/features/things.h5",   # backbone features of the THINGS images (HDF5)
+    task="things-ooo",                          # a key of TASKS, all or report
+    config="",                                  # TOML preset: its [evaluate] table sets flags (flags given override)
+    features="data/features/clip/things.h5",    # backbone features of the THINGS images (HDF5; extract.py's output)
     field="features",                           # dataset inside --features (e.g. layers/block6)
-    data="data/world/data",                     # folder with the human data files
+    data="data/external",                       # human data files (make data; the world's: data/world/data)
     out="",                                     # result file ('' -> runs/eval/<task>.json)
-    results="runs/demo",                        # --task report: folder of result JSON files
+    results="runs/demo",                        # report: folder of result JSON files
+    readme="",                                  # report: also copy its demo summary into this file (make demo)
     n_boot=1000,                                # bootstrap resamples of concepts for CKA confidence intervals
     ci_method="jackknife",                      # cka: jackknife (leave-one-concept-out, default) | bootstrap (basic)
     ci=0.95,                                    # confidence level of the reported intervals
     debiased=False,                             # cka: report the debiased HSIC estimator as the headline
     seed=0,                                     # bootstrap seed
-    aligned="",                                 # fmri: features HDF5 of aligned representation(s), comma-separated ('' -> none yet)
-    subjects="",                                # fmri: subjects to evaluate, e.g. 1,2 ('' -> every sub-0X in DIR/brain_data)
-    rois="",                                    # fmri: only voxels in these ROIs, e.g. FFA,PPA ('' -> every voxel kept by --nc-min)
+    aligned="",                                 # fmri: features files of aligned representations, comma-separated
+    subjects="",                                # fmri, encsearch: subjects, e.g. 1,2 ('' -> all in DIR/brain_data)
+    rois="",                                    # fmri, encsearch: only these ROIs, e.g. FFA,PPA ('' -> every voxel)
     nc_min=5.0,                                 # fmri: keep voxels with nc_singletrial > nc_min (percent)
     alpha_min=-6.0,                             # fmri: log10 of the smallest ridge alpha (original study: -6)
     alpha_max=3.0,                              # fmri: log10 of the largest ridge alpha (original study: 3)
@@ -56,95 +62,64 @@ defaults = dict(
     voxel_out="",                               # fmri: per-voxel HDF5 ('' -> --out with .h5)
     figures=True,                               # fmri: ROI bar plot + voxel scatter PNGs beside --out
     spose_dims="",                              # cka/rsa: also compare with these SPoSE dims only, e.g. 0,1,2
-    ckpt="",                                    # meta checkpoint(s), comma-separated: encode(features) = `aligned`, `aligned2`, ...
+    ckpt="",                                    # meta checkpoints, comma-separated: encode(features) = aligned, ...
     rdm_metric="correlation",                   # rsa: correlation | cosine | euclidean dissimilarity
     rdm_compare="spearman",                     # rsa: pearson | spearman | cosine comparison of RDMs
-    categories="",                              # class-separation/tsne/probe: concept category table ('' -> DIR/categories.tsv)
+    categories="",                              # class-separation, tsne, probe: categories ('' -> DIR/categories.tsv)
     perplexity=30.0,                            # tsne: t-SNE perplexity
-    models="",                                  # similarity: feature files (or --features A.h5 B.h5 ...), '{dataset}' in a path is replaced
+    models="",                                  # similarity, encsearch: feature files (or --features A.h5 B.h5 ...);
+                                                # similarity fills '{dataset}' in a path
     datasets="",                                # similarity: comma-separated dataset names filling '{dataset}'
     measures="cka_linear,cka_rbf_0.5,cka_rbf_1.0,cka_rbf_2.0,rsa_correlation",  # similarity: measures to compute
     max_images=10000,                           # similarity: subsample each dataset to at most this many images
     shots="1,5,10",                             # probe: k-shot settings (a full probe is always added)
     probe_seeds=5,                              # probe: seeds (draws of shots and splits) per setting
-    behav_fit=True,                             # things-ooo: also fit per-participant choice models (behaviour.py)
+    behav_fit=True,                             # things-ooo: also fit per-participant choice models
     behav_folds=5,                              # behavioural fits: stratified CV folds per participant
     behav_l2=0.1,                               # behavioural fits: L2 penalty on each participant's choice parameters
-    behav_threads=1,                            # behavioural fits: torch threads (1 is fastest on shared 2-core machines; 0 = torch default)
-    levels_features="data/world/features/levels.h5",  # levels-ooo: features of the Levels (ImageNet) images
+    threads=1,                                  # behavioural fits, encsearch: torch threads (1: fastest on busy
+                                                # 2-core machines; 0: torch default)
+    levels_features="data/features/clip/levels.h5",  # levels-ooo: features of the Levels (ImageNet) images
     cat_c="0.01,0.1,1,10,100",                  # category-learning: C grid of the online L2 logistic learner
     reward_lambda="0.01,0.1,1,10,100",          # reward-learning: prior precisions of the online Bayesian regression
     icl_episodes=256,                           # icl: held-out episodes for the per-position curves
-    icl_features="",                            # icl: image pool of the held-out functions ('' -> the checkpoint's eval pool)
-    tasks="",                                   # all: comma-separated tasks to try ('' -> every task whose data is present)
+    icl_features="",                            # icl: image pool of the held-out functions ('' -> the checkpoint's eval
+                                                # pool)
+    tasks="",                                   # all: comma-separated tasks to try ('' -> every task whose data is
+                                                # present)
     warp_runs="",                               # dwarp: result files of train.py --stage warp, comma-separated globs
     warp_frac=0.9,                              # dwarp: d_warp = smallest d reaching this fraction of the full fit
+    layers="",                                  # encsearch: datasets inside each --features file used as layers, comma-
+                                                # separated ('' = /features)
+    pca="0",                                    # encsearch: PCA sizes to try, comma-separated (0 = raw features)
+    regressions="ridge,pls",                    # encsearch: ridge (kernels.ridge_cv) | pls (sklearn PLSRegression)
+    alphas="1e-2,1e-1,1,10,100,1e3,1e4,1e5",    # encsearch: ridge alphas
+    pls_components="1,2,4,8,16,32",             # encsearch: PLS n_components (sizes above the feature count are
+                                                # skipped)
+    folds=5,                                    # encsearch: inner CV folds on the training trials (random, seeded)
+    progress=True,                              # tqdm progress bars
 )
+MULTI_FEATURES = ("similarity", "encsearch")  # the tasks that take several --features files
+NO_DATA = ("similarity", "dwarp", "icl")  # tasks that run without the human data folder (--data)
 
 
 def parse(argv=None):
-    p = data.flag_parser(__doc__, defaults, nargs=("features",))  # several --features only for --task similarity
-    cfg = vars(p.parse_args(argv))  # unknown flags are an error
-    if len(cfg["features"]) > 1 and cfg["task"] != "similarity":
-        p.error(f"--features takes one file for --task {cfg['task']} (several only for --task similarity)")
+    p = data.flag_parser(__doc__, defaults, nargs=("features",))  # several --features: MULTI_FEATURES only
+    cfg = data.parse_flags(p, argv, defaults, "evaluate", {"evaluate": defaults}, nargs=("features",))
+    if len(cfg["features"]) > 1 and cfg["task"] not in MULTI_FEATURES:
+        p.error(f"--features takes one file for --task {cfg['task']} (several only for --task "
+                f"{' or '.join(MULTI_FEATURES)})")
     if len(cfg["features"]) > 1 and not cfg["models"]:
         cfg["models"] = ",".join(cfg["features"])
     cfg["features"] = cfg["features"][0]
     return cfg
 
 
-# ------------------------------------------------------------------------------------------------- odd-one-out
-
-def odd_one_out(S, triplets):
-    """Predicted odd-one-out position (0..2) per triplet: the item outside the most similar pair.
-
-    S (n, n) similarities, triplets (N, 3) 0-based -> (N,) int64. Pairs are scored as similarity-matrix
-    look-ups, so 4.7M triplets cost three gathers, not 4.7M x 3 feature vectors.
-    """
-    i, j, k = triplets[:, 0], triplets[:, 1], triplets[:, 2]
-    pair_sims = np.stack([S[j, k], S[i, k], S[i, j]], axis=1)  # column p = similarity of the pair without p
-    return pair_sims.argmax(1)
-
-
-def noise_ceiling(triplets, choice):
-    """Agreement ceiling from repeated triplets: for every unordered concept set answered more than once,
-    the share of responses naming the most frequent odd one out; averaged over those sets (Hebart et al.
-    2020). Returns (ceiling, n_repeated_sets, n_trials_in_them); (nan, 0, 0) without repeats."""
-    counts, pairs, pair_counts, n_trials = repeated_responses(triplets, choice)
-    if pairs is None:
-        return float("nan"), 0, 0
-    best = np.zeros(len(counts), dtype=np.int64)
-    np.maximum.at(best, pairs[:, 0], pair_counts)
-    rep_sets = np.nonzero(counts > 1)[0]
-    return float(np.mean(best[rep_sets] / counts[rep_sets])), int(len(rep_sets)), n_trials
-
-
-def task_things_ooo(cfg):
-    concepts, reps = load_representations(cfg)
-    t = data.load_triplets(cfg["data"], n_concepts=len(concepts))
-    ceiling, n_sets, n_rep = noise_ceiling(t["triplets"], t["choice"])
-    z = z_value(cfg["ci"])
-    res = {}
-    for name, R in reps.items():
-        correct = odd_one_out(cosine_similarity_matrix(R), t["triplets"]) == t["choice"]
-        acc = float(correct.mean())
-        half = z * np.sqrt(acc * (1 - acc) / len(correct))  # binomial normal interval over triplets
-        res[name] = dict(accuracy=acc, ci=[acc - half, acc + half], n_triplets=int(len(correct)),
-                         dims=int(R.shape[1]))
-    res["noise_ceiling"] = ceiling
-    res["noise_ceiling_detail"] = dict(repeated_sets=n_sets, trials=n_rep,
-                                       definition="mean share of the majority response over repeated triplets")
-    rows = [(k, v["accuracy"], v["ci"]) for k, v in res.items() if isinstance(v, dict) and "accuracy" in v]
-    print_table("THINGS odd-one-out (cosine similarity, zero-shot)", "accuracy", rows, ceiling)
-    if cfg["behav_fit"]:  # per-participant softmax fits, CV NLL, McFadden R^2, group statistics (behaviour.py)
-        behaviour.add_things_ooo_fit(cfg, reps, t, res)
-    return res
-
-
 # ------------------------------------------------------------------------------------------------- report
 
 REPORT_METRICS = ("accuracy", "cka", "r2", "rsa", "class_separation_coarse", "class_separation_fine",
-                  "trustworthiness", "probe_full", "mcfadden_r2")  # the headline value of a representation, first match wins
+                  # the headline value of a representation, first match wins
+                  "trustworthiness", "probe_full", "mcfadden_r2")
 
 
 def task_report(cfg):
@@ -153,12 +128,19 @@ def task_report(cfg):
     files = sorted(f for f in os.listdir(folder) if f.endswith(".json")) if os.path.isdir(folder) else []
     if not files:
         raise data.DataError(f"{folder}: no result .json files to report (run evaluate.py tasks first)")
-    lines = ["# metalign report", "", f"Results from `{folder}`, written {time.strftime('%Y-%m-%d %H:%M')}.", "",
-             "| task | representation | metric | value | CI | noise ceiling |", "|---|---|---|---|---|---|"]
-    fmri_rows = []
+    docs = {}
     for f in files:
         with open(os.path.join(folder, f)) as fh:
-            r = json.load(fh)
+            docs[f] = json.load(fh)
+    synth = [f for f, r in docs.items() if str(r.get("header", "")).startswith(data.SYNTHETIC)]
+    lines = [f"# metalign report{': ' + data.SYNTHETIC if synth else ''}", ""]
+    if synth:
+        lines += [f"Built from the embedded {data.SYNTHETIC} (world.py), not from human data: {len(synth)} of "
+                  f"{len(files)} result files say so in their header.", ""]
+    lines += [f"Results from `{folder}`, written {time.strftime('%Y-%m-%d %H:%M')}.", "",
+              "| task | representation | metric | value | CI | noise ceiling |", "|---|---|---|---|---|---|"]
+    fmri_rows = []
+    for f, r in docs.items():
         task = r.get("config", {}).get("task", f[:-5])
         for name, v in r.items():
             if not isinstance(v, dict) or not (set(REPORT_METRICS) & set(v)):
@@ -168,79 +150,243 @@ def task_report(cfg):
                 fmri_rows.append(f"| {name} | {v['r2_early']:.3f} | {v['r2_high']:.3f} | "
                                  + ", ".join(f"{r} {x:.2f}" for r, x in v["rois"].items()) + " |")
             ci = "" if not v.get("ci") else f"[{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
-            lines.append(f"| {task} | {name} | {metric} | {v[metric]:.3f} | {ci} | {r.get('noise_ceiling', float('nan')):.3f} |")
-            fit = v.get("fit") if metric != "mcfadden_r2" else None  # behavioural fits (behaviour.py): a second row
+            nc = r.get("noise_ceiling", float("nan"))
+            lines.append(f"| {task} | {name} | {metric} | {v[metric]:.3f} | {ci} | {nc:.3f} |")
+            # behavioural fits (eval_behaviour.py): a second row
+            fit = v.get("fit") if metric != "mcfadden_r2" else None
             if isinstance(fit, dict) and "mcfadden_r2" in fit:
-                lines.append(f"| {task} | {name} | McFadden R^2 (held-out) | {fit['mcfadden_r2']:.3f} | [{fit['r2_ci'][0]:.3f}, "
+                lines.append(f"| {task} | {name} | McFadden R^2 (held-out) | {fit['mcfadden_r2']:.3f} | "
+                             f"[{fit['r2_ci'][0]:.3f}, "
                              f"{fit['r2_ci'][1]:.3f}] | {r.get('r2_noise_ceiling', float('nan')):.3f} |")
     if fmri_rows:
         lines += ["", "THINGS-fMRI, R^2 / noise ceiling by ROI (mean over subjects):", "",
                   "| representation | early (V1-hV4) | high-level | ROIs |", "|---|---|---|---|"] + fmri_rows
-    for f in files:
-        with open(os.path.join(folder, f)) as fh:
-            r = json.load(fh)
+    for r in docs.values():
         if "consistency" in r:  # similarity: one line per measure
             lines += ["", f"Model similarity ({', '.join(r['models'])}) across datasets {r['datasets']}: "
                       "mean correlation of the matrices' upper triangles", ""]
             for m, C in r["consistency"].items():
                 C = np.array(C)
                 lines.append(f"- {m}: {C[np.triu_indices(len(C), 1)].mean() if len(C) > 1 else float('nan'):.3f}")
+    summary = demo_summary(docs)
+    if summary:
+        lines += ["", "## What the demo shows", "", summary]
     lines += ["", "Flags that differ from the defaults (every file stores its full config and versions):", ""]
-    for f in files:
-        with open(os.path.join(folder, f)) as fh:
-            c = json.load(fh).get("config", {})
+    for f, r in docs.items():
+        c = r.get("config", {})
         changed = {k: v for k, v in c.items() if k in defaults and v != defaults[k] and k not in ("task", "out")}
-        lines.append(f"- `{f}`: " + (", ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in changed.items()) or "defaults"))
+        lines.append(f"- `{f}`: " + (", ".join(f"`--{k.replace('_', '-')} {v}`" for k,
+                                               v in changed.items()) or "defaults"))
     return "\n".join(lines).replace("| nan |", "|  |") + "\n"
 
 
-# --------------------------------------------------------------------------------------------------- fMRI
-
-def task_fmri(cfg):
-    """THINGS-fMRI voxelwise encoding (fmri.py): leave-one-session-out ridge per subject, per representation."""
-    import fmri
-    concepts = data.load_concepts(cfg["data"])
-    X, ids = data.read_features(cfg["features"], field=cfg["field"])
-    spose = data.load_spose(cfg["data"], n_concepts=len(concepts))
-    extra = {}  # aligned representations: features files in the same format, rows = THINGS images
-    for k, path in enumerate(p for p in cfg["aligned"].split(",") if p):
-        extra["aligned" if k == 0 else f"aligned{k + 1}"] = data.read_features(path, field=cfg["field"])
-    for name, Z in aligned_representations(cfg, X).items():  # --ckpt: encode(features) of every THINGS image
-        if name in extra:
-            raise data.DataError(f"--aligned and --ckpt both define {name!r}: give one of them")
-        extra[name] = (Z, ids)
-    names = ["base", "spose"] + list(extra)
-
-    def reps_for_subject(stimuli, spath):
-        rows, crow = fmri.trial_rows(stimuli, ids, concepts, spath)
-        reps = {"base": X[rows], "spose": spose[crow]}  # SPoSE is concept-level: one row per concept
-        for name, (A, aids) in extra.items():
-            reps[name] = A[fmri.trial_rows(stimuli, aids, concepts, spath)[0]]
-        return reps
-
-    res, voxels = fmri.run(cfg, reps_for_subject, names)
-    out = cfg["out"] or os.path.join("runs", "eval", "fmri.json")
-    stem = os.path.splitext(out)[0]
-    res["voxel_file"] = fmri.write_voxels(cfg["voxel_out"] or stem + ".h5", voxels, cfg)
-    if cfg["figures"]:
-        fmri.plot_rois(res, names, stem + "_rois.png")
-        fmri.plot_scatter(voxels, "base", names[-1], stem + "_scatter.png")
-        res["figures"] = [stem + "_rois.png", stem + "_scatter.png"]
-        res["flatmap"] = fmri.flatmap(voxels, stem + "_flatmap.png")
-        print(f"flatmap: {res['flatmap']}")
-    print(f"\nTHINGS-fMRI encoding: R^2 / noise ceiling, mean over subjects ({len(res['per_subject'])})")
-    print(f"{'ROI':<8}" + "".join(f"{n:>10}" for n in names))
-    for r in res["base"]["rois"]:
-        print(f"{r:<8}" + "".join(f"{res[n]['rois'].get(r, float('nan')):>10.3f}" for n in names))
-    return res
+README_BEGIN = "<!-- demo summary: generated by make demo from runs/demo/report.md; edit evaluate.demo_summary -->"
+README_END = "<!-- end of demo summary -->"
 
 
-TASKS = {"things-ooo": task_things_ooo, "cka": gt.task_cka, "fmri": task_fmri}
-TASKS.update({"rsa": gt.task_rsa, "class-separation": gt.task_class_separation, "tsne": gt.task_tsne,
-              "similarity": gt.task_similarity, "probe": gt.task_probe})
-TASKS.update({"levels-ooo": behaviour.task_levels_ooo, "category-learning": behaviour.task_category_learning,
-              "reward-learning": behaviour.task_reward_learning, "icl": behaviour.task_icl, "all": behaviour.task_all})
-TASKS["dwarp"] = warp.task_dwarp
+def demo_summary(docs):
+    """'What the demo shows': one paragraph of the report's own numbers (formatted as in its table), from the
+    things-ooo, cka, rsa, category- and reward-learning, fmri and icl results in `docs` ({file: result});
+    '' without things-ooo and cka. make demo copies it into README.md (--readme)."""
+    def get(task, rep, key, sub=None):
+        v = docs.get(f"{task}.json", {}).get(rep, {})
+        v = v.get(sub, {}) if sub else v
+        return v.get(key) if isinstance(v, dict) else None
+
+    if get("things-ooo", "base", "accuracy") is None or get("cka", "base", "cka") is None:
+        return ""
+    ceiling = docs["things-ooo.json"].get("noise_ceiling")
+    measures = [("odd-one-out accuracy", "things-ooo", "accuracy", None),
+                ("odd-one-out McFadden R^2", "things-ooo", "mcfadden_r2", "fit"),
+                ("CKA with SPoSE", "cka", "cka", None), ("RSA with SPoSE", "rsa", "rsa", None),
+                ("category-learning McFadden R^2", "category-learning", "mcfadden_r2", None),
+                ("reward-learning McFadden R^2", "reward-learning", "mcfadden_r2", None),
+                ("THINGS-fMRI high-level ROIs (R^2 / noise ceiling)", "fmri", "r2_high", None)]
+    have = [m for m in measures if get(m[1], "base", m[2], m[3]) is not None]
+    fmt = "{:.3f}".format
+    h = f"- **Humans' h (SPoSE).** Odd-one-out accuracy {fmt(get('things-ooo', 'spose', 'accuracy'))}"
+    if ceiling is not None and ceiling == ceiling:
+        h += f" (noise ceiling {fmt(ceiling)})"
+    if get("things-ooo", "spose", "mcfadden_r2", "fit") is not None:
+        h += f", McFadden R^2 {fmt(get('things-ooo', 'spose', 'mcfadden_r2', 'fit'))}"
+    lines = [h + ".", f"- **Base features.** Odd-one-out accuracy {fmt(get('things-ooo', 'base', 'accuracy'))}, "
+             f"CKA with SPoSE {fmt(get('cka', 'base', 'cka'))}."]
+    if get("things-ooo", "aligned", "accuracy") is not None:
+        ctrl = get("things-ooo", "base_pca", "accuracy") is not None
+        parts, above, above_ctrl = [], 0, 0
+        for label, task, key, sub in have:
+            a, b = get(task, "aligned", key, sub), get(task, "base", key, sub)
+            if a is None:
+                continue
+            c = get(task, "base_pca", key, sub) if ctrl else None
+            parts.append(f"{label} {fmt(a)} vs {fmt(b)}" + (f" vs {fmt(c)}" if c is not None else ""))
+            above += a > b
+            above_ctrl += c is not None and a > c
+        verdict = f"above base on {above} of {len(parts)} measures"
+        if ctrl:
+            verdict += f" and above its control `base_pca` on {above_ctrl} of {len(parts)}"
+        lines.append(f"- **The meta-learned `aligned` representation** (vs base{' vs base_pca' if ctrl else ''}): "
+                     + "; ".join(parts) + f". It is {verdict}.")
+    icl = docs.get("icl.json", {}).get("model", {}).get("accuracy")
+    if icl is not None:
+        lines.append(f"- **In context**, the meta-learner predicts held-out functions with accuracy {fmt(icl)} "
+                     "(chance 0.5).")
+    return "\n".join(lines)
+
+
+def update_readme(path, summary):
+    """Replace the text between README_BEGIN and README_END in `path` by `summary` (atomically)."""
+    with open(path) as fh:
+        text = fh.read()
+    if (text.count(README_BEGIN) != 1 or text.count(README_END) != 1
+            or text.index(README_BEGIN) > text.index(README_END)):
+        raise data.DataError(f"{path}: expected one line {README_BEGIN!r} and, after it, one line {README_END!r}")
+    head, rest = text.split(README_BEGIN)
+    tail = rest.split(README_END)[1]
+    with data.atomic_path(path) as tmp, open(tmp, "w") as fh:
+        fh.write(f"{head}{README_BEGIN}\n{summary}\n{README_END}{tail}")
+    return path
+
+
+def input_files(cfg, res):
+    """The HDF5 files a task's result was built from (features files and fMRI responses), for its header."""
+    task = cfg["task"]
+    if task == "levels-ooo":
+        paths = [cfg["levels_features"]]
+    elif task in MULTI_FEATURES:
+        paths = [m.replace("{dataset}", ds) for m in (data.split_list(cfg["models"]) or [cfg["features"]])
+                 for ds in (data.split_list(cfg["datasets"]) or [""])]
+    elif task == "icl":  # the pools the checkpoints' held-out functions were drawn from
+        paths = [v["features"] for v in res.values() if isinstance(v, dict) and "features" in v]
+    elif task in ("dwarp", "all"):
+        paths = []
+    else:
+        paths = [cfg["features"]]
+    paths += data.split_list(cfg["aligned"])
+    if task in ("fmri", "encsearch"):
+        paths += sorted(glob.glob(os.path.join(cfg["data"], "brain_data", "*_ResponseData.h5")))
+    return paths
+
+
+def header(cfg, res):
+    """'synthetic world: ...' when the result was built from the world's files (directly, or through the warp runs
+    or the tasks it collects), else the task and its inputs."""
+    h = data.result_header(input_files(cfg, res), f"--task {cfg['task']}")
+    subs = []
+    if cfg["task"] == "dwarp":
+        for f in res.get("files", []):
+            with open(f) as fh:
+                subs.append(json.load(fh).get("header", ""))
+    elif cfg["task"] == "all":
+        subs = [s.get("header", "") for s in res.get("tasks", {}).values()]
+    if not h.startswith(data.SYNTHETIC) and any(s.startswith(data.SYNTHETIC) for s in subs):
+        h = f"{data.SYNTHETIC}: --task {cfg['task']} collects results built from the embedded synthetic world"
+    return h
+
+
+def write_result(path, res, cfg):
+    """The result JSON: header first, then the task's keys, config and versions; written atomically."""
+    doc = {"header": header(cfg, res), **res, "config": cfg, "versions": data.versions()}
+    with data.atomic_path(path) as tmp, open(tmp, "w") as fh:  # nothing partial is ever left at `path`
+        json.dump(doc, fh, indent=2, default=_json_default)
+    return doc
+
+
+# --------------------------------------------------------------------------------------------- the registry
+
+TASKS = {  # every --task X lives in the eval_*.py named for its family; `all` and `report` are below
+    "things-ooo": eval_behaviour.task_things_ooo, "cka": eval_geometry.task_cka, "fmri": eval_fmri.task_fmri,
+    "rsa": eval_geometry.task_rsa, "class-separation": eval_geometry.task_class_separation,
+    "tsne": eval_geometry.task_tsne, "similarity": eval_geometry.task_similarity, "probe": eval_geometry.task_probe,
+    "levels-ooo": eval_behaviour.task_levels_ooo, "category-learning": eval_behaviour.task_category_learning,
+    "reward-learning": eval_behaviour.task_reward_learning, "icl": eval_behaviour.task_icl,
+    "dwarp": eval_warp.task_dwarp, "encsearch": eval_fmri.task_encsearch,
+}
+
+
+# ------------------------------------------------------------------------------------------------------ all
+
+PRESENT = {  # task -> files that must exist for --task all to run it
+    "things-ooo": lambda c: [os.path.join(c["data"], "THINGS_triplets.csv")],
+    "cka": lambda c: [os.path.join(c["data"], "unique_id.txt")],
+    "levels-ooo": lambda c: [os.path.join(c["data"], "levels.pkl"), c["levels_features"]],
+    "category-learning": lambda c: [os.path.join(c["data"], "category_learning.csv")],
+    "reward-learning": lambda c: [os.path.join(c["data"], "reward_learning.csv")],
+    "icl": lambda c: [p.strip() for p in (c.get("ckpt") or "").split(",") if p.strip()] or ["<--ckpt not given>"],
+    "fmri": lambda c: [os.path.join(c["data"], "brain_data")],
+    "encsearch": lambda c: [os.path.join(c["data"], "brain_data")],
+    "dwarp": lambda c: [f for p in data.split_list(c.get("warp_runs") or "") for f in sorted(glob.glob(p))]
+    or ["<--warp-runs not given, or matching no file>"],
+}
+
+
+def task_all(cfg):
+    """Run every registered task whose data is present; each writes <folder>/<task>.json; one summary table."""
+    json_path, stem = eval_behaviour.out_paths(cfg)
+    folder = os.path.dirname(os.path.abspath(json_path))
+    summary, rows = {}, []
+    wanted = [t.strip() for t in cfg.get("tasks", "").split(",") if t.strip()]
+    unknown = sorted(set(wanted) - set(TASKS))
+    if unknown:
+        raise data.DataError(f"--tasks: unknown task(s) {unknown}; expected some of {sorted(TASKS)}")
+    for name, fn in TASKS.items():
+        if name in ("all", "report") or (wanted and name not in wanted):
+            continue
+        need = PRESENT.get(name, lambda c: [])(cfg)
+        missing = [p for p in need if not os.path.exists(p)]
+        if missing:
+            summary[name] = dict(status="skipped", reason=f"missing {missing}")
+            continue
+        sub = dict(cfg, task=name, out=os.path.join(folder, f"{name}.json"))
+        sub["_out"] = sub["out"]
+        try:
+            r = fn(sub)
+        except data.DataError as e:
+            summary[name] = dict(status="error", reason=str(e))
+            print(f"all: {name}: error: {e}")
+            continue
+        r = write_result(sub["out"], r, sub)
+        heads = {}
+        for rep, v in r.items():  # headline: the report's first matching metric, plus the behavioural fit
+            if not isinstance(v, dict) or rep in ("config", "versions", "files", "group_stats"):
+                continue
+            metric = next((m for m in REPORT_METRICS if isinstance(v.get(m), (int, float))), None)
+            fit = v.get("fit") if isinstance(v.get("fit"), dict) else {}
+            r2 = v.get("mcfadden_r2", fit.get("mcfadden_r2"))
+            if metric is not None or r2 is not None:
+                heads[rep] = dict(metric=metric, value=float(v[metric]) if metric else None,
+                                  mcfadden_r2=float(r2) if r2 is not None else None)
+        summary[name] = dict(status="done", file=sub["out"], header=r["header"], headline=heads)
+        for rep, m in heads.items():
+            rows.append((name, rep, m))
+    lines = ["| task | representation | metric | value | McFadden R^2 (held-out) |", "|---|---|---|---|---|"]
+    for task, rep, m in rows:
+        r2 = "" if m["mcfadden_r2"] is None else f"{m['mcfadden_r2']:.4f}"
+        val = "" if m["value"] is None else f"{m['value']:.4f}"
+        lines.append(f"| {task} | {rep} | {m['metric'] or ''} | {val} | {r2} |")
+    for name, s in summary.items():
+        if s["status"] != "done":
+            lines.append(f"| {name} | ({s['status']}) | | {s['reason'][:120]} | |")
+    table = "\n".join(lines) + "\n"
+    with data.atomic_path(stem + ".md") as tmp, open(tmp, "w") as fh:
+        fh.write(table)
+    print("\n" + table)
+    # one figure: McFadden R^2 per task (bars) from the summary
+    bars = [(t, {rep: m["mcfadden_r2"] for rep, m in s["headline"].items() if m["mcfadden_r2"] is not None})
+            for t, s in summary.items() if s["status"] == "done"]
+    bars = [(t, {k: [] for k in p}, p) for t, p in bars if p]
+    files = dict(table=stem + ".md")
+    if bars:
+        files["r2_figure"] = eval_behaviour.plot_r2_bars(bars, stem + ".r2.png")
+    return dict(tasks=summary, files=files)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
 
 
 def main(argv=None):
@@ -251,15 +397,23 @@ def main(argv=None):
             text = task_report(cfg)
             with data.atomic_path(out) as tmp, open(tmp, "w") as fh:
                 fh.write(text)
-        elif cfg["task"] in TASKS:
+            if cfg["readme"]:
+                summary = text.split("## What the demo shows\n\n", 1)[-1].split("\n\n", 1)[0] if \
+                    "## What the demo shows" in text else ""
+                if not summary:
+                    raise data.DataError(f"--readme {cfg['readme']}: {cfg['results']} lacks the results of the "
+                                         "demo summary (things-ooo and cka)")
+                print(f"wrote the demo summary into {update_readme(cfg['readme'], summary)}")
+        elif cfg["task"] == "all" or cfg["task"] in TASKS:
             cfg["_out"] = out  # tasks that draw figures put them beside the result file
-            res = TASKS[cfg["task"]](cfg)
-            res["config"] = cfg
-            res["versions"] = data.versions()
-            with data.atomic_path(out) as tmp, open(tmp, "w") as fh:  # nothing partial is ever left at `out`
-                json.dump(res, fh, indent=2)
+            if cfg["task"] not in NO_DATA and not os.path.isdir(cfg["data"]):
+                raise data.DataError(f"--data {cfg['data']}: folder not found; expected the human data sets there "
+                                     "(make data, README 'Data formats'), or pass --data DIR (the synthetic world's: "
+                                     "data/world/data)")
+            res = task_all(cfg) if cfg["task"] == "all" else TASKS[cfg["task"]](cfg)
+            print(write_result(out, res, cfg)["header"])
         else:
-            raise data.DataError(f"--task {cfg['task']!r}: expected one of {sorted(TASKS) + ['report']}")
+            raise data.DataError(f"--task {cfg['task']!r}: expected one of {sorted(TASKS) + ['all', 'report']}")
     except data.DataError as e:
         sys.exit(f"evaluate.py: error: {e}")
     print(f"wrote {out}")

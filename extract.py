@@ -5,9 +5,10 @@ Real images (backbones.py: models and weights; images.py: image sets; README "Ex
     python extract.py --dataset coco   --backbone clip   --split train2017,val2017      # -> data/features/clip/coco.h5
     python extract.py --dataset levels --backbone clip   --images data/external/imagenet/train
     python extract.py --dataset folder --images DIR --backbone timm:resnet18.a1_in1k --out F.h5 --layers layer3,layer4
-    python extract.py --dataset list --list paths.txt --images ROOT ...   |   --dataset wds --images 'shards/{000..099}.tar'
+    python extract.py --dataset list --list paths.txt --images ROOT ...
+    python extract.py --dataset wds --images 'shards/{000..099}.tar'
     python extract.py ... --pca 256                 # also /pca/features/scores (IncrementalPCA) and the basis
-    python extract.py ... --sae runs/sae/clip.pt    # also /sae/indices, /sae/values (train.py's SAE encoder)
+    python extract.py ... --sae runs/sae/clip.pt    # also /sae/indices, /sae/values (models.sae_encode)
     python extract.py ... --shard 3/16              # one of 16 contiguous shards -> F.shard-00003-of-00016.h5
     python extract.py ... --merge                   # all shards -> F.h5 (--pca / --sae applied here, over all rows)
     python extract.py --backbone dinov2 --list-layers
@@ -34,9 +35,11 @@ import images
 # ----------------------------------------------------------------------------------------------- defaults
 defaults = dict(
     dataset="synthetic",         # synthetic | things | coco | levels | folder | list | wds
-    out="",                      # real: features HDF5 ('' -> data/features/<backbone>/<dataset>.h5); synthetic: folder ('' -> data/world)
+    out="",                      # real: features HDF5 ('' -> data/features/<backbone>/<dataset>.h5); synthetic: folder
+                                 # ('' -> data/world)
     size="small",                # synthetic: small | full world
-    seed=0,                      # synthetic: world seed (same seed -> identical files); real: init seed of --weights random
+    seed=0,                      # synthetic: world seed (same seed -> identical files); real: init seed of --weights
+                                 # random
     backbone="clip",             # a backbones.REGISTRY name, or timm:ARCH | open_clip:ARCH[@TAG] | torchvision:ARCH
     weights="",                  # '' = local file (data/weights, Hugging Face / torch cache) | PATH | random
     weights_dir="data/weights",  # where <backbone>.safetensors|.pt|.pth|.bin are looked for first
@@ -44,12 +47,14 @@ defaults = dict(
     data="data/external",        # data folder (levels.pkl for --dataset levels; default image roots)
     list="",                     # --dataset list: text file, one image path per line
     split="train2017",           # coco: comma-separated split folders
-    layer="",                    # /features: 'output' (the library's pooled embedding) or a module name ('' = backbone default)
+    layer="",                    # /features: 'output' (the library's pooled embedding) or a module name ('' = backbone
+                                 # default)
     layers="",                   # extra layers -> /layers/<name>, comma-separated module names
     pooling="",                  # head (the model's own) | cls | mean | max | flatten | auto ('' = backbone default)
-    batch_size=64,               # images per forward pass
+    batch=64,                    # images per forward pass
     workers=-1,                  # image-decoding processes (-1 = min(8, cores - 1); 0 = in the main process)
-    threads=0,                   # torch threads for the forward pass (0 = torch's default; 1 is fastest on a busy 2-core machine)
+    threads=0,                   # torch threads for the forward pass (0 = torch's default; 1 is fastest on a busy
+                                 # 2-core machine)
     device="auto",               # auto (cuda if available) | cpu | cuda | cuda:1
     precision="fp32",            # fp32 | bf16 | fp16 (autocast for the forward pass)
     dtype="float32",             # stored features: float32 | float16
@@ -70,16 +75,30 @@ IDENTITY = ("dataset", "backbone", "weights", "images", "list", "split", "layer"
 REAL = list(images.DATASETS)
 
 
+WORLD_ONLY = ("size",)  # flags of the synthetic world besides its knobs (world.SIZES, world.COMMON)
+
+
 def parse(argv=None):
+    """Flags; the world's (--size and every knob of world.py) only with --dataset synthetic: with a real
+    dataset each is an error naming it, never silently ignored."""
     import world
     p = data.flag_parser(__doc__, defaults)
+    p.set_defaults(size=None)  # None = not given: 'small' for the world, an error for a real dataset
     # world knobs: default None = the value of the chosen --size; type taken from the small world's value
     knobs = dict(world.SIZES["small"], **world.COMMON)
     for k, v in knobs.items():
         full = world.SIZES["full"].get(k, v)
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None,
-                       help=f"world setting (small: {v}, full: {full})")
-    return p.parse_args(argv)  # unknown flags are an error
+                       help=f"world setting (small: {v}, full: {full}; --dataset synthetic only)")
+    args = p.parse_args(argv)  # unknown flags are an error
+    given = [k for k in list(knobs) + list(WORLD_ONLY) if getattr(args, k) is not None]
+    if args.dataset != "synthetic" and given:
+        flags = ["--" + k.replace("_", "-") for k in given]
+        p.error(f"{flags[0]} is a setting of the synthetic world; it takes --dataset synthetic (got --dataset "
+                f"{args.dataset})" + (f"; also given: {', '.join(flags[1:])}" if len(flags) > 1 else ""))
+    if args.size is None:
+        args.size = defaults["size"]
+    return args
 
 
 # ------------------------------------------------------------------------------------------- output naming
@@ -258,9 +277,10 @@ def all_versions():
 
 
 def encode_sae(cfg, out):
-    """--sae: the SAE issue's encoder (train.py --stage sae --encode) writes /sae/* into `out`, atomically."""
-    import train
-    return train.sae_encode({**train.defaults, **train.defaults_sae, "features": out, "ckpt": cfg["sae"], "codes_out": ""})
+    """--sae: the SAE stage's encoder (models.sae_encode, as train.py --stage sae --encode) writes /sae/* into
+    `out`, atomically."""
+    import models
+    return models.sae_encode(out, cfg["sae"], config=cfg)
 
 
 def finish(out, files, masks, bad, attrs, cfg):
@@ -308,7 +328,7 @@ def extract(cfg, on_batch=None):
     lo, hi, target = 0, len(items), out
     if cfg["shard"]:
         i, n = parse_shard(cfg["shard"])
-        lo, hi = shard_range(len(items), cfg["batch_size"], i, n)
+        lo, hi = shard_range(len(items), cfg["batch"], i, n)
         target = shard_path(out, i, n)
     if os.path.exists(target) and not cfg["overwrite"]:
         return existing(target, dict(cfg, pca=0, sae="") if cfg["shard"] else cfg)
@@ -358,7 +378,7 @@ def _extract(cfg, spec, items, root, lo, hi, target, on_batch):
     start = part.done
     workers = cfg["workers"] if cfg["workers"] >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
     loader = torch.utils.data.DataLoader(
-        images.ImageDataset(items, bb.transform, blank), batch_size=cfg["batch_size"],
+        images.ImageDataset(items, bb.transform, blank), batch_size=cfg["batch"],
         sampler=range(lo + start, hi), num_workers=workers, pin_memory=device.startswith("cuda"))
     print(f"extract.py: {cfg['dataset']} ({hi - lo} images of {len(items)} under {root}"
           f"{', resuming at ' + str(start) if start else ''}) -> {target}; {bb.name} ({bb.weights}) on {device}, "

@@ -102,7 +102,8 @@ def check_manifest(entries, source="MANIFEST"):
         unknown = set(e) - set(FIELDS)
         missing = [k for k in ("name", "group", "url", "target") if not e.get(k)]
         if unknown or missing:
-            raise FetchError(f"{source}: entry {i} ({e.get('name', '?')}): missing {missing}, unknown {sorted(unknown)}")
+            raise FetchError(f"{source}: entry {i} ({e.get('name', '?')}): missing {missing}, "
+                             f"unknown {sorted(unknown)}")
         e = dict(FIELDS, **e)
         if e["name"] in names:
             raise FetchError(f"{source}: entry name {e['name']!r} appears twice")
@@ -170,7 +171,8 @@ def download(url, part, timeout, opener=urllib.request.urlopen):
                     fh.write(block)
                     done += len(block)
             if total is not None and done - (have if mode == "ab" else 0) != int(total):
-                raise FetchError(f"{url}: connection closed after {done} bytes of {int(total) + (have if mode == 'ab' else 0)}; "
+                expected = int(total) + (have if mode == "ab" else 0)
+                raise FetchError(f"{url}: connection closed after {done} bytes of {expected}; "
                                  f"rerun to resume")
     except OSError as e:  # URLError, HTTPError, timeouts: keep the .part for a resumed rerun
         raise FetchError(f"{url}: download failed ({e}); rerun to resume {part}") from None
@@ -287,7 +289,8 @@ def main(argv=None, opener=urllib.request.urlopen):
         if cfg["list"]:
             for e in entries:
                 print(f"{e['name']:18s} {e['group']:8s} {e['target']:45s} "
-                      f"{'manual: ' + e['url'] if e['manual'] else e['sha256'] or '(no published sha256)'}  {e['note']}")
+                      f"{'manual: ' + e['url'] if e['manual'] else e['sha256'] or '(no published sha256)'}"
+                      f"  {e['note']}")
             return entries
         if cfg["verify"]:
             res = verify(entries, cfg["root"])
@@ -303,7 +306,8 @@ def main(argv=None, opener=urllib.request.urlopen):
         if res[e["name"]] == "manual":
             print(f"fetch_data.py: {e['name']}: get it by hand from {e['url']}: {e['note']} (target {e['target']})")
     print(f"fetch_data.py: {sum(r == 'fetched' for r in res.values())} fetched, "
-          f"{sum(r == 'skipped' for r in res.values())} already there, {sum(r == 'manual' for r in res.values())} by hand")
+          f"{sum(r == 'skipped' for r in res.values())} already there, "
+          f"{sum(r == 'manual' for r in res.values())} by hand")
     return res
 
 

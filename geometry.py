@@ -112,7 +112,7 @@ def _tile_sums(Zs, tile_fn, n, tile):
     M = len(Zs)
     f64 = dict(dtype=torch.float64)
     rows, U, D, u = torch.zeros(M, n, **f64), torch.zeros(M, M, **f64), torch.zeros(M, M, **f64), torch.zeros(M, **f64)
-    for i0, i1, j0, j1 in kernels._tile_pairs(n, tile):
+    for i0, i1, j0, j1 in kernels.tile_pairs(n, tile):
         T = torch.stack([tile_fn(m, Zs[m], i0, i1, j0, j1) for m in range(M)])  # (M, ti, tj)
         rows[:, i0:i1] += T.sum(2)
         if i0 == j0:
@@ -161,13 +161,13 @@ def similarity_matrices(models, measures=("cka_linear", "cka_rbf_1.0", "rsa_corr
     out = {}
     for meas in measures:
         if meas == "cka_linear":
-            Zs = [kernels._centred(torch.as_tensor(np.asarray(X)).double())[0] for X in models]
+            Zs = [kernels.centred(torch.as_tensor(np.asarray(X)).double())[0] for X in models]
             fn = lambda m, Z, i0, i1, j0, j1: Z[i0:i1] @ Z[j0:j1].T  # noqa: E731
             rows, U, D, _ = _tile_sums(Zs, fn, n, tile)
             out[meas] = _cka_from_tile_sums(rows, U, D, n)
         elif meas.startswith("cka_rbf_"):
             frac = float(meas[len("cka_rbf_"):])
-            cz = [kernels._centred(torch.as_tensor(np.asarray(X)).double()) for X in models]
+            cz = [kernels.centred(torch.as_tensor(np.asarray(X)).double()) for X in models]
             gammas = [1 / (2 * (frac ** 2) * max(kernels.median_sq_dist(Z, tile=tile), 1e-300)) for Z, _ in cz]
             Zs = [Z for Z, _ in cz]
 

@@ -152,7 +152,8 @@ def wds_items(pattern):
                     if not m.isfile() or not _is_image(m.name):
                         continue
                     folder, base = os.path.split(m.name)
-                    key = f"{folder}/{base.split('.', 1)[0]}" if folder else base.split(".", 1)[0]  # webdataset's __key__
+                    # webdataset's __key__
+                    key = f"{folder}/{base.split('.', 1)[0]}" if folder else base.split(".", 1)[0]
                     if key in seen:
                         raise ImageError(f"{shard}: sample {key!r} has more than one image member")
                     seen.add(key)

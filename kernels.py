@@ -64,7 +64,7 @@ CHUNK_ROWS = 8192  # rows per chunk when streaming: O(chunk * d) memory, large e
 RBF_TILE = 2048    # Gram tile edge for RBF CKA: two float64 tiles = 64 MiB, whatever n is
 
 
-def _cuda_home():
+def cuda_home():
     """The CUDA toolkit root (env, /usr/local/cuda, or where the `nvcc` on PATH really lives), or None."""
     for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if cand and Path(cand, "bin", "nvcc").exists():
@@ -90,8 +90,8 @@ def _prebuilt():
 
 
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA runtime" note is noise here
-if _cuda_home():  # before torch.utils.cpp_extension is imported, which reads it once
-    os.environ.setdefault("CUDA_HOME", _cuda_home())
+if cuda_home():  # before torch.utils.cpp_extension is imported, which reads it once
+    os.environ.setdefault("CUDA_HOME", cuda_home())
 
 
 @functools.cache
@@ -103,7 +103,7 @@ def _ext():
             torch.ops.load_library(lib)
             return lib
         from torch.utils import cpp_extension
-        with_cuda = bool(torch.cuda.is_available() and _cuda_home())
+        with_cuda = bool(torch.cuda.is_available() and cuda_home())
         name = "metalign_ops_cuda" if with_cuda else "metalign_ops"
         build = CACHE / name
         build.mkdir(parents=True, exist_ok=True)
@@ -216,7 +216,8 @@ def cka(X, Y, kernel="linear", debiased=False, sigma=None, sigma_frac=1.0, chunk
     if Y.shape[0] != n:
         raise ValueError(f"X and Y must have the same number of rows (images), got {n} and {Y.shape[0]}")
     if n < (4 if debiased else 2):
-        raise ValueError(f"CKA needs at least {4 if debiased else 2} rows{' when debiased' if debiased else ''}, got {n}")
+        raise ValueError(f"CKA needs at least {4 if debiased else 2} rows{' when debiased' if debiased else ''}, "
+                         f"got {n}")
     if kernel == "rbf":
         return _cka_rbf(X, Y, sigma, sigma_frac, debiased, tile)
     tot, shift_x, shift_y = None, None, None
@@ -264,7 +265,7 @@ def cka_ref(X, Y, kernel="linear", debiased=False, sigma=None, sigma_frac=1.0):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# episodes: fused episode construction for meta-learning (issue 4)
+# episodes: fused episode construction for meta-learning
 # ---------------------------------------------------------------------------------------------------------
 
 _M64 = (1 << 64) - 1
@@ -316,16 +317,20 @@ def episodes_ref(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val,
         p0, pc = pp[f], pp[f + 1] - pp[f]
         r, yy, mm = [], [], []
         for k in _ep_floyd(draw, 3, n_pos, pc):
-            r.append(pi[p0 + k]); yy.append(1.0); mm.append(pv[p0 + k] * scale[f])
+            r.append(pi[p0 + k])
+            yy.append(1.0)
+            mm.append(pv[p0 + k] * scale[f])
         if has_neg:
             n0, nc = npp[f], npp[f + 1] - npp[f]
         else:
             keys, nc = [p - q for q, p in enumerate(pi[p0:p0 + pc])], n - pc  # P[q] - q, non-decreasing
         for k in _ep_floyd(draw, 3 + n_pos, L - n_pos, nc):
             if has_neg:
-                r.append(ni[n0 + k]); mm.append(nv[n0 + k] * scale[f])
+                r.append(ni[n0 + k])
+                mm.append(nv[n0 + k] * scale[f])
             else:  # the k-th row that is not a positive
-                r.append(k + bisect.bisect_right(keys, k)); mm.append(0.0)
+                r.append(k + bisect.bisect_right(keys, k))
+                mm.append(0.0)
             yy.append(0.0)
         for i in range(L - 1, 0, -1):  # Fisher-Yates
             j = (draw(3 + L + (L - 1 - i)) * (i + 1)) >> 64
@@ -376,7 +381,7 @@ def cka_rbf_tile(gx, gy, nxi, nxj, nyi, nyj, gamma_x, gamma_y, diagonal):
     return cka_rbf_tile_ref(gx, gy, nxi, nxj, nyi, nyj, gamma_x, gamma_y, diagonal)
 
 
-def _centred(X):
+def centred(X):
     """(centred rows in the compute dtype, their squared norms in float64): distances are translation
     invariant, and centring keeps |xi|^2 + |xj|^2 - 2 xi.xj from cancelling catastrophically."""
     X = _as_tensor(X[:] if not isinstance(X, torch.Tensor) else X)
@@ -386,7 +391,7 @@ def _centred(X):
     return Xc.to(ct), (Xc ** 2).sum(1)
 
 
-def _tile_pairs(n, tile):
+def tile_pairs(n, tile):
     """Upper-triangle tile pairs (i0, i1, j0, j1), j0 >= i0: each unordered pair of rows once."""
     edges = list(range(0, n, tile)) + [n]
     for a in range(len(edges) - 1):
@@ -396,7 +401,7 @@ def _tile_pairs(n, tile):
 
 def _offdiag_sq_dists(Xc, norms, tile):
     """Squared distances of every unordered pair i < j, one float64 tile at a time (generator)."""
-    for i0, i1, j0, j1 in _tile_pairs(Xc.shape[0], tile):
+    for i0, i1, j0, j1 in tile_pairs(Xc.shape[0], tile):
         d2 = (norms[i0:i1, None] + norms[None, j0:j1] - 2 * (Xc[i0:i1] @ Xc[j0:j1].T).double()).clamp_min(0)
         yield d2[torch.triu_indices(i1 - i0, j1 - j0, offset=1, device=d2.device).unbind()] if i0 == j0 else d2.ravel()
 
@@ -444,7 +449,7 @@ def _select_ranks(stream, n_values, ranks, upper, cap=1 << 24, bins=1 << 16):
 def median_sq_dist(X, tile=RBF_TILE, cap=1 << 24):
     """np.median of the full (n, n) squared-distance matrix of X's rows (zero diagonal and both triangles
     included, as Kornblith et al.'s reference code), exact, from Gram tiles: memory O(n + tile^2)."""
-    Xc, norms = _centred(X)
+    Xc, norms = centred(X)
     n = Xc.shape[0]
     N = n * n
     ranks = [N // 2 - 1, N // 2] if N % 2 == 0 else [(N - 1) // 2]
@@ -466,7 +471,7 @@ def _cka_rbf(X, Y, sigma, sigma_frac, debiased, tile):
     row sums r_K = K1, r_L = L1 (O(n)), HSIC(K, L) = sum KL - 2/n r_K.r_L + (1'r_K)(1'r_L)/n^2 (biased);
     debiased with the zero-diagonal kernels (diag K = 1): tr(K~L~) = sum KL - n, 1'K~1 = 1'r_K - n,
     1'K~L~1 = (r_K - 1).(r_L - 1) (Song et al. 2012)."""
-    (Xc, nx), (Yc, ny) = _centred(X), _centred(Y)
+    (Xc, nx), (Yc, ny) = centred(X), centred(Y)
     n = Xc.shape[0]
     sx = sigma if sigma is not None else sigma_frac * float(np.sqrt(median_sq_dist(Xc, tile)))
     sy = sigma if sigma is not None else sigma_frac * float(np.sqrt(median_sq_dist(Yc, tile)))
@@ -475,7 +480,7 @@ def _cka_rbf(X, Y, sigma, sigma_frac, debiased, tile):
     gx_, gy_ = 1 / (2 * sx ** 2), 1 / (2 * sy ** 2)
     f64 = dict(dtype=torch.float64, device=Xc.device)
     rk, rl, S = torch.zeros(n, **f64), torch.zeros(n, **f64), torch.zeros(3, **f64)
-    for i0, i1, j0, j1 in _tile_pairs(n, tile):
+    for i0, i1, j0, j1 in tile_pairs(n, tile):
         diag = i0 == j0
         row_k, col_k, row_l, col_l, sums = cka_rbf_tile(
             (Xc[i0:i1] @ Xc[j0:j1].T).double(), (Yc[i0:i1] @ Yc[j0:j1].T).double(),
@@ -497,7 +502,7 @@ def _cka_rbf(X, Y, sigma, sigma_frac, debiased, tile):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# streaming ridge (issue 6): X'X / X'Y from row blocks, one eigendecomposition per fold, every alpha scored
+# streaming ridge: X'X / X'Y from row blocks, one eigendecomposition per fold, every alpha scored
 # for every target by the fused ops ridge_score_{kfold,loo,gcv} (csrc/ridge_cpu.cpp), refit of the chosen alphas
 # ---------------------------------------------------------------------------------------------------------
 
@@ -607,7 +612,7 @@ class RidgeCVResult(NamedTuple):
     best_alphas: torch.Tensor   # (n_targets,) float64, the alpha chosen per target (or the shared one)
     coef: torch.Tensor          # (n_features, n_targets), refit on all rows with the chosen alphas
     intercept: torch.Tensor     # (n_targets,), zeros when fit_intercept=False
-    cv_scores: torch.Tensor     # (n_targets,) float64: CV criterion at the chosen alpha (MSE for k-fold/groups/loo, GCV)
+    cv_scores: torch.Tensor     # (n_targets,) float64: CV criterion at the chosen alpha (MSE; GCV for gcv)
 
     def predict(self, X):
         return _as_tensor(X).to(self.coef.dtype) @ self.coef + self.intercept
@@ -810,7 +815,8 @@ def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_ba
                 b.addr_(st["Vsx"], my_tr.to(ct), alpha=-1)
                 yy = yyf - 2 * my_tr * syf + nf * my_tr ** 2
                 if st["basis"] is not None:
-                    total += ridge_score_kfold_basis(st["s"], z, b, yy, st["quad"], alphas, st["rows"], *st["basis"]) / nf
+                    total += ridge_score_kfold_basis(st["s"], z, b, yy, st["quad"], alphas, st["rows"],
+                                                     *st["basis"]) / nf
                 else:
                     total += ridge_score_kfold(st["s"], z, b, yy, st["quad"], alphas, st["rows"]) / nf
             total /= len(fold_state)                                      # mean over folds of the validation MSE
@@ -894,7 +900,7 @@ def ridge_cv_ref(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, targe
 
 
 # ---------------------------------------------------------------------------------------------------------
-# SAE top-k encode (issue 3)
+# SAE top-k encode
 # ---------------------------------------------------------------------------------------------------------
 
 def topk_encode_ref(x, W_enc, b_enc, k, b_pre=None):
@@ -925,7 +931,7 @@ def topk_encode(x, W_enc, b_enc, k, b_pre=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# fast Walsh-Hadamard transform (issue 9: the Fastfood projection of warp.py)
+# fast Walsh-Hadamard transform (the Fastfood projection of models.SubspaceWrapper)
 # ---------------------------------------------------------------------------------------------------------
 
 def _fwht_check(x):
@@ -990,7 +996,7 @@ def report():
              f"extension: {src or 'NOT BUILT, using *_ref'}",
              f"cache: {CACHE}",
              f"OpenMP threads: {torch.get_num_threads()} (torch intra-op; set OMP_NUM_THREADS to change)",
-             f"nvcc: {_cuda_home() or 'not found'}"]
+             f"nvcc: {cuda_home() or 'not found'}"]
     lines += [f"  metalign_ops::{op:<22} {'+'.join(keys[op]) or 'no kernel'}" for op in ops]
     return "\n".join(lines)
 
@@ -998,7 +1004,7 @@ def report():
 def nvcc_check(out_dir=ROOT / "build" / "nvcc"):
     """Compile every csrc/*.cu to an object file against torch's headers; raises on the first failure."""
     from torch.utils import cpp_extension
-    home = _cuda_home()
+    home = cuda_home()
     if home is None:
         print("nvcc not found: skipping the CUDA compile check")
         return []

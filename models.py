@@ -1,4 +1,5 @@
-"""Models shared by train.py and evaluate.py: the SAE (issue 3) and the meta-learner (issue 4).
+"""Models shared by train.py, extract.py and the eval_*.py tasks: the top-k SAE (and its encoder into HDF5),
+the meta-learner, and the subspace wrappers of encoder warping.
 
     from models import load_meta
     model, ckpt = load_meta("runs/meta/world.pt")      # MetaLearner in eval mode + config/versions
@@ -10,12 +11,15 @@
 """
 
 # =========================================================================================================
-# sparse autoencoder (issue 3): TopKSAE (Gao et al. 2024), its checkpoints, the ViT-Prisma format
+# sparse autoencoder: TopKSAE (Gao et al. 2024), its checkpoints, the ViT-Prisma format
 # =========================================================================================================
 import json as _json
+import math as _math
 import os as _os
 import pickle as _pickle
+import re as _re
 
+import numpy as _np
 import torch as _torch
 import torch.nn as _nn
 import torch.nn.functional as _F
@@ -240,16 +244,9 @@ def load_sae(path, config_path=None, map_location="cpu"):
 
 
 # =========================================================================================================
-# meta-learning (issue 4): functions from SAE codes or neurons, the meta-learned Transformer, LSTM and
+# meta-learning: functions from SAE codes or neurons, the meta-learned Transformer, LSTM and
 # static-linear baselines, encode(), checkpoint loading
 # =========================================================================================================
-import math as _math
-
-import numpy as _np
-import torch as _torch
-import torch.nn as _nn
-import torch.nn.functional as _F
-
 
 def read_codes(path, n_rows=None, image_ids=None):
     """SAE codes (/sae/indices (n, k) int, /sae/values (n, k) float) -> (indices int64, values float32) numpy.
@@ -257,17 +254,18 @@ def read_codes(path, n_rows=None, image_ids=None):
     n_rows / image_ids: the rows of the features file the codes must align with (checked; a mismatch names
     both counts or the first differing id)."""
     import h5py
-    from data import DataError, _decode
+    from data import DataError, decode_strings
     import os
     if not os.path.exists(path):
-        raise DataError(f"{path} not found; expected an HDF5 file with /sae/indices and /sae/values (train.py --stage sae)")
+        raise DataError(f"{path} not found; expected an HDF5 file with /sae/indices and /sae/values "
+                        "(train.py --stage sae)")
     with h5py.File(path, "r") as f:
         for k in ("sae/indices", "sae/values"):
             if k not in f:
                 raise DataError(f"{path}: field '/{k}' missing; encode the features with the SAE first "
                                 f"(train.py --stage sae) or pass --codes FILE")
         idx, val = _np.asarray(f["sae/indices"][...]), _np.asarray(f["sae/values"][...], dtype=_np.float32)
-        ids = _decode(f["image_ids"][...]) if "image_ids" in f else None
+        ids = decode_strings(f["image_ids"][...]) if "image_ids" in f else None
     if idx.ndim != 2 or idx.shape != val.shape:
         raise DataError(f"{path}: /sae/indices {idx.shape} and /sae/values {val.shape} must both be (n_images, k)")
     if not _np.issubdtype(idx.dtype, _np.integer) or (idx.size and idx.min() < 0):
@@ -321,12 +319,14 @@ def functions_from_neurons(X, latents=None):
     n, d = X.shape
     dims = _np.arange(d) if latents is None else _np.asarray(latents)
     Z = X[:, dims] - _np.median(X[:, dims], 0)
-    out, e = {}, []
+    out = {}
     for name, m in (("pos", Z > 0), ("neg", Z <= 0)):
         cols = [_np.nonzero(m[:, j])[0] for j in range(len(dims))]
-        out[f"{name}_ptr"] = _torch.from_numpy(_np.concatenate([[0], _np.cumsum([len(c) for c in cols])]).astype(_np.int64))
+        ptr = _np.concatenate([[0], _np.cumsum([len(c) for c in cols])])
+        out[f"{name}_ptr"] = _torch.from_numpy(ptr.astype(_np.int64))
         out[f"{name}_idx"] = _torch.from_numpy(_np.concatenate(cols).astype(_np.int64))
-        out[f"{name}_val"] = _torch.from_numpy(_np.concatenate([Z[c, j] for j, c in enumerate(cols)]).astype(_np.float32))
+        vals = _np.concatenate([Z[c, j] for j, c in enumerate(cols)])
+        out[f"{name}_val"] = _torch.from_numpy(vals.astype(_np.float32))
     out["mag_scale"] = _torch.from_numpy((1 / _np.maximum(Z.std(0), 1e-6)).astype(_np.float32))
     out["latents"], out["n_rows"] = _torch.from_numpy(dims.astype(_np.int64)), n
     return out
@@ -361,7 +361,8 @@ class Block(_nn.Module):
         self.qkv = _nn.Linear(d_model, 3 * d_model)
         self.proj = _nn.Linear(d_model, d_model)
         self.ln2 = _nn.LayerNorm(d_model) if mlp else None
-        self.mlp = _nn.Sequential(_nn.Linear(d_model, 4 * d_model), _nn.GELU(), _nn.Linear(4 * d_model, d_model)) if mlp else None
+        self.mlp = (_nn.Sequential(_nn.Linear(d_model, 4 * d_model), _nn.GELU(), _nn.Linear(4 * d_model, d_model))
+                    if mlp else None)
 
     def forward(self, x):  # (B, L, d_model)
         B, L, D = x.shape
@@ -552,7 +553,7 @@ def evaluate_meta(model, features, fns, length, n_episodes=256, seed=12345, head
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
-    correct, bce, sse, sst_parts, n_items = _torch.zeros(length, dtype=_torch.float64), 0.0, 0.0, [], 0
+    correct, bce = _torch.zeros(length, dtype=_torch.float64), 0.0
     preds, targs = [], []
     for start in range(0, n_episodes, batch):
         B = min(batch, n_episodes - start)
@@ -563,10 +564,222 @@ def evaluate_meta(model, features, fns, length, n_episodes=256, seed=12345, head
         correct += ((logit > 0).float() == y).double().sum(0)
         bce += float(_F.binary_cross_entropy_with_logits(logit, y, reduction="sum"))
         w = y > 0 if mse_on_positives else _torch.ones_like(y, dtype=_torch.bool)
-        preds.append(m[w]); targs.append(mag[w])
+        preds.append(m[w])
+        targs.append(mag[w])
     p, t = _torch.cat(preds).double(), _torch.cat(targs).double()
     r2 = float(1 - ((p - t) ** 2).sum() / ((t - t.mean()) ** 2).sum().clamp_min(1e-12)) if len(t) > 1 else float("nan")
     model.train(was)
     by_pos = (correct / n_episodes).tolist()
     return dict(accuracy=float(sum(by_pos) / length), accuracy_by_position=by_pos, magnitude_r2=r2,
                 bce=bce / (n_episodes * length))
+
+
+# =========================================================================================================
+# SAE codes into HDF5: the encoder of train.py --stage sae --encode and extract.py --sae
+# =========================================================================================================
+
+def open_features(path):
+    """Open a features file for streaming -> (h5py File, /features dataset); clear errors otherwise."""
+    import h5py
+    from data import DataError, open_h5
+    f = open_h5(path, "an HDF5 features file with /features (n_images, d)")
+    if "features" not in f or not isinstance(f["features"], h5py.Dataset) or f["features"].ndim != 2:
+        present = list(f.keys())
+        f.close()
+        raise DataError(f"{path}: field '/features' missing or not 2-d (n_images, d); top-level entries: {present}")
+    return f, f["features"]
+
+
+def feature_rows(path, dset, start, stop):
+    """Rows [start, stop) of /features as float32, refusing NaN/inf with the file, field and row."""
+    from data import DataError
+    x = _np.asarray(dset[start:stop], dtype=_np.float32)
+    bad = ~_np.isfinite(x)
+    if bad.any():
+        r = start + int(_np.nonzero(bad.any(1))[0][0])
+        raise DataError(f"{path}: /features has {int(bad.sum())} NaN/inf values in rows {start}..{stop - 1}, "
+                        f"first at row {r}")
+    return _torch.from_numpy(x)
+
+
+def sae_encode(features, ckpt, codes_out="", codes_dtype="float16", chunk_rows=65536, config=None):
+    """Top-k codes of every row of `features` -> /sae/indices (n, k) int32, /sae/values (n, k) float16 in
+    `codes_out`, or in `features` itself. Written chunk by chunk into a temporary copy that replaces the
+    target only when complete (data.atomic_path): a killed job leaves the old file untouched. `config` (the
+    caller's settings) goes into the /sae attrs with the checkpoint and its format."""
+    import shutil
+
+    import h5py
+
+    import data
+    if codes_dtype not in ("float16", "float32"):
+        raise data.DataError(f"--codes-dtype {codes_dtype!r}; expected float16 | float32")
+    sae, info = load_sae(ckpt)
+    src, dst = features, codes_out or features
+    f, dset = open_features(src)
+    n, d = dset.shape
+    if d != sae.d:
+        f.close()
+        raise data.DataError(f"{ckpt}: checkpoint of another shape: the SAE takes d = {sae.d} features, "
+                             f"{src} /features has d = {d}")
+    k, chunk = sae.k, chunk_rows
+    with data.atomic_path(dst) as tmp:
+        if dst == src:
+            f.close()
+            shutil.copyfile(src, tmp)  # the copy gets the codes; the original stays intact until the rename
+            f, dset = open_features(src)
+        with h5py.File(tmp, "r+" if dst == src else "w") as fo:
+            if dst != src and "image_ids" in f:
+                fo.create_dataset("image_ids", data=f["image_ids"][...], dtype=f["image_ids"].dtype)
+            if "sae" in fo:
+                del fo["sae"]
+            g = fo.create_group("sae")
+            cr = (max(1, min(chunk, n, 8192)), k) if n else None
+            di = g.create_dataset("indices", shape=(n, k), dtype=_np.int32, chunks=cr)
+            dv = g.create_dataset("values", shape=(n, k), dtype=_np.dtype(codes_dtype), chunks=cr)
+            for c0 in range(0, n, chunk):
+                c1 = min(n, c0 + chunk)
+                v, i = sae.encode(feature_rows(src, dset, c0, c1))
+                if codes_dtype == "float16" and float(v.max()) > 65504:
+                    raise ValueError(f"{src}: SAE values up to {float(v.max()):.3g} overflow float16; "
+                                     "use --codes-dtype float32")
+                di[c0:c1] = i.numpy().astype(_np.int32)
+                dv[c0:c1] = v.numpy().astype(codes_dtype)
+            data.write_h5_attrs(g, dict(config=config or {}, checkpoint=_os.path.abspath(ckpt),
+                                        checkpoint_format=info["format"], sae=sae.args(),
+                                        features=_os.path.abspath(src)))
+    f.close()
+    print(f"/sae/indices, /sae/values ({n} x {k}) -> {dst}")
+    return dict(n=n, k=k, out=dst)
+
+
+# =========================================================================================================
+# subspace wrappers (encoder warping, eval_warp.py): train any nn.Module only through a d-dimensional
+# subspace of its D parameters (Li et al. 2018; Aghajanyan et al. 2020)
+# =========================================================================================================
+
+class FastfoodProjection(_nn.Module):
+    """theta (d,) -> P theta (D,): P = H G Pi H B / (|G| sqrt(L)) on theta zero-padded to L = 2^ceil(log2 D),
+    first D entries, rescaled by sqrt(L / D) so that columns have unit norm in expectation (Le et al. 2013;
+    Li et al. 2018). Never stores P: O(L) memory, two kernels.fwht per call."""
+
+    def __init__(self, d, D, seed=0):
+        super().__init__()
+        self.d, self.D = d, D
+        self.L = 1 << max(0, _math.ceil(_math.log2(D)))
+        g = _torch.Generator().manual_seed(seed)
+        self.register_buffer("B", _torch.randint(0, 2, (self.L,), generator=g).float() * 2 - 1)
+        self.register_buffer("Pi", _torch.randperm(self.L, generator=g))
+        self.register_buffer("G", _torch.randn(self.L, generator=g))
+        self.norm = float(self.G.norm()) * _math.sqrt(self.L) * _math.sqrt(D / self.L)
+
+    def forward(self, theta):
+        v = _F.pad(theta, (0, self.L - self.d)) * self.B
+        import kernels
+        v = kernels.fwht(v)[self.Pi] * self.G
+        return kernels.fwht(v)[:self.D] / self.norm
+
+
+class DenseProjection(_nn.Module):
+    """theta (d,) -> P theta (D,) with a stored Gaussian P (D, d), unit-norm columns: the reference."""
+
+    MAX_ENTRIES = 1 << 28
+
+    def __init__(self, d, D, seed=0):
+        super().__init__()
+        if d * D > self.MAX_ENTRIES:
+            raise ValueError(f"dense projection: D x d = {D} x {d} entries would need {4 * d * D / 2**30:.1f} GiB; "
+                             "use --projection fastfood")
+        P = _torch.randn(D, d, generator=_torch.Generator().manual_seed(seed))
+        self.register_buffer("P", P / P.norm(dim=0, keepdim=True))
+
+    def forward(self, theta):
+        return self.P @ theta
+
+
+class IdentityProjection(_nn.Module):
+    """d = D: theta_D = theta_0 + theta, ordinary training written as a subspace (the wrapper's own test)."""
+
+    def __init__(self, d, D, seed=0):
+        super().__init__()
+        if d != D:
+            raise ValueError(f"identity projection needs d = D, got d = {d}, D = {D}")
+
+    def forward(self, theta):
+        return theta
+
+
+PROJECTIONS = {"fastfood": FastfoodProjection, "dense": DenseProjection, "identity": IdentityProjection}
+
+
+# ------------------------------------------------------------------------------------------------ the wrapper
+
+class SubspaceWrapper(_nn.Module):
+    """Any _nn.Module trained only through theta_d (d,) and per-group scales; see the module docstring.
+
+    module: the model (its parameters are theta_0 and are frozen unless listed in `free`);
+    d: subspace dimension (1 <= d <= D, D = parameters warped); projection: fastfood | dense | identity;
+    groups: regexes (_re.search on parameter names); each gets a trained scale, first match wins;
+    free: names of parameters trained directly beside theta_d (not warped), e.g. a joint read-out.
+    Parameters that do not require grad are neither warped nor trained.
+    """
+
+    def __init__(self, module, d, projection="fastfood", groups=(), seed=0, free=()):
+        super().__init__()
+        self.module = module
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        unknown = sorted(set(free) - {n for n, _ in named})
+        if unknown:
+            raise ValueError(f"free parameters {unknown} are not trainable parameters of the module; "
+                             f"it has {[n for n, _ in named]}")
+        self.names = [n for n, _ in named if n not in free]
+        self.shapes = [p.shape for n, p in named if n not in free]
+        self.sizes = [p.numel() for n, p in named if n not in free]
+        self.D = int(sum(self.sizes))
+        d = int(d)
+        if self.D == 0:
+            raise ValueError("the module has no trainable parameters to warp")
+        if not 1 <= d <= self.D:
+            raise ValueError(f"d = {d} must be in 1..D = {self.D} (the number of warped parameters: "
+                             f"{len(self.names)} tensors, e.g. {self.names[:4]}); pass a smaller d")
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection {projection!r}: expected one of {sorted(PROJECTIONS)}")
+        self.d = d
+        for n, p in named:
+            if n not in free:
+                p.requires_grad_(False)  # theta_0: read, never trained
+        self.group_of, self.groups = param_group_index(self.names, groups)
+        dt = next(p for n, p in named if n not in free).dtype  # theta in the parameters' dtype (float64 stays exact)
+        self.theta = _nn.Parameter(_torch.zeros(d, dtype=dt))
+        self.scales = _nn.Parameter(_torch.ones(len(self.groups), dtype=dt)) if self.groups else None
+        self.projection = PROJECTIONS[projection](d, self.D, seed).to(dt)
+
+    def params(self):
+        """{name: theta_0 + scale * (P theta)[slice]} for the warped parameters."""
+        delta = self.projection(self.theta)
+        out, off = {}, 0
+        p0 = dict(self.module.named_parameters())
+        for name, shape, size, g in zip(self.names, self.shapes, self.sizes, self.group_of):
+            step = delta[off:off + size].view(shape)
+            if g >= 0:
+                step = self.scales[g] * step
+            out[name] = p0[name] + step
+            off += size
+        return out
+
+    def forward(self, *args, **kwargs):
+        return _torch.func.functional_call(self.module, self.params(), args, kwargs, strict=False)
+
+
+def param_group_index(names, groups):
+    """Group of each name (index of the first regex in `groups` that _re.search-es it, -1 for none) and the
+    group patterns; a pattern that matches no parameter is an error naming it."""
+    groups = [g for g in (groups or []) if g]
+    idx = []
+    for n in names:
+        idx.append(next((k for k, g in enumerate(groups) if _re.search(g, n)), -1))
+    empty = [g for k, g in enumerate(groups) if k not in idx]
+    if empty:
+        raise ValueError(f"parameter group(s) {empty} match no warped parameter; the warped parameters are "
+                         f"{names[:20]}{' ...' if len(names) > 20 else ''}")
+    return idx, groups

@@ -2,7 +2,7 @@
 
 `base` (backbone features of each concept's first sorted image), `spose` (the human embedding), and for each
 meta checkpoint (--ckpt) `aligned` = encode(features) plus, when it was trained with --input-pca, the control
-`base_pca`. Used by evaluate.py, geometry_tasks.py and behaviour.py.
+`base_pca`. Used by the eval_*.py tasks.
 """
 import os
 
@@ -27,14 +27,16 @@ def aligned_representations(cfg, X, chunk=8192):
             raise data.DataError(f"{path}: {e}") from None
         d_in = model.embedding.in_features - 1
         if X.shape[1] != d_in:
-            raise data.DataError(f"{path}: the checkpoint embeds {d_in}-d features, --features has {X.shape[1]} columns")
+            raise data.DataError(f"{path}: the checkpoint embeds {d_in}-d features, --features has {X.shape[1]} "
+                                 "columns")
         with torch.no_grad():
             Z = torch.cat([model.encode(torch.as_tensor(X[i:i + chunk])) for i in range(0, len(X), chunk)])
         out["aligned" if k == 0 else f"aligned{k + 1}"] = Z.float().numpy()
         e = model.embedding
         if e.in_basis.shape[1]:  # coordinates in the subspace: ((x - shift) * scale) @ basis
             Xt = torch.as_tensor(X, dtype=e.in_shift.dtype)
-            out["base_pca" if k == 0 else f"base_pca{k + 1}"] = ((Xt - e.in_shift[1:]) * e.in_scale[1:] @ e.in_basis).numpy()
+            Zp = ((Xt - e.in_shift[1:]) * e.in_scale[1:] @ e.in_basis).numpy()
+            out["base_pca" if k == 0 else f"base_pca{k + 1}"] = Zp
     return out
 
 

@@ -13,7 +13,7 @@ from setuptools import setup
 import kernels  # first: it points CUDA_HOME at the real toolkit before cpp_extension reads it
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-with_cuda = os.environ.get("FORCE_CUDA") == "1" or (torch.cuda.is_available() and kernels._cuda_home() is not None)
+with_cuda = os.environ.get("FORCE_CUDA") == "1" or (torch.cuda.is_available() and kernels.cuda_home() is not None)
 Ext = CUDAExtension if with_cuda else CppExtension
 sources = kernels.SOURCES + (kernels.CUDA_SOURCES if with_cuda else [])
 

@@ -1,87 +1,69 @@
-"""Features -> checkpoints.
+r"""Features -> checkpoints: every training stage (--stage sae | meta | warp), one parser per stage.
 
-    python train.py --stage sae  --features F.h5 --out sae/NAME.pt     # top-k sparse autoencoder (issue 3)
-    python train.py --stage sae --encode --ckpt sae/NAME.pt --features F.h5 [--codes-out C.h5]
-                                                                       # its codes -> /sae/indices, /sae/values
-    python train.py --stage meta --features F.h5 --out meta/NAME.pt    # meta-learned Transformer (issue 4)
-    python train.py --stage warp --features F.h5 --targets brain|spose --d 1,10,100 --out warp/NAME.json
-                                                                       # encoder warping curve (issue 9, warp.py)
-
-Meta stage (issue 4), on the embedded world, codes from --codes (default: the features file itself):
-    python train.py --stage meta --features data/world/features/coco.h5 --codes CODES.h5 \
-        --eval-features data/world/features/things.h5 --eval-codes THINGS_CODES.h5 --out runs/meta/world.pt
+    python train.py --stage sae  --features F.h5 --out runs/sae/NAME.pt                 # top-k sparse autoencoder
+    python train.py --stage sae --encode --ckpt runs/sae/NAME.pt --features F.h5 [--codes-out C.h5]   # its codes
+    python train.py --stage meta --features F.h5 --codes C.h5 --eval-features E.h5 --eval-codes EC.h5 \
+        --out runs/meta/NAME.pt                                                          # meta-learned Transformer
+    python train.py --stage warp --features F.h5 --targets brain|spose --d 1,10,100 --out runs/warp/NAME.json
+    python train.py --stage sae --help                                                   # that stage's flags only
+    python train.py --stage meta --config configs/demo.toml --features ... --out ...    # a preset's [meta] table
     torchrun --nproc_per_node=2 train.py --stage meta ...     # DDP: gloo on CPU, NCCL on GPU; same global batch
     sbatch slurm/train_meta.sbatch                            # SLURM: one node, torchrun inside
-Writes the best checkpoint (--out, with config + versions), <out>.last.pt (for --resume), <out>.csv, <out>.png.
 
-SAE stage (issue 3): top-k SAE (Gao et al. 2024) on rows streamed from HDF5; writes --out (config + versions)
-and <out>.last.pt (for --resume). --ckpt also reads ViT-Prisma top-k SAEs. On the embedded world:
-    python train.py --stage sae --features data/world/features/coco.h5 --n-latents 8x --k 8 --out runs/sae/world.pt
-    python train.py --stage sae --encode --ckpt runs/sae/world.pt --features data/world/features/coco.h5
+The same idea has the same flag in every stage: --lr, --batch, --steps (sae: --epochs), --device, --threads,
+--resume, --progress; --config FILE.toml reads the file's table for the stage ([sae], [meta], [warp]) and
+flags given on the command line override it. Feature paths default to data/features/clip/ (extract.py's
+output); the demo passes the world's (Makefile, configs/demo.toml).
+
+sae: top-k SAE (Gao et al. 2024) on rows streamed from HDF5; writes --out (config + versions) and
+<out>.last.pt (for --resume). --ckpt also reads ViT-Prisma top-k SAEs; --encode writes /sae/indices and
+/sae/values (models.sae_encode). meta: writes the best checkpoint (--out, with config + versions),
+<out>.last.pt (for --resume), <out>.csv, <out>.png. warp: the performance-vs-d curve of encoder warping
+(eval_warp.py) as a result JSON, resumed d by d.
 """
+import argparse
 import os
 import sys
 
 import torch
 
-import warp
 import data
 from data import atomic_path
 
 # ----------------------------------------------------------------------------------------------- defaults
-defaults = dict(
-    stage="sae",                                # sae | meta
-    features="data/world/features/coco.h5",     # training features (HDF5, /features + /image_ids)
-    out="",                                     # checkpoint path
+defaults = dict(  # every stage
+    stage="sae",                                # sae | meta | warp
+    config="",                                  # TOML preset: its [sae] / [meta] / [warp] table sets this stage's flags
+    out="",                                     # output: checkpoint (sae, meta) or result JSON (warp)
     seed=0,                                     # random seed
+    device="auto",                              # auto | cpu | cuda
+    threads=0,                                  # torch threads (0 = torch default)
+    progress=True,                              # tqdm progress bar
 )
-STAGES = {"sae": "issue 3 (top-k sparse autoencoders)", "meta": "issue 4 (meta-learning)",
-          "warp": "issue 9 (encoder warping, warp.py)"}
 
 
-# ------------------------------------------------------------------------------------- sae stage (issue 3)
+# ------------------------------------------------------------------------------------------------ sae stage
 defaults_sae = dict(
+    features="data/features/clip/coco.h5",      # training features (HDF5, /features + /image_ids); --encode: its input
     n_latents="16x",                            # SAE latents: a count ("12288") or a multiple of d ("16x")
     k=64,                                       # active latents per row (top-k)
-    normalize="expected_average",               # expected_average (E|x|^2 = d) | none | layer_norm | constant_norm_rescale
+    normalize="expected_average",               # expected_average (E|x|^2 = d) | none | layer_norm |
+                                                # constant_norm_rescale (ViT-Prisma's options)
     aux_k=0,                                    # AuxK: dead latents used to model the residual (0 = d / 2, Gao et al.)
     aux_coef=1 / 32,                            # weight of the AuxK loss
-    dead_rows=0,                                # a latent is dead after this many training rows without firing (0 = one epoch)
+    dead_rows=0,                                # a latent is dead after this many rows without firing (0 = one epoch)
     epochs=20,                                  # passes over the features
-    rows_per_step=1024,                         # rows per Adam step
-    sae_lr=0.0,                                 # Adam learning rate (0 = 2e-4 / sqrt(n_latents / 2^14), Gao et al.)
-    chunk_rows=65536,                           # rows read from HDF5 at once (shuffled within the chunk; chunk order shuffled)
+    batch=1024,                                 # rows per Adam step
+    lr=0.0,                                     # Adam learning rate (0 = 2e-4 / sqrt(n_latents / 2^14), Gao et al.)
+    chunk_rows=65536,                           # rows read from HDF5 at once (rows shuffled within chunks, chunks too)
     log_every=50,                               # steps between log lines (FVU, L0, dead fraction)
     ckpt_every=500,                             # steps between resumable checkpoints <out>.last.pt
+    resume=False,                               # continue from <out>.last.pt
     encode=False,                               # encode --features with --ckpt into /sae/indices, /sae/values
     ckpt="",                                    # SAE checkpoint to encode with (own or ViT-Prisma format)
     codes_out="",                               # write the codes here ('' = into --features itself)
     codes_dtype="float16",                      # dtype of /sae/values: float16 | float32
 )
-
-
-def _sae_features(path):
-    """Open a features file for streaming -> (h5py File, /features dataset); clear errors otherwise."""
-    import h5py
-    from data import DataError, open_h5
-    f = open_h5(path, "an HDF5 features file with /features (n_images, d)")
-    if "features" not in f or not isinstance(f["features"], h5py.Dataset) or f["features"].ndim != 2:
-        present = list(f.keys())
-        f.close()
-        raise DataError(f"{path}: field '/features' missing or not 2-d (n_images, d); top-level entries: {present}")
-    return f, f["features"]
-
-
-def _sae_rows(path, dset, start, stop):
-    """Rows [start, stop) of /features as float32, refusing NaN/inf with the file, field and row."""
-    import numpy as np
-    from data import DataError
-    x = np.asarray(dset[start:stop], dtype=np.float32)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        r = start + int(np.nonzero(bad.any(1))[0][0])
-        raise DataError(f"{path}: /features has {int(bad.sum())} NaN/inf values in rows {start}..{stop - 1}, first at row {r}")
-    return torch.from_numpy(x)
 
 
 def _sae_epoch_batches(n, chunk, batch, seed, epoch):
@@ -114,7 +96,8 @@ def _sae_loss(sae, xn, rows_since_fired, dead_rows, aux_k, aux_coef):
 
 
 def _sae_save(path, sae, cfg, step, epoch, opt=None, rows_since_fired=None, metrics=None):
-    ckpt = dict(kind="metalign.sae", sae_args=sae.args(), state_dict={k: v.detach().cpu() for k, v in sae.state_dict().items()},
+    state = {k: v.detach().cpu() for k, v in sae.state_dict().items()}
+    ckpt = dict(kind="metalign.sae", sae_args=sae.args(), state_dict=state,
                 config=cfg, versions=data.versions(), step=step, epoch=epoch, metrics=metrics or {},
                 optimizer=opt.state_dict() if opt is not None else None,
                 rows_since_fired=rows_since_fired.cpu() if rows_since_fired is not None else None)
@@ -127,12 +110,12 @@ def stage_sae(cfg):
     import math
     import numpy as np
     from tqdm import tqdm
-    from models import TopKSAE, geometric_median
+    from models import TopKSAE, feature_rows, geometric_median, open_features
     if cfg["encode"]:
         return sae_encode(cfg)
     if not cfg["out"]:
         sys.exit("train.py: error: --stage sae needs --out sae/NAME.pt (or --encode --ckpt CKPT)")
-    f, dset = _sae_features(cfg["features"])
+    f, dset = open_features(cfg["features"])
     n, d = dset.shape
     nl = cfg["n_latents"]
     try:
@@ -144,10 +127,10 @@ def stage_sae(cfg):
     dev = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
                        ("cpu" if cfg["device"] == "auto" else cfg["device"]))
     torch.manual_seed(cfg["seed"])
-    B, chunk = cfg["rows_per_step"], max(cfg["chunk_rows"], cfg["rows_per_step"])
+    B, chunk = cfg["batch"], max(cfg["chunk_rows"], cfg["batch"])
     aux_k = cfg["aux_k"] or max(1, d // 2)
     dead_rows = cfg["dead_rows"] or n
-    lr = cfg["sae_lr"] or 2e-4 / math.sqrt(n_latents / 2 ** 14)
+    lr = cfg["lr"] or 2e-4 / math.sqrt(n_latents / 2 ** 14)
     sae = TopKSAE(d, n_latents, cfg["k"], cfg["normalize"]).to(dev)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)  # Gao et al.: a small eps
     rows_since_fired = torch.zeros(n_latents, dtype=torch.int64, device=dev)
@@ -183,7 +166,7 @@ def stage_sae(cfg):
             if skip >= len(batches):
                 skip -= len(batches)
                 continue
-            X = _sae_rows(cfg["features"], dset, c0, c1)[torch.from_numpy(perm)].to(dev)
+            X = feature_rows(cfg["features"], dset, c0, c1)[torch.from_numpy(perm)].to(dev)
             for b0, b1 in batches[skip:]:
                 xn, _ = sae.normalize_in(X[b0:b1])
                 loss, fvu, values, indices = _sae_loss(sae, xn, rows_since_fired, dead_rows, aux_k, cfg["aux_coef"])
@@ -197,13 +180,16 @@ def stage_sae(cfg):
                     rows_since_fired[indices[values > 0]] = 0
                 step += 1
                 bar.update(1)
-                win["fvu"] += fvu.item(); win["l0"] += float((values > 0).sum(1).float().mean()); win["m"] += 1
+                win["fvu"] += fvu.item()
+                win["l0"] += float((values > 0).sum(1).float().mean())
+                win["m"] += 1
                 if step % cfg["log_every"] == 0 or step == total:
                     row = dict(step=step, epoch=epoch, fvu=win["fvu"] / win["m"], l0=win["l0"] / win["m"],
                                dead=float((rows_since_fired > dead_rows).float().mean()))
                     hist.append(row)
                     win = dict(fvu=0.0, l0=0.0, m=0)
-                    bar.write(f"step {step:6d}/{total}  fvu {row['fvu']:.4f}  L0 {row['l0']:.1f}  dead {row['dead']:.3f}")
+                    bar.write(f"step {step:6d}/{total}  fvu {row['fvu']:.4f}  L0 {row['l0']:.1f}  "
+                              f"dead {row['dead']:.3f}")
                 if step % cfg["ckpt_every"] == 0:
                     _sae_save(last, sae, cfg, step, epoch, opt, rows_since_fired)
             skip = 0
@@ -215,11 +201,11 @@ def stage_sae(cfg):
     fired = torch.zeros(n_latents, dtype=torch.bool)
     with torch.no_grad():
         for c0 in range(0, n, chunk):  # two streamed passes: the mean, then the residual and total sums
-            x = _sae_rows(cfg["features"], dset, c0, min(n, c0 + chunk)).to(dev)
+            x = feature_rows(cfg["features"], dset, c0, min(n, c0 + chunk)).to(dev)
             mean = x.sum(0) if mean is None else mean + x.sum(0)
         mean = mean / n
         for c0 in range(0, n, chunk):
-            x = _sae_rows(cfg["features"], dset, c0, min(n, c0 + chunk)).to(dev)
+            x = feature_rows(cfg["features"], dset, c0, min(n, c0 + chunk)).to(dev)
             v, i = sae.encode(x)
             xr = sae.decode(x, v, i)
             sse += float(((x - xr) ** 2).sum())
@@ -234,69 +220,32 @@ def stage_sae(cfg):
 
 
 def sae_encode(cfg):
-    """Top-k codes of every row of --features -> /sae/indices (n, k) int32, /sae/values (n, k) float16 in
-    --codes-out, or in --features itself. Written chunk by chunk into a temporary copy that replaces the
-    target only when complete (data.atomic_path): a killed job leaves the old file untouched."""
-    import shutil
-    import h5py
-    import numpy as np
-    from models import load_sae
+    """--encode: the codes of --features by the SAE --ckpt (models.sae_encode) into --codes-out or --features."""
+    from models import sae_encode as encode
     if not cfg["ckpt"]:
-        sys.exit("train.py: error: --encode needs --ckpt (an SAE checkpoint: train.py --stage sae --out, or ViT-Prisma)")
-    sae, info = load_sae(cfg["ckpt"])
+        sys.exit("train.py: error: --encode needs --ckpt (an SAE checkpoint: train.py --stage sae --out, or "
+                 "ViT-Prisma)")
     if cfg["codes_dtype"] not in ("float16", "float32"):
         sys.exit(f"train.py: error: --codes-dtype {cfg['codes_dtype']!r}; expected float16 | float32")
-    src = cfg["features"]
-    dst = cfg["codes_out"] or src
-    f, dset = _sae_features(src)
-    n, d = dset.shape
-    if d != sae.d:
-        f.close()
-        raise data.DataError(f"{cfg['ckpt']}: checkpoint of another shape: the SAE takes d = {sae.d} features, "
-                             f"{src} /features has d = {d}")
-    k, chunk = sae.k, cfg["chunk_rows"]
-    with data.atomic_path(dst) as tmp:
-        if dst == src:
-            f.close()
-            shutil.copyfile(src, tmp)  # the copy gets the codes; the original stays intact until the rename
-            f, dset = _sae_features(src)
-        with h5py.File(tmp, "r+" if dst == src else "w") as fo:
-            if dst != src and "image_ids" in f:
-                fo.create_dataset("image_ids", data=f["image_ids"][...], dtype=f["image_ids"].dtype)
-            if "sae" in fo:
-                del fo["sae"]
-            g = fo.create_group("sae")
-            cr = (max(1, min(chunk, n, 8192)), k) if n else None
-            di = g.create_dataset("indices", shape=(n, k), dtype=np.int32, chunks=cr)
-            dv = g.create_dataset("values", shape=(n, k), dtype=np.dtype(cfg["codes_dtype"]), chunks=cr)
-            for c0 in range(0, n, chunk):
-                c1 = min(n, c0 + chunk)
-                v, i = sae.encode(_sae_rows(src, dset, c0, c1))
-                if cfg["codes_dtype"] == "float16" and float(v.max()) > 65504:
-                    raise ValueError(f"{src}: SAE values up to {float(v.max()):.3g} overflow float16; use --codes-dtype float32")
-                di[c0:c1] = i.numpy().astype(np.int32)
-                dv[c0:c1] = v.numpy().astype(cfg["codes_dtype"])
-            data.write_h5_attrs(g, dict(config=cfg, checkpoint=os.path.abspath(cfg["ckpt"]), checkpoint_format=info["format"],
-                                        sae=sae.args(), features=os.path.abspath(src)))
-    f.close()
-    print(f"train.py: /sae/indices, /sae/values ({n} x {k}) -> {dst}")
-    return dict(n=n, k=k, out=dst)
+    return encode(cfg["features"], cfg["ckpt"], cfg["codes_out"], cfg["codes_dtype"], cfg["chunk_rows"], config=cfg)
 
 
-# ------------------------------------------------------------------------------------ meta stage (issue 4)
+# ----------------------------------------------------------------------------------------------- meta stage
 defaults_meta = dict(
-    codes="",                                   # HDF5 with /sae/indices, /sae/values row-aligned with --features ('' = --features)
-    eval_features="data/world/features/things.h5",  # held-out image pool (HDF5)
+    features="data/features/clip/coco.h5",      # training image pool (HDF5, /features + /image_ids)
+    codes="",                                   # /sae/indices, /sae/values, rows as --features ('' = --features)
+    eval_features="data/features/clip/things.h5",  # held-out image pool (HDF5)
     eval_codes="",                              # its codes ('' = --eval-features)
-    functions="sae",                            # sae (latents of the codes) | neurons (feature dims split at the median)
+    functions="sae",                            # sae (latents of the codes) | neurons (feature dims split at median)
     min_nonzero=120,                            # a latent is a function if active on at least this many training images
-    holdout=0.0,                                # share of functions held out of training (0: the same functions on the eval pool)
+    holdout=0.0,                                # share of functions held out of training (0: all, on the eval pool)
     model="transformer",                        # transformer | lstm | static_linear (non-meta multitask baseline)
     no_embed=False,                             # ablation: frozen identity embedding (encode(x) = x)
-    standardize=True,                           # z-score features with the training pool's mean/std inside the embedding
+    standardize=True,                           # z-score features by the pool's mean/std inside the embedding
     input_pca=0.0,                              # embedding reads the pool's top principal subspace (of standardised
-                                                # features): r >= 1 directions, or the share of variance in (0, 1); 0 = all
-    embed_init="orthogonal",                    # orthogonal (encode starts as an isometry of the input) | default (nn.Linear)
+                                                # features): r >= 1 directions, or the share of variance in (0, 1);
+                                                # 0 = all
+    embed_init="orthogonal",                    # orthogonal (encode starts as an isometry) | default (nn.Linear)
     embed_gain=1.0,                             # gain of the orthogonal embedding init
     d_model=0,                                  # model width (0 = feature width d)
     n_layers=2,                                 # Transformer blocks / LSTM layers
@@ -316,8 +265,6 @@ defaults_meta = dict(
     patience=10,                                # early stopping: evaluations without improvement (0 = off)
     compile=False,                              # torch.compile the model
     resume=False,                               # continue from <out>.last.pt
-    device="auto",                              # auto | cpu | cuda
-    progress=True,                              # tqdm progress bar
 )
 
 
@@ -356,14 +303,14 @@ def _meta_functions(cfg, X, ids, Xe, ide):
     if not ok.all():
         sys.exit(f"train.py: error: {int((~ok).sum())} held-out functions have fewer than L = {L} positives or "
                  f"negatives in {cfg['eval_features']}; shorten --length or use a larger eval pool")
-    heads = torch.from_numpy(np.searchsorted(train_lat, eval_fns["latents"].numpy())) if cfg["model"] == "static_linear" else None
+    heads = None
+    if cfg["model"] == "static_linear":
+        heads = torch.from_numpy(np.searchsorted(train_lat, eval_fns["latents"].numpy()))
     return train, eval_fns, heads
 
 
 def _plot_curve(csv_path, png_path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = data.pyplot()
     import pandas as pd
     df = pd.read_csv(csv_path)
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -375,10 +322,7 @@ def _plot_curve(csv_path, png_path):
     ax[1].axhline(0.5, color="grey", lw=0.6, ls="--")
     ax[1].set(xlabel="step", ylim=(min(0.0, ev["eval_magnitude_r2"].min() if len(ev) else 0), 1))
     ax[1].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    data.save_figure(fig, png_path, tight=True)
 
 
 def stage_meta(cfg):
@@ -421,7 +365,8 @@ def stage_meta(cfg):
             sys.exit(f"train.py: error: --input-pca {cfg['input_pca']}: {e}")
         if rank == 0:
             print(f"train.py: embedding input = top {basis.shape[1]} of {X.shape[1]} principal directions of the "
-                  f"{'standardised ' if cfg['standardize'] else ''}training pool ({float(share[:basis.shape[1]].sum()):.1%} of its variance)")
+                  f"{'standardised ' if cfg['standardize'] else ''}training pool "
+                  f"({float(share[:basis.shape[1]].sum()):.1%} of its variance)")
     model_args = dict(d=X.shape[1], d_model=cfg["d_model"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
                       mlp=cfg["mlp"], model=cfg["model"], n_functions=F, no_embed=cfg["no_embed"],
                       dropout=cfg["dropout"], input_rank=0 if basis is None else basis.shape[1])
@@ -540,33 +485,165 @@ def stage_meta(cfg):
                 csv.writer(fh).writerow([row.get(k, "") for k in fields])
         if stop:
             if rank == 0:
-                print(f"train.py: early stop at step {step + 1}: no held-out improvement in {cfg['patience']} evaluations")
+                print(f"train.py: early stop at step {step + 1}: no held-out improvement in {cfg['patience']} "
+                      "evaluations")
             break
     if rank == 0:
         _plot_curve(csv_path, png_path)
-        print(f"train.py: best held-out accuracy {best:.4f} (magnitude R^2 {best_metrics.get('magnitude_r2', float('nan')):.3f}) "
+        r2 = best_metrics.get("magnitude_r2", float("nan"))
+        print(f"train.py: best held-out accuracy {best:.4f} (magnitude R^2 {r2:.3f}) "
               f"at step {best_metrics.get('step')} -> {out}; log {csv_path}, curve {png_path}")
     if ddp:
         dist.destroy_process_group()
     return best_metrics
 
 
+# ------------------------------------------------------------------------------------------ warp stage
+defaults_warp = dict(
+    features="data/features/clip/things.h5",    # features of the THINGS images (HDF5, /features + /image_ids)
+    targets="brain",                            # brain (THINGS-fMRI voxels of --rois) | spose (SPoSE embedding)
+    d="1,10,100,1000",                          # subspace dimensions, comma-separated ('full' is always added)
+    data="data/external",                       # folder with the human data files
+    field="features",                           # dataset inside --features (e.g. layers/block6)
+    subjects="1",                               # brain: the THINGS-fMRI subject (one per run)
+    rois="LOC",                                 # brain: the ROI column of VoxelMetadata (one per run)
+    nc_min=5.0,                                 # brain: keep voxels with nc_singletrial > nc_min
+    projection="fastfood",                      # fastfood | dense (reference) | identity (d = D only)
+    groups="",                                  # parameter groups with their own scale, regexes, e.g. 'body,readout'
+    objective="ridge",                          # ridge (linear read-out, MSE) | rsa (differentiable RSA, no read-out)
+    readout="ridge",                            # ridge (fit by ridge, then warped) | joint (trained beside theta_d)
+    readout_penalty=True,                       # keep the ridge penalty of the read-out while training (see fit_one)
+    hidden=0,                                   # MLP hidden width (0 = feature width)
+    lr=0.05,                                    # Adam learning rate of theta_d and the scales
+    full_lr=1e-3,                               # Adam learning rate of the full fit
+    steps=1000,                                 # maximum Adam steps per d
+    batch=256,                                  # rows per step
+    eval_every=25,                              # steps between validation checks
+    patience=8,                                 # validation checks without improvement before stopping
+    val_frac=0.15,                              # share of the training rows held out for early stopping
+    test_frac=0.2,                              # spose: share of concepts held out for the test score
+    threads=1,                                  # torch threads (small ops: 1 is ~100x faster than 2 contended; 0 = all)
+    name="",                                    # model name in the results ('' = the features' backbone or file stem)
+)
+RESUME_KEYS = ("features", "field", "targets", "data", "subjects", "rois", "nc_min", "projection", "groups",
+               "objective", "readout", "readout_penalty", "hidden", "lr", "full_lr", "steps", "batch", "seed",
+               "val_frac", "test_frac")
+
+
+def parse_ds(text):
+    ds = []
+    for tok in str(text).split(","):
+        tok = tok.strip()
+        if not tok or tok == "full":
+            continue
+        try:
+            v = int(float(tok))
+        except ValueError:
+            raise ValueError(f"--d {text!r}: {tok!r} is not an integer") from None
+        if v < 1:
+            raise ValueError(f"--d {text!r}: subspace dimensions must be >= 1, got {v}")
+        ds.append(v)
+    return sorted(set(ds))
+
+
+def stage_warp(cfg):
+    """train.py --stage warp: the performance-vs-d curve of one model (features file) on one target."""
+    import json
+    from eval_warp import WarpEncoder, brain_target, make_split, spose_target, summarise, warp_curve
+    from models import param_group_index
+    for key in ("subjects", "rois"):
+        if len(data.split_list(cfg[key])) != 1:
+            sys.exit(f"train.py: error: --{key} {cfg[key]!r}: the warp stage fits one subject and one ROI per run "
+                     "(slurm/evaluate_array.sbatch shows how to spread runs over a job array)")
+    try:
+        ds = parse_ds(cfg["d"])
+        X, ids = data.read_features(cfg["features"], field=cfg["field"])
+        if cfg["targets"] == "brain":
+            Xtr, Ytr, Xte, Yte, info = brain_target(cfg, X, ids)
+        elif cfg["targets"] == "spose":
+            Xtr, Ytr, Xte, Yte, info = spose_target(cfg, X, ids)
+        else:
+            raise data.DataError(f"--targets {cfg['targets']!r}: expected brain or spose")
+    except ValueError as e:  # DataError is a ValueError
+        sys.exit(f"train.py: error: {e}")
+    dev = "cuda" if cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available()) else "cpu"
+    split = make_split(Xtr, Ytr, None, cfg["val_frac"], cfg["seed"], dev, Xte, Yte)
+    name = cfg["name"]
+    if not name:
+        with data.open_h5(cfg["features"], "features") as f:
+            name = str(f.attrs.get("backbone", "")) or os.path.splitext(os.path.basename(cfg["features"]))[0]
+    tgt = cfg["targets"] if cfg["targets"] == "spose" else f"{info['subject']} {info['roi']}"
+    out = cfg["out"] or os.path.join("runs", "warp", f"{name}_{tgt.replace(' ', '_')}.json")
+    done = {}
+    if os.path.exists(out):  # resume: keep the d values already fitted under the same settings
+        with open(out) as fh:
+            old = json.load(fh)
+        diff = [k for k in RESUME_KEYS if str(old.get("config", {}).get(k)) != str(cfg.get(k))]
+        if diff:
+            sys.exit(f"train.py: error: {out} was written with different settings ({', '.join(diff)}); "
+                     "delete it or pass another --out")
+        done = old.get("results", {})
+        print(f"warp: resuming {out}: {len(done)} fits done ({', '.join(done)})")
+    # D (warped parameters) is only known after the model is built: a too large d fails before any training
+    p, t = split["Xtr"].shape[1], split["Ytr"].shape[1]
+    joint = cfg["readout"] == "joint"
+    probe = WarpEncoder(p, cfg["hidden"] or p, 0 if cfg["objective"] == "rsa" else t)
+    warped = {n: q.numel() for n, q in probe.named_parameters() if not (joint and n.startswith("readout"))}
+    D = int(sum(warped.values()))
+    try:  # parameter groups that match nothing fail here, before any fit is written
+        param_group_index(list(warped), [g for g in str(cfg["groups"]).split(",") if g])
+    except ValueError as e:
+        sys.exit(f"train.py: error: --groups {cfg['groups']!r}: {e}")
+    if ds and max(ds) > D:
+        sys.exit(f"train.py: error: --d {max(ds)} is larger than D = {D}, the number of warped parameters "
+                 f"({', '.join(f'{n} {k}' for n, k in warped.items())}); pass smaller d values")
+    cfg_json = {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+    def save(res):
+        doc = dict(name=name, target=tgt, target_info=info, metric="rsa" if cfg["objective"] == "rsa" else "r2",
+                   D=D, n_train=int(len(split["Xtr"])), n_val=int(len(split["Xva"])), n_test=int(len(split["Xte"])),
+                   results=res, config=cfg_json, versions=data.versions())
+        with data.atomic_path(out) as tmp, open(tmp, "w") as fh:
+            json.dump(doc, fh, indent=2)
+
+    res = warp_curve(split, ds, cfg, seed=cfg["seed"], done=done, on_result=save, progress=cfg["progress"])
+    save(res)
+    s = summarise(dict(results=res, name=name), frac=0.9)
+    print(f"\nwarp {name} -> {tgt} (D = {D}): held-out {'RSA' if cfg['objective'] == 'rsa' else 'R^2'}")
+    print(f"{'d':>8}{'test':>10}{'val':>10}{'steps':>8}")
+    for k in ["0"] + [str(d) for d in sorted(int(x) for x in res if x not in ("0", "full"))] + ["full"]:
+        r = res[k]
+        print(f"{k:>8}{r['test']:>10.4f}{r['val']:>10.4f}{r['steps']:>8}")
+    print(f"d_warp (90% of the full fit): {s['d_warp']}; wrote {out}")
+    return res
+
+
+STAGES = {"sae": stage_sae, "meta": stage_meta, "warp": stage_warp}  # every --stage X: stage_X, in this file
+STAGE_DEFAULTS = {"sae": defaults_sae, "meta": defaults_meta, "warp": defaults_warp}
+
+
+def stage_defaults(stage):
+    """The flags of one stage: the common ones, then the stage's own (which override, e.g. --threads for warp)."""
+    return {**defaults, **STAGE_DEFAULTS[stage]}
+
+
 def parse(argv=None):
-    return vars(data.flag_parser(__doc__, defaults, defaults_sae, defaults_meta, warp.defaults_warp).parse_args(argv))
+    """--stage picks the parser: `train.py --stage sae --help` lists the SAE's flags only. --config FILE.toml
+    applies the file's table for that stage (every table is checked against its stage's flags)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--stage", default=defaults["stage"])
+    stage = pre.parse_known_args(argv)[0].stage
+    if stage not in STAGES:
+        sys.exit(f"train.py: error: --stage {stage!r}; expected one of {sorted(STAGES)}")
+    d = stage_defaults(stage)
+    p = data.flag_parser(__doc__, d, prog=f"train.py --stage {stage}")
+    return data.parse_flags(p, argv, d, stage, {s: stage_defaults(s) for s in STAGES})
 
 
 def main(argv=None):
     cfg = parse(argv)
-    if cfg["stage"] not in STAGES:
-        sys.exit(f"train.py: error: --stage {cfg['stage']!r}; expected one of {sorted(STAGES)}")
-    if cfg["stage"] == "sae":
-        return stage_sae(cfg)
-    if cfg["stage"] == "meta":
-        return stage_meta(cfg)
-    if cfg["stage"] == "warp":
-        return warp.stage_warp(cfg)
-    print(f"train.py: stage {cfg['stage']!r} not implemented yet (arrives with {STAGES[cfg['stage']]})", file=sys.stderr)
-    sys.exit(2)
+    with data.torch_threads(cfg["threads"]):
+        return STAGES[cfg["stage"]](cfg)
 
 
 if __name__ == "__main__":

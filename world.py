@@ -150,8 +150,9 @@ def write_backbones(out_dir, rng, sets, W, n_backbones, cfg):
         for name, (ids, codes, u) in sets.items():
             X = (codes ** W["warp"]) @ Dk + a_k * u @ Nk + rng.normal(0.0, W["noise_sd"], size=(len(ids), d))
             p = os.path.join(out_dir, "features", f"{name}_b{k}.h5")
-            write_features(p, X.astype(np.float32), ids, attrs=dict(backbone=f"synthetic-b{k}", weights=f"world seed {cfg['seed']}",
-                                                                     pooling="n/a", dataset=name, nuisance_weight=a_k, config=cfg))
+            write_features(p, X.astype(np.float32), ids,
+                           attrs=dict(backbone=f"synthetic-b{k}", synthetic=True, weights=f"world seed {cfg['seed']}",
+                                      pooling="n/a", dataset=name, nuisance_weight=a_k, config=cfg))
             paths[f"features/{name}_b{k}"] = p
     return paths
 
@@ -323,7 +324,7 @@ def make_world(out_dir, size="small", seed=0, verbose=True, **overrides):
     with atomic_path(paths["levels"]) as tmp, open(tmp, "wb") as fh:
         pickle.dump(levels, fh)
 
-    attrs = dict(backbone="synthetic", weights=f"world seed {seed}", pooling="none", config=cfg)
+    attrs = dict(backbone="synthetic", synthetic=True, weights=f"world seed {seed}", pooling="none", config=cfg)
     for name, X, ids in [("things", things_X, things_ids), ("levels", lv_X, lv_ids), ("coco", coco_X, coco_ids)]:
         paths[f"features/{name}"] = write_features(os.path.join(feat_dir, f"{name}.h5"), X, ids,
                                                    attrs=dict(attrs, image_root=name))
@@ -427,6 +428,8 @@ def make_world(out_dir, size="small", seed=0, verbose=True, **overrides):
         p = os.path.join(brain_dir, f"{tag}_ResponseData.h5")
         with atomic_path(p) as tmp:
             rd.to_hdf(tmp, key="ResponseData", mode="w", format="fixed")
+            with h5py.File(tmp, "a") as f:
+                f.attrs["synthetic"] = 1  # readers tell the world's files by this attr (an int: pytables reads it)
         paths[f"fmri/{tag}/responses"] = p
         vm = pd.DataFrame(dict(voxel_id=voxel_id, subject_id=sub, nc_singletrial=nc.round(3),
                                nc_testset=(100 * (nc / 100) / (nc / 100 + (1 - nc / 100) / n_ses)).round(3),
@@ -471,7 +474,7 @@ def make_world(out_dir, size="small", seed=0, verbose=True, **overrides):
         for tag, tf in truth_fmri.items():
             for k, v in tf.items():
                 f[f"fmri/{tag}/{k}"] = v
-        write_h5_attrs(f, dict(config=cfg, rois_early=ROIS_EARLY, rois_high=ROIS_HIGH))
+        write_h5_attrs(f, dict(config=cfg, rois_early=ROIS_EARLY, rois_high=ROIS_HIGH, synthetic=True))
 
     # --- model zoo + category table, from their own generator so every file above is unchanged by them
     zoo_rng = np.random.default_rng([seed, 1000])

@@ -31,8 +31,8 @@ def one_thread():
 def _devices():
     """Every device an op test runs on: cpu always, cuda as a skipped case (with the reason) when absent."""
     import torch
-    cuda = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                         reason="no CUDA device: the CUDA kernels run in make gpu-check"))
+    cuda = pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA device: the CUDA kernels run in make gpu-check"))
     return ["cpu", cuda]
 
 

@@ -1,4 +1,4 @@
-"""choice.py and behaviour.py: every fit against an independent computation (scipy / sklearn), group BMS against
+"""choice.py and eval_behaviour.py: every fit against an independent computation (scipy / sklearn), group BMS against
 hand-checkable cases and Monte Carlo, the world's ordering (h above base), bad input."""
 import json
 import math
@@ -13,18 +13,20 @@ import torch
 from scipy import integrate, optimize
 from scipy.special import logsumexp
 
-import behaviour
 import data
+import eval_behaviour as behaviour
 import evaluate
-from choice import (_span_project, entropy_ceiling, exceedance_probability, fit_conditional_logit, fit_odd_one_out,
+from choice import (span_project, entropy_ceiling, exceedance_probability, fit_conditional_logit, fit_odd_one_out,
                     group_bms, online_blr, online_logistic, ooo_option_features, stratified_folds, wilcoxon_pair)
+from representations import cosine_similarity_matrix
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops (conftest.py)
 
 
 def run(world, task, out, data_dir=None, **kw):
-    argv = ["--task", task, "--features", world["dir"] + "/features/things.h5", "--data", str(data_dir or world["data"]),
+    argv = ["--task", task, "--features", world["dir"] + "/features/things.h5", "--data",
+            str(data_dir or world["data"]),
             "--levels-features", world["dir"] + "/features/levels.h5", "--out", str(out)]
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
@@ -78,7 +80,7 @@ def test_odd_one_out_fit_matches_per_participant_scipy():
     rng = np.random.default_rng(2)
     n, P, T = 25, 6, 40
     E = np.abs(rng.normal(size=(n, 4)))
-    S = evaluate.cosine_similarity_matrix(E)
+    S = cosine_similarity_matrix(E)
     trip = np.stack([rng.choice(n, 3, replace=False) for _ in range(P * T)])
     choice = rng.integers(0, 3, P * T)
     part = np.repeat(np.arange(P) * 10 + 3, T)  # arbitrary labels
@@ -103,7 +105,7 @@ def test_online_logistic_matches_sklearn():
     y = (X[:, :, 0] + 0.5 * rng.normal(size=(P, T)) > 0).astype(np.int64)
     y[:, 0] = 1  # class 0 first appears later: 0.5 until both classes were seen
     Cs = [0.1, 3.0]
-    Z = _span_project(torch.from_numpy(X), T)
+    Z = span_project(torch.from_numpy(X), T)
     assert Z.shape[2] <= T
     out = online_logistic(Z, torch.from_numpy(y), torch.ones(P, T, dtype=torch.bool), Cs).numpy()
     for c, C in enumerate(Cs):
@@ -123,7 +125,7 @@ def test_online_blr_matches_ridge():
     P, T, d = 2, 15, 50
     XL, XR = rng.normal(size=(P, T, d)), rng.normal(size=(P, T, d))
     RL, RR = rng.normal(size=(P, T)), rng.normal(size=(P, T))
-    Zb = _span_project(torch.from_numpy(np.concatenate([XL, XR], 1)), 2 * T)
+    Zb = span_project(torch.from_numpy(np.concatenate([XL, XR], 1)), 2 * T)
     lams = [0.5, 20.0]
     v = online_blr(Zb[:, :T], Zb[:, T:], torch.from_numpy(RL), torch.from_numpy(RR),
                              torch.ones(P, T, dtype=torch.bool), lams).numpy()
@@ -135,7 +137,8 @@ def test_online_blr_matches_ridge():
                 if t == 0:
                     assert (v[li, p, 0] == 0).all()
                     continue
-                m = Ridge(alpha=lam, fit_intercept=False, solver="cholesky").fit(np.r_[A[:t], B[:t]], np.r_[RL[p, :t], RR[p, :t]])
+                m = Ridge(alpha=lam, fit_intercept=False, solver="cholesky").fit(np.r_[A[:t], B[:t]], np.r_[RL[p, :t],
+                                                                                                            RR[p, :t]])
                 np.testing.assert_allclose(v[li, p, t], m.predict(np.r_[A[t:t + 1], B[t:t + 1]]), atol=1e-8)
 
 
@@ -235,7 +238,8 @@ def test_levels_ordering_on_world(world, tmp_path):
         codes = f["levels/codes"][...]
     X, ids = data.read_features(world["dir"] + "/features/levels.h5")
     assert ids == keys
-    h = behaviour.task_levels_ooo(dict(evaluate.defaults, data=world["data"], task="levels-ooo", out=str(tmp_path / "h.json")),
+    h = behaviour.task_levels_ooo(dict(evaluate.defaults, data=world["data"], task="levels-ooo",
+                                       out=str(tmp_path / "h.json")),
                                   reps={"base": X, "h": codes})
     assert h["h"]["mcfadden_r2"] > h["base"]["mcfadden_r2"] + 0.15  # measured 0.290 vs 0.037
     assert h["base"]["mcfadden_r2"] == pytest.approx(r["base"]["mcfadden_r2"])

@@ -90,7 +90,8 @@ def test_bench_cka_rbf_peak_memory_n40000(benchmark):
     code = ("import torch, kernels\n"
             "hwm = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
             "g = torch.Generator().manual_seed(0)\n"
-            "X = torch.randn(40000, 128, generator=g); Y = X[:, :64].repeat(1, 2) + torch.randn(40000, 128, generator=g)\n"
+            "X = torch.randn(40000, 128, generator=g)\n"
+            "Y = X[:, :64].repeat(1, 2) + torch.randn(40000, 128, generator=g)\n"
             "kernels._ext(); base = hwm()\n"
             "v = kernels.cka(X, Y, kernel='rbf').item()\n"
             "print(v, base, hwm())\n")

@@ -10,14 +10,15 @@ import pytest
 from scipy import optimize
 from scipy.special import logsumexp
 
-from choice import fit_odd_one_out, ooo_option_features, participant_codes, stratified_folds, torch_threads
+from choice import fit_odd_one_out, ooo_option_features, participant_codes, stratified_folds
+from data import torch_threads
 
 N_TRIPLETS, N_PARTICIPANTS, N_CONCEPTS, N_LOOP = 4_700_000, 10_000, 1_854, 100
 
 
 @pytest.fixture(autouse=True)
 def _threads():
-    """evaluate.py's default --behav-threads 1 (the fastest setting on the shared 2-core machines)."""
+    """evaluate.py's default --threads 1 (the fastest setting on the shared 2-core machines)."""
     with torch_threads(1):
         yield
 
@@ -32,7 +33,8 @@ def ooo_data():
     w = rng.gamma(1.0, 1.0, N_PARTICIPANTS)  # uneven trials per participant, like the real data
     part = rng.choice(N_PARTICIPANTS, N_TRIPLETS, p=w / w.sum())
     beta = rng.gamma(4.0, 2.0, N_PARTICIPANTS)
-    s = np.stack([S[trip[:, 1], trip[:, 2]], S[trip[:, 0], trip[:, 2]], S[trip[:, 0], trip[:, 1]]], 1) * beta[part, None]
+    s = np.stack([S[trip[:, 1], trip[:, 2]], S[trip[:, 0], trip[:, 2]], S[trip[:, 0], trip[:, 1]]], 1) * beta[part,
+                                                                                                              None]
     p = np.exp(s - logsumexp(s, 1, keepdims=True))
     choice = (rng.random((N_TRIPLETS, 1)) > p.cumsum(1)).sum(1).clip(0, 2)
     return S, trip, choice, part

@@ -1,6 +1,7 @@
 """Benchmark of the fused episode op (`make bench`): B = 1,024 episodes of L = 120 over d = 768 features,
 beside the per-episode Python loop a user would otherwise write (vectorised gathers per episode), the
-per-item loop of a map-style episode sampler (learn2learn / DataLoader style), and beside a plain copy of the same output
+per-item loop of a map-style episode sampler (learn2learn / DataLoader style), and beside a plain copy of the same
+output
 bytes (the bandwidth floor), in one session, at two pool sizes: 20,000 images (the full world's COCO pool) and
 1,281,167 (ImageNet-1k train, a pool the real runs use). The op's sampling is O(L log P) per episode whatever the
 pool; the per-episode loop draws its negatives from the complement of the positives, O(pool) per episode.

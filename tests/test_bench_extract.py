@@ -47,7 +47,7 @@ def plain_loop(folder, out_dir):
 
 def ours(folder, out, *flags):
     return extract.main(["--dataset", "folder", "--images", str(folder), "--backbone", MODEL, "--weights", "random",
-                         "--batch-size", str(BATCH), "--no-progress", "--overwrite", "--out", str(out), *flags])
+                         "--batch", str(BATCH), "--no-progress", "--overwrite", "--out", str(out), *flags])
 
 
 def features(path):
@@ -81,7 +81,7 @@ def test_bench_extract_interrupted_then_resumed(benchmark, folder, tmp_path):
             os.remove(out)
         ours(folder, out, "--max-batches", "7")
         extract.main(["--dataset", "folder", "--images", str(folder), "--backbone", MODEL, "--weights", "random",
-                      "--batch-size", str(BATCH), "--no-progress", "--out", str(out)])
+                      "--batch", str(BATCH), "--no-progress", "--out", str(out)])
         return out
     out = benchmark.pedantic(two_runs, rounds=3, iterations=1)
     ref = tmp_path / "ref.h5"

@@ -22,7 +22,8 @@ def ext():
 def _pair(n, d1, d2, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d1, generator=g, dtype=torch.float64) * 2 + 5       # offset: centring matters
-    Y = X[:, :1] * torch.randn(n, d2, generator=g, dtype=torch.float64) + torch.randn(n, d2, generator=g, dtype=torch.float64) - 3
+    Y = X[:, :1] * torch.randn(n, d2, generator=g, dtype=torch.float64) + torch.randn(n, d2, generator=g,
+                                                                                      dtype=torch.float64) - 3
     return X.to(dtype), Y.to(dtype)
 
 
@@ -106,7 +107,8 @@ def test_cka_invariances():
     # independent isotropic Gaussians: biased CKA ~ sqrt(d1 d2) / n = 0.0025 (E|X'Y|^2 = n d1 d2,
     # E|X'X|^2 ~ n^2 d1), the debiased estimator ~ 0
     g = torch.Generator().manual_seed(3)
-    A, B = torch.randn(4000, 10, generator=g, dtype=torch.float64), torch.randn(4000, 10, generator=g, dtype=torch.float64)
+    A, B = torch.randn(4000, 10, generator=g, dtype=torch.float64), torch.randn(4000, 10, generator=g,
+                                                                                dtype=torch.float64)
     assert abs(kernels.cka(A, B, debiased=True).item()) < 0.001
     assert 0.00125 < kernels.cka(A, B).item() < 0.00375
 

@@ -23,10 +23,12 @@ def _tile_args(ti, tj, diagonal, seed=0):
     X, Y = _pair(max(ti, tj) + 3, seed=seed)
     Xi, Xj = X[:ti], (X[:tj] if diagonal else X[3:3 + tj])
     Yi, Yj = Y[:ti], (Y[:tj] if diagonal else Y[3:3 + tj])
-    return (Xi @ Xj.T, Yi @ Yj.T, (Xi ** 2).sum(1), (Xj ** 2).sum(1), (Yi ** 2).sum(1), (Yj ** 2).sum(1), 0.05, 0.2, diagonal)
+    return (Xi @ Xj.T, Yi @ Yj.T, (Xi ** 2).sum(1), (Xj ** 2).sum(1), (Yi ** 2).sum(1), (Yj ** 2).sum(1), 0.05, 0.2,
+            diagonal)
 
 
-@pytest.mark.parametrize("ti,tj,diagonal", [(1, 1, True), (7, 7, True), (7, 13, False), (129, 33, False), (100, 100, True)])
+@pytest.mark.parametrize("ti,tj,diagonal", [(1, 1, True), (7, 7, True), (7, 13, False), (129, 33, False), (100, 100,
+                                                                                                           True)])
 def test_cka_rbf_tile(ti, tj, diagonal):
     args = _tile_args(ti, tj, diagonal)
     for got, want in zip(torch.ops.metalign_ops.cka_rbf_tile(*args), kernels.cka_rbf_tile_ref(*args)):
@@ -60,7 +62,8 @@ def test_median_sq_dist_exact(n, cap):
     X[5 % n] = X[0]  # a duplicate point: zero off-diagonal distances too
     D = torch.cdist(X, X) ** 2
     D.fill_diagonal_(0)
-    assert kernels.median_sq_dist(X, tile=16, cap=cap) == pytest.approx(float(np.median(D.numpy())), rel=1e-10, abs=1e-12)
+    assert kernels.median_sq_dist(X, tile=16, cap=cap) == pytest.approx(float(np.median(D.numpy())), rel=1e-10,
+                                                                        abs=1e-12)
 
 
 def test_median_sq_dist_many_ties():
@@ -77,7 +80,8 @@ def test_cka_rbf_invariances():
     Q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
     assert kernels.cka(X @ Q + 7.0, Y, kernel="rbf").item() == pytest.approx(base, abs=1e-9)  # rigid motion
     assert kernels.cka(X * 13.0, Y, kernel="rbf").item() == pytest.approx(base, abs=1e-9)      # median sigma scales
-    assert kernels.cka(X * 13.0, Y, kernel="rbf", sigma=1.0).item() != pytest.approx(base, abs=1e-3)  # fixed sigma does not
+    assert kernels.cka(X * 13.0, Y, kernel="rbf", sigma=1.0).item() != pytest.approx(base,
+                                                                                     abs=1e-3)  # fixed sigma does not
     for debiased in (False, True):
         assert kernels.cka(X, X, kernel="rbf", debiased=debiased).item() == pytest.approx(1.0, abs=1e-12)
     # large bandwidth: RBF CKA tends to linear CKA (Kornblith et al. 2019)

@@ -49,7 +49,8 @@ def test_missing_files(tmp_path):
     for fn, name in [(load_concepts, "unique_id.txt"), (lambda d: load_spose(d), "spose_embedding_66d"),
                      (lambda d: load_triplets(d, 10), "THINGS_triplets.csv"), (load_levels, "levels.pkl"),
                      (load_category_learning, "category_learning.csv"),
-                     (load_reward_learning, "reward_learning.csv"), (lambda d: load_fmri(d, 1), "sub-01_ResponseData.h5")]:
+                     (load_reward_learning, "reward_learning.csv"), (lambda d: load_fmri(d, 1),
+                                                                     "sub-01_ResponseData.h5")]:
         raises(lambda: fn(str(tmp_path)), name, "not found")
 
 
@@ -158,7 +159,8 @@ def test_flag_parser_types_bools_lists_and_unknown_flags():
     assert cfg == dict(n_steps=7, lr=0.5, name="a", mlp=False, rois=["V1", "LOC"], features=["a", "b"])
     assert vars(p.parse_args([]))["features"] == ["f.h5"]
     q = flag_parser("doc", dict(no_embed=False))  # a negative name: --no-embed turns it on, --embed off
-    assert vars(q.parse_args(["--no-embed"])) == dict(no_embed=True) and vars(q.parse_args(["--embed"])) == dict(no_embed=False)
+    assert vars(q.parse_args(["--no-embed"])) == dict(no_embed=True)
+    assert vars(q.parse_args(["--embed"])) == dict(no_embed=False)
     assert vars(q.parse_args([])) == dict(no_embed=False)
     for bad in (["--n-steps", "x"], ["--unknown", "1"], ["--n-st", "2"]):  # wrong type, unknown, abbreviated
         with pytest.raises(SystemExit):

@@ -1,6 +1,6 @@
-"""Encoding-model search (encsearch.py): every candidate's CV score against sklearn on the same folds, the refit's
-held-out R^2 against sklearn, the world's ground truth (early ROIs read the nuisance part, high-level ROIs h),
-the table, bad input."""
+"""Encoding-model search (evaluate.py --task encsearch, eval_fmri.py): every candidate's CV score against sklearn on
+the same folds, the refit's held-out R^2 against sklearn, the world's ground truth (early ROIs read the nuisance
+part, high-level ROIs h), the table, bad input."""
 import json
 import os
 
@@ -12,7 +12,8 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import r2_score
 from sklearn.model_selection import PredefinedSplit, cross_validate
 
-import encsearch
+import eval_fmri as encsearch
+import evaluate
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops (conftest.py)
@@ -51,7 +52,8 @@ def test_candidates_match_sklearn_on_the_same_folds():
             assert c["cv_r2"] == pytest.approx(want, abs=1e-9)
 
 
-@pytest.mark.parametrize("best", [dict(pca=0, regression="ridge", hyper=10.0), dict(pca=5, regression="ridge", hyper=1.0),
+@pytest.mark.parametrize("best", [dict(pca=0, regression="ridge", hyper=10.0), dict(pca=5, regression="ridge",
+                                                                                    hyper=1.0),
                                   dict(pca=4, regression="pls", hyper=3)])
 def test_refit_score_matches_sklearn(best):
     X, Y = _data(seed=1)
@@ -70,8 +72,9 @@ def test_refit_score_matches_sklearn(best):
 @pytest.fixture(scope="module")
 def world_search(world, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("encsearch") / "search.json")
-    res = encsearch.main(["--features", world["features/things"], world["features/things_b3"], "--data", world["data"],
-                          "--subjects", "1", "--pca", "0,8", "--pls-components", "2,8", "--no-progress", "--out", out])
+    res = evaluate.main(["--task", "encsearch", "--features", world["features/things"], world["features/things_b3"],
+                         "--data", world["data"],
+                         "--subjects", "1", "--pca", "0,8", "--pls-components", "2,8", "--no-progress", "--out", out])
     return res, out
 
 
@@ -101,14 +104,15 @@ def test_world_search_table_and_ground_truth(world_search):
 
 
 def test_bad_input(world, tmp_path):
-    base = ["--features", world["features/things"], "--data", world["data"], "--subjects", "1", "--no-progress",
+    base = ["--task", "encsearch", "--features", world["features/things"], "--data", world["data"], "--subjects", "1",
+            "--no-progress",
             "--out", str(tmp_path / "s.json")]
     with pytest.raises(SystemExit, match="ROI\\(s\\) \\['XYZ'\\] missing"):
-        encsearch.main(base + ["--rois", "XYZ"])
+        evaluate.main(base + ["--rois", "XYZ"])
     with pytest.raises(SystemExit, match="--pca 1000: larger than the features"):
-        encsearch.main(base + ["--rois", "LOC", "--pca", "1000"])
+        evaluate.main(base + ["--rois", "LOC", "--pca", "1000"])
     with pytest.raises(SystemExit, match="--regressions 'lasso'"):
-        encsearch.main(base + ["--regressions", "lasso"])
+        evaluate.main(base + ["--regressions", "lasso"])
     with pytest.raises(SystemExit, match="field '/layers/block9' missing"):
-        encsearch.main(base + ["--layers", "layers/block9"])
+        evaluate.main(base + ["--layers", "layers/block9"])
     assert not os.path.exists(tmp_path / "s.json")

@@ -23,11 +23,16 @@ def _functions(n, F, density, seed=0, explicit_neg=False, val_dtype=torch.float3
     for _ in range(F):
         m = torch.rand(n, generator=g) < density
         p, q = m.nonzero()[:, 0], (~m).nonzero()[:, 0]
-        idx.append(p); val.append(torch.rand(len(p), generator=g) + 0.1); ptr.append(ptr[-1] + len(p))
-        nidx.append(q); nval.append(-torch.rand(len(q), generator=g)); nptr.append(nptr[-1] + len(q))
+        idx.append(p)
+        val.append(torch.rand(len(p), generator=g) + 0.1)
+        ptr.append(ptr[-1] + len(p))
+        nidx.append(q)
+        nval.append(-torch.rand(len(q), generator=g))
+        nptr.append(nptr[-1] + len(q))
     scale = torch.rand(F, generator=g) + 0.5
     pos = (torch.tensor(ptr), torch.cat(idx), torch.cat(val).to(val_dtype))
-    neg = (torch.tensor(nptr), torch.cat(nidx), torch.cat(nval).to(val_dtype)) if explicit_neg else (E, E, torch.empty(0, dtype=val_dtype))
+    neg = ((torch.tensor(nptr), torch.cat(nidx), torch.cat(nval).to(val_dtype)) if explicit_neg
+           else (E, E, torch.empty(0, dtype=val_dtype)))
     return (*pos, *neg, scale.to(val_dtype))
 
 

@@ -11,13 +11,16 @@ import torch
 from sklearn.metrics.pairwise import cosine_similarity
 
 import data
+import eval_geometry as geometry_tasks
 import evaluate
-import geometry_tasks
 import kernels
+from eval_behaviour import noise_ceiling, odd_one_out
+from representations import cosine_similarity_matrix
 
 
 def run(world, task, out, **kw):
-    argv = ["--task", task, "--features", world["dir"] + "/features/things.h5", "--data", world["data"], "--out", str(out)]
+    argv = ["--task", task, "--features", world["dir"] + "/features/things.h5", "--data", world["data"], "--out",
+            str(out)]
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     evaluate.main(argv)
@@ -28,15 +31,16 @@ def run(world, task, out, **kw):
 def test_odd_one_out_matches_loop():
     rng = np.random.default_rng(0)
     R = rng.normal(size=(30, 5))
-    trip = np.array(list(itertools.permutations(range(6), 3)) + [tuple(rng.choice(30, 3, replace=False)) for _ in range(200)])
+    trip = np.array(list(itertools.permutations(range(6), 3)) + [tuple(rng.choice(30, 3,
+                                                                                  replace=False)) for _ in range(200)])
     S = cosine_similarity(R)
     want = []
     for i, j, k in trip:  # the odd one out is the item outside the most similar pair
         pairs = {0: S[j, k], 1: S[i, k], 2: S[i, j]}
         want.append(max(pairs, key=pairs.get))
-    got = evaluate.odd_one_out(evaluate.cosine_similarity_matrix(R), trip)
+    got = odd_one_out(cosine_similarity_matrix(R), trip)
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_allclose(evaluate.cosine_similarity_matrix(R), S, atol=1e-12)
+    np.testing.assert_allclose(cosine_similarity_matrix(R), S, atol=1e-12)
 
 
 def test_noise_ceiling_matches_counter():
@@ -46,13 +50,14 @@ def test_noise_ceiling_matches_counter():
     for t in range(len(base)):
         for _ in range(rng.integers(1, 7)):
             perm = rng.permutation(3)  # the same set shown in other orders
-            rows.append(base[t][perm]); choices.append(rng.integers(0, 3))
+            rows.append(base[t][perm])
+            choices.append(rng.integers(0, 3))
     trip, choice = np.array(rows), np.array(choices)
     groups = collections.defaultdict(list)
     for r, c in zip(trip, choice):
         groups[tuple(sorted(r))].append(r[c])
     shares = [collections.Counter(v).most_common(1)[0][1] / len(v) for v in groups.values() if len(v) > 1]
-    value, n_sets, n_trials = evaluate.noise_ceiling(trip, choice)
+    value, n_sets, n_trials = noise_ceiling(trip, choice)
     assert value == pytest.approx(np.mean(shares)) and n_sets == len(shares)
     assert n_trials == sum(len(v) for v in groups.values() if len(v) > 1)
 
@@ -74,7 +79,7 @@ def test_things_ooo_on_world(world, tmp_path):
     E = data.load_spose(world["data"])
     cos = lambda a, b: cosine_similarity(E[[a]], E[[b]])[0, 0]  # noqa: E731
     pred = np.array([np.argmax([cos(j, k), cos(i, k), cos(i, j)]) for i, j, k in t["triplets"][:500]])
-    full = evaluate.odd_one_out(evaluate.cosine_similarity_matrix(E), t["triplets"])
+    full = odd_one_out(cosine_similarity_matrix(E), t["triplets"])
     np.testing.assert_array_equal(full[:500], pred)
     assert np.mean(full == t["choice"]) == pytest.approx(h)
 
@@ -119,14 +124,17 @@ def test_bad_input(world, tmp_path, case):
         feats = tmp_path / "nope.h5"
     elif case == "triplet_out_of_range":
         lines = (d / "THINGS_triplets.csv").read_text().splitlines()
-        cols = lines[3].split("\t"); cols[1] = "99999"; lines[3] = "\t".join(cols)
+        cols = lines[3].split("\t")
+        cols[1] = "99999"
+        lines[3] = "\t".join(cols)
         (d / "THINGS_triplets.csv").write_text("\n".join(lines) + "\n")
     elif case == "row_mismatch":  # drop every image of the last concept
         last = ids[-1].split("/")[0]
         keep = [i for i, s in enumerate(ids) if not s.startswith(last + "/")]
         data.write_features(feats, X[keep], [ids[i] for i in keep])
     elif case == "nan":
-        X = X.copy(); X[5, 2] = np.nan
+        X = X.copy()
+        X[5, 2] = np.nan
         data.write_features(feats, X, ids)
     elif case == "missing_spose":
         os.remove(d / "spose_embedding_66d_sorted.txt")
@@ -164,7 +172,7 @@ def test_ckpt_gives_aligned_representation(world, tmp_path):
     t = data.load_triplets(world["data"], len(concepts))
     with torch.no_grad():
         Z = model.encode(torch.as_tensor(X[data.concept_rows(ids, concepts)])).numpy()
-    want = np.mean(evaluate.odd_one_out(evaluate.cosine_similarity_matrix(Z), t["triplets"]) == t["choice"])
+    want = np.mean(odd_one_out(cosine_similarity_matrix(Z), t["triplets"]) == t["choice"])
     assert r["aligned"]["accuracy"] == pytest.approx(want) and r["aligned"]["dims"] == 16
     bad = tmp_path / "bad.pt"
     wide = dict(args, d=X.shape[1] + 1)

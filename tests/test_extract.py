@@ -62,7 +62,7 @@ def tree(tmp_path_factory):
 def run(tmp, tree, *flags, out="f.h5", on_batch=None):
     out = str(tmp / out)
     argv = ["--dataset", "things", "--images", str(tree), "--backbone", TIMM, "--weights", "random",
-            "--batch-size", "4", "--workers", "0", "--threads", "1", "--no-progress", "--out", out, *flags]
+            "--batch", "4", "--workers", "0", "--threads", "1", "--no-progress", "--out", out, *flags]
     return extract.main(argv, on_batch=on_batch), out
 
 
@@ -109,7 +109,8 @@ def test_readers_list_ids_in_their_order(tree, tmp_path, world):
         shards.append(tmp_path / f"shard-{s:03d}.tar")
         with tarfile.open(shards[-1], "w") as tf:
             for k in range(3):
-                for name, payload in [(f"s{s}k{k}.jpg", (tree / "cat" / f"cat_0{k}.{'jpg' if k % 2 == 0 else 'png'}").read_bytes()),
+                for name, payload in [(f"s{s}k{k}.jpg",
+                                       (tree / "cat" / f"cat_0{k}.{'jpg' if k % 2 == 0 else 'png'}").read_bytes()),
                                       (f"s{s}k{k}.cls", b"7")]:
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
@@ -138,11 +139,13 @@ def test_decoding_modes_and_bad_files(tree):
     g = np.asarray(images.load_rgb(item("cat/cat_gray.jpg")))
     assert g.shape == (70, 50, 3) and (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()
     cmyk = images.load_rgb(item("cat/cat_cmyk.jpg"))
-    assert cmyk.mode == "RGB" and np.array_equal(np.asarray(cmyk), np.asarray(Image.open(tree / "cat/cat_cmyk.jpg").convert("RGB")))
+    assert cmyk.mode == "RGB" and np.array_equal(np.asarray(cmyk),
+                                                 np.asarray(Image.open(tree / "cat/cat_cmyk.jpg").convert("RGB")))
     assert images.load_rgb(item("banana/banana_rgba.png")).getpixel((0, 0)) == (10, 20, 200)
     assert images.load_rgb(item("banana/banana_palette.png")).mode == "RGB"
     assert images.load_rgb(item("aardvark/aardvark_16bit.png")).getpixel((3, 3)) == (156, 156, 156)  # 40000/65535*255
-    for rel, why in [("banana/banana_corrupt.jpg", "not a decodable image"), ("cat/cat_truncated.jpg", "not a decodable")]:
+    for rel, why in [("banana/banana_corrupt.jpg", "not a decodable image"), ("cat/cat_truncated.jpg",
+                                                                              "not a decodable")]:
         with pytest.raises(images.ImageError, match=why):
             images.load_rgb(item(rel))
     with pytest.raises(images.ImageError, match="unreadable"):
@@ -219,7 +222,8 @@ def test_hooks_and_pooling_agree_with_direct_computation():
     y = torch.randn(2, 3, 64, 64)
     f, used = bt.features(y, ["output", "layer4", "avgpool"])
     assert torch.equal(f["output"], f["layer4"]) and torch.equal(f["avgpool"], f["output"])  # fc input = mean of layer4
-    with pytest.raises(backbones.WeightsError, match=r"no layer named 'blocks.9'; near ones: \['blocks.5', .*'blocks.0'\]"):
+    with pytest.raises(backbones.WeightsError,
+                       match=r"no layer named 'blocks.9'; near ones: \['blocks.5', .*'blocks.0'\]"):
         bb.features(x, ["blocks.9"])
     f, used = bb.features(x, ["output", "blocks.1"], "head")  # head: the library's pooling; hooks fall back to auto
     assert used == {"output": "timm global_pool=token", "blocks.1": "cls"}
@@ -249,7 +253,7 @@ def test_extract_rows_ids_bad_files_and_values(tree, full):
     with h5py.File(out) as f:
         assert f.attrs["backbone"] == TIMM and f.attrs["weights"] == "random" and f.attrs["n_bad"] == 2
         assert json.loads(f.attrs["pooling"]) == {"output": "timm global_pool=token", "blocks.1": "cls"}
-        assert json.loads(f.attrs["config"])["batch_size"] == 4 and "timm" in json.loads(f.attrs["versions"])
+        assert json.loads(f.attrs["config"])["batch"] == 4 and "timm" in json.loads(f.attrs["versions"])
     # the rows are the network's outputs for those images (same seed -> same untrained weights)
     torch.manual_seed(0)
     bb = backbones.build(TIMM, "random")
@@ -325,7 +329,8 @@ def test_pca_is_incremental_pca_over_the_extracted_rows(tree, full, tmp_path):
         X = raw[name].astype(np.float64)
         ipca = IncrementalPCA(5, batch_size=8).fit(X)  # batches of 8, the last 3 rows merged into the one before
         np.testing.assert_allclose(got[f"pca/{name}/components"], ipca.components_, atol=1e-6)
-        np.testing.assert_allclose(got[f"pca/{name}/explained_variance_ratio"], ipca.explained_variance_ratio_, rtol=1e-6)
+        np.testing.assert_allclose(got[f"pca/{name}/explained_variance_ratio"], ipca.explained_variance_ratio_,
+                                   rtol=1e-6)
         np.testing.assert_allclose(got[f"pca/{name}/scores"], ipca.transform(X), atol=1e-4)
     assert same(got["image_ids"], raw["image_ids"])
 
@@ -363,13 +368,14 @@ def test_sae_codes_use_train_py_encoder(tree, full, tmp_path):
     import train
     ckpt = str(tmp_path / "sae.pt")
     train.main(["--stage", "sae", "--features", full[0], "--n-latents", "2x", "--k", "4", "--epochs", "2",
-                "--rows-per-step", "8", "--no-progress", "--out", ckpt])
+                "--batch", "8", "--no-progress", "--out", ckpt])
     _, out = run(tmp_path, tree, "--sae", ckpt, out="c.h5")
     ref = str(tmp_path / "codes.h5")
     train.main(["--stage", "sae", "--encode", "--ckpt", ckpt, "--features", full[0], "--codes-out", ref])
     got, want = arrays(out), arrays(ref)
     assert got["sae/indices"].shape == (N_GOOD, 4)
-    assert np.array_equal(got["sae/indices"], want["sae/indices"]) and np.array_equal(got["sae/values"], want["sae/values"])
+    assert np.array_equal(got["sae/indices"], want["sae/indices"]) and np.array_equal(got["sae/values"],
+                                                                                      want["sae/values"])
     assert np.array_equal(got["features"], arrays(full[0])["features"])
 
 
@@ -447,37 +453,3 @@ def test_cli_errors_and_list_layers(tree, tmp_path, capsys):
     extract.main(["--dataset", "things", "--backbone", TIMM, "--list-layers"])
     out = capsys.readouterr().out
     assert "blocks.1.attn" in out and "default layer 'output'" in out
-
-
-def test_slurm_scripts_submit_and_map_tasks(tmp_path):
-    """The array scripts with a stand-in sbatch (records its arguments) and PY=echo (prints the command)."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "sbatch").write_text('#!/bin/bash\necho "$@" >> "$SBATCH_LOG"\necho 4242\n')
-    (fake / "sbatch").chmod(0o755)
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SBATCH_LOG=str(tmp_path / "log"), PY="echo")
-    env.pop("SLURM_JOB_ID", None)
-    r = subprocess.run(["bash", "slurm/extract_array.sbatch", "things", "dinov2", "8", "F.h5", "--pca", "64"],
-                       cwd=ROOT, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    log = (tmp_path / "log").read_text().splitlines()
-    assert log[0].startswith("--parsable --array=0-7 ") and log[0].endswith("things dinov2 8 F.h5 --pca 64")
-    assert "--dependency=afterok:4242" in log[1] and "MERGE=1" in log[1]
-    r = subprocess.run(["bash", "slurm/extract_array.sbatch", "things", "dinov2", "8", "F.h5", "--pca", "64"], cwd=ROOT,
-                       env=dict(env, SLURM_JOB_ID="1", SLURM_ARRAY_TASK_ID="5"), capture_output=True, text=True)
-    assert "extract.py --dataset things --backbone dinov2 --out F.h5 --shard 5/8" in r.stdout and "--pca 64" in r.stdout
-    r = subprocess.run(["bash", "slurm/extract_array.sbatch", "things", "dinov2", "8", "F.h5"], cwd=ROOT,
-                       env=dict(env, SLURM_JOB_ID="1", MERGE="1"), capture_output=True, text=True)
-    assert "--out F.h5 --merge" in r.stdout
-    env.update(MODELS="data/features/clip/things.h5 data/features/dinov2/things.h5", SUBJECTS="1 2", ROIS="V1 FFA PPA")
-    r = subprocess.run(["bash", "slurm/evaluate_array.sbatch", "--n-perm", "100"], cwd=ROOT, env=env,
-                       capture_output=True, text=True)
-    assert "--array=0-11" in (tmp_path / "log").read_text().splitlines()[-1]
-    seen = set()
-    for i in range(12):
-        r = subprocess.run(["bash", "slurm/evaluate_array.sbatch", "--n-perm", "100"], cwd=ROOT, capture_output=True,
-                           text=True, env=dict(env, SLURM_JOB_ID="1", SLURM_ARRAY_TASK_ID=str(i)))
-        a = r.stdout.split()
-        seen.add((a[a.index("--features") + 1], a[a.index("--subjects") + 1], a[a.index("--rois") + 1]))
-        assert a[-2:] == ["--n-perm", "100"] and a[a.index("--out") + 1].startswith("runs/eval/fmri/")
-    assert len(seen) == 12  # every (model, subject, ROI) once

@@ -53,7 +53,8 @@ def remote(tmp_path):
              sha256=sha(src / "spose.txt")),
         dict(name="things", group="images", url=(src / "images.zip").as_uri(), target="data/external/THINGS",
              kind="zip", member="images/"),
-        dict(name="triplets", group="human", url=(src / "trip.zip").as_uri(), target="data/external/THINGS_triplets.csv",
+        dict(name="triplets", group="human", url=(src / "trip.zip").as_uri(),
+             target="data/external/THINGS_triplets.csv",
              kind="zip", member="triplet_dataset/triplets.csv"),
         dict(name="imagenet", group="images", url="https://example.org/by-hand", target="data/external/imagenet/train",
              manual=True, note="needs an account"),
@@ -70,7 +71,8 @@ def test_fetch_layout_checksums_and_skip(remote, capsys):
     ext = remote["root"] / "data" / "external"
     assert (ext / "spose.txt").read_text() == "0.1 0.2\n0.3 0.4\n"
     assert sorted(p.relative_to(ext / "THINGS").as_posix() for p in (ext / "THINGS").rglob("*") if p.is_file()) == \
-        ["README", "aardvark/aardvark_00b.jpg", "aardvark/aardvark_01b.jpg", "banana/banana_00b.jpg", "banana/banana_01b.jpg"]
+        ["README", "aardvark/aardvark_00b.jpg", "aardvark/aardvark_01b.jpg", "banana/banana_00b.jpg",
+         "banana/banana_01b.jpg"]
     assert (ext / "THINGS_triplets.csv").read_text().startswith("image1\timage2")
     assert not list(remote["root"].rglob("*.part")) and not list(remote["root"].rglob("*.zip"))
     sums = fd.read_sums(root)  # no published sha256 for the zips: theirs were recorded

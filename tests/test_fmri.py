@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import data
+import eval_fmri as fmri
 import evaluate
-import fmri
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops (conftest.py)
@@ -164,7 +164,6 @@ def test_fmri_aligned_slot(world, tmp_path):
 def test_fmri_ckpt_slot(world, tmp_path):
     """--ckpt: encode(features) of a meta checkpoint is the aligned representation. A --no-embed model's
     encode is the identity, so it must reproduce base exactly."""
-    import torch
     from models import MetaLearner
     feats = world["dir"] + "/features/things.h5"
     X, _ = data.read_features(feats)

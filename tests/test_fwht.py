@@ -38,9 +38,11 @@ def test_fwht_matches_hadamard_and_ref(D, lead, dtype):
 def test_fwht_long_vectors_cross_the_cache_blocks(D, dtype):
     # D beyond the 128 KiB pass-1 block: the panel pass (levels across blocks) runs; batch 3 and batch 1
     x = torch.randn(3, D, dtype=dtype)
-    torch.testing.assert_close(torch.ops.metalign_ops.fwht(x), kernels.fwht_ref(x), rtol=1e-4, atol=1e-2 if dtype == torch.float32 else 1e-9)
+    torch.testing.assert_close(torch.ops.metalign_ops.fwht(x), kernels.fwht_ref(x), rtol=1e-4,
+                               atol=1e-2 if dtype == torch.float32 else 1e-9)
     x1 = x[1]
-    torch.testing.assert_close(torch.ops.metalign_ops.fwht(x1), kernels.fwht_ref(x1), rtol=1e-4, atol=1e-2 if dtype == torch.float32 else 1e-9)
+    torch.testing.assert_close(torch.ops.metalign_ops.fwht(x1), kernels.fwht_ref(x1), rtol=1e-4,
+                               atol=1e-2 if dtype == torch.float32 else 1e-9)
     # involution: H H = D I, so fwht(fwht(x)) / D = x (a check independent of the reference)
     torch.testing.assert_close(torch.ops.metalign_ops.fwht(torch.ops.metalign_ops.fwht(x.double())) / D, x.double(),
                                rtol=1e-9, atol=1e-9)
@@ -70,7 +72,8 @@ def test_fwht_leaves_its_input_alone(shape, view):
     got = torch.ops.metalign_ops.fwht(x)
     torch.testing.assert_close(x, keep, rtol=0, atol=0)
     assert got.data_ptr() != x.data_ptr() and not got._is_view()
-    torch.testing.assert_close(got, keep.contiguous() @ _hadamard(x.shape[-1], x.dtype) if x.shape[-1] <= 4096 else kernels.fwht_ref(keep),
+    want = keep.contiguous() @ _hadamard(x.shape[-1], x.dtype) if x.shape[-1] <= 4096 else kernels.fwht_ref(keep)
+    torch.testing.assert_close(got, want,
                                rtol=1e-12, atol=1e-9)
     got.add_(1.0)  # writing the output must not reach the input
     torch.testing.assert_close(x, keep, rtol=0, atol=0)

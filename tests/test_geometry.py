@@ -4,7 +4,6 @@ import h5py
 import numpy as np
 import pytest
 import rsatoolbox
-import torch
 from scipy.spatial.distance import pdist
 from scipy.stats import spearmanr
 
@@ -33,7 +32,8 @@ def test_compare_rdms_matches_rsatoolbox():
     b = rsatoolbox.rdm.calc_rdm(rsatoolbox.data.Dataset(Y), method="correlation")
     ra, rb = geometry.rdm(X), geometry.rdm(Y)
     for ours, theirs in [("pearson", "corr"), ("spearman", "spearman"), ("cosine", "cosine")]:
-        assert geometry.compare_rdms(ra, rb, ours) == pytest.approx(float(rsatoolbox.rdm.compare(a, b, method=theirs)[0, 0]), abs=1e-10)
+        want = float(rsatoolbox.rdm.compare(a, b, method=theirs)[0, 0])
+        assert geometry.compare_rdms(ra, rb, ours) == pytest.approx(want, abs=1e-10)
     assert geometry.compare_rdms(ra, rb, "spearman") == pytest.approx(spearmanr(ra, rb)[0], abs=1e-12)
     with pytest.raises(ValueError, match="differ in length"):
         geometry.compare_rdms(ra, ra[:-1])
@@ -65,7 +65,8 @@ def test_similarity_matrices_match_pairwise(n, tile):
             A, B = models[a], models[b]
             assert S["cka_linear"][a, b] == pytest.approx(kernels.cka_ref(A, B).item(), abs=1e-9)
             assert S["cka_rbf_1.0"][a, b] == pytest.approx(kernels.cka_ref(A, B, kernel="rbf").item(), abs=1e-9)
-            assert S["cka_rbf_0.5"][a, b] == pytest.approx(kernels.cka_ref(A, B, kernel="rbf", sigma_frac=0.5).item(), abs=1e-9)
+            want = kernels.cka_ref(A, B, kernel="rbf", sigma_frac=0.5).item()
+            assert S["cka_rbf_0.5"][a, b] == pytest.approx(want, abs=1e-9)
             for metric in ("correlation", "euclidean"):
                 want = geometry.compare_rdms(geometry.rdm(A, metric), geometry.rdm(B, metric))
                 assert S[f"rsa_{metric}"][a, b] == pytest.approx(want, abs=1e-9)
@@ -145,7 +146,8 @@ def test_similarity_task(world, tmp_path):
     C = np.array(r["consistency"]["cka_linear"])
     assert C[np.triu_indices(3, 1)].min() > 0.9  # the same structure on every image set
     with pytest.raises(SystemExit, match="image_ids differ"):
-        _task(world, "similarity", tmp_path, "--models", f"{f}.h5,{world['dir']}/features/coco.h5", "--datasets", "things")
+        _task(world, "similarity", tmp_path, "--models", f"{f}.h5,{world['dir']}/features/coco.h5",
+              "--datasets", "things")
 
 
 def test_probe_task(world, tmp_path):
@@ -165,7 +167,8 @@ def test_similarity_features_list_cli(world, tmp_path):
     """`--task similarity --features A.h5 B.h5 ... --datasets ...` (the documented form) equals --models."""
     f = world["dir"] + "/features/{dataset}"
     out = tmp_path / "s.json"
-    evaluate.main(["--task", "similarity", "--features", f"{f}.h5", f"{f}_b1.h5", f"{f}_b2.h5", "--datasets", "things,coco",
+    evaluate.main(["--task", "similarity", "--features", f"{f}.h5", f"{f}_b1.h5", f"{f}_b2.h5",
+                   "--datasets", "things,coco",
                    "--data", world["data"], "--max-images", "300", "--measures", "cka_linear", "--out", str(out)])
     r = json.loads(out.read_text())
     assert r["models"] == ["synthetic", "synthetic-b1", "synthetic-b2"] and set(r["matrices"]) == {"things", "coco"}

@@ -15,8 +15,11 @@ import data
 import evaluate
 import models
 import train
+from eval_behaviour import odd_one_out
+from representations import cosine_similarity_matrix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "demo.toml")  # the demo's SAE and meta settings (make demo)
 
 
 def write_truth_codes(world, split, out, k=4):
@@ -40,7 +43,8 @@ def _args(world, tmp, **kw):
     cfg.update(kw)
     argv = ["--stage", "meta", "--no-progress"]
     for k, v in cfg.items():
-        argv += [f"--{k.replace('_', '-')}={v}"] if not isinstance(v, bool) else [f"--{'' if v else 'no-'}{k.replace('_', '-')}"]
+        flag = k.replace("_", "-")
+        argv += [f"--{flag}={v}"] if not isinstance(v, bool) else [f"--{'' if v else 'no-'}{flag}"]
     return argv
 
 
@@ -97,7 +101,8 @@ def test_principal_basis_matches_sklearn_pca():
     P_ref = pca.components_.T @ pca.components_  # projections are sign-free
     np.testing.assert_allclose((B @ B.T).numpy(), P_ref, atol=1e-9)
     B90, _ = models.principal_basis(X, 0.9)
-    assert B90.shape[1] == int(np.searchsorted(np.cumsum(PCA().fit(X.double().numpy()).explained_variance_ratio_), 0.9) + 1)
+    assert B90.shape[1] == int(np.searchsorted(np.cumsum(PCA().fit(X.double().numpy()).explained_variance_ratio_),
+                                               0.9) + 1)
     sc = torch.rand(10, generator=g) + 0.5  # scale= (the standardised features) without a scaled copy
     Bs, share_s = models.principal_basis(X, 4, scale=sc)
     Bx, share_x = models.principal_basis(X * sc, 4)
@@ -164,7 +169,7 @@ def test_meta_run_beats_chance_and_aligns(world, codes, capsys):
     acc = {}
     with torch.no_grad():
         for name, R in [("base", X[rows]), ("aligned", model.encode(torch.from_numpy(X[rows])).numpy())]:
-            acc[name] = (evaluate.odd_one_out(evaluate.cosine_similarity_matrix(R), t["triplets"]) == t["choice"]).mean()
+            acc[name] = (odd_one_out(cosine_similarity_matrix(R), t["triplets"]) == t["choice"]).mean()
     assert acc["base"] < 0.50 and acc["aligned"] > acc["base"] + 0.07, acc  # measured base 0.453 -> 0.599 (h 0.679)
     log = pd.read_csv(codes / "meta.csv")
     assert len(log) == 400 and log["eval_accuracy"].notna().sum() == 4
@@ -180,8 +185,8 @@ def sae_codes(world, tmp_path_factory):
     """The demo's chain: a top-k SAE on the world's COCO pool (make demo's flags), its codes for COCO and THINGS."""
     tmp = tmp_path_factory.mktemp("sae_meta")
     sae = str(tmp / "sae.pt")
-    train.main(["--stage", "sae", "--features", world["features/coco"], "--out", sae, "--n-latents", "4x", "--k", "16",
-                "--epochs", "30", "--rows-per-step", "256", "--sae-lr", "0.003", "--no-progress", "--log-every", "100000"])
+    train.main(["--stage", "sae", "--config", CONFIG, "--features", world["features/coco"], "--out", sae,
+                "--log-every", "100000"])
     for split in ("coco", "things"):
         train.main(["--stage", "sae", "--encode", "--ckpt", sae, "--features", world[f"features/{split}"],
                     "--codes-out", str(tmp / f"{split}_codes.h5")])
@@ -204,7 +209,7 @@ def test_meta_on_sae_functions_generalises_to_held_out_functions(world, sae_code
     rows = data.concept_rows(ids, concepts)
     t = data.load_triplets(world["data"], len(concepts))
     with torch.no_grad():
-        acc = {name: (evaluate.odd_one_out(evaluate.cosine_similarity_matrix(R), t["triplets"]) == t["choice"]).mean()
+        acc = {name: (odd_one_out(cosine_similarity_matrix(R), t["triplets"]) == t["choice"]).mean()
                for name, R in [("base", X[rows]), ("aligned", model.encode(torch.from_numpy(X[rows])).numpy())]}
     assert acc["aligned"] > acc["base"] + 0.05, acc
 
@@ -246,16 +251,17 @@ def test_meta_ddp_two_ranks_match_one(world, codes, tmp_path):
 
 
 def test_demo_meta_run_orders_every_behavioural_task(world, sae_codes, tmp_path):
-    """make demo's meta run (SAE functions, --input-pca 0.95, 600 steps, seed 0) evaluated as the demo does: on
-    THINGS and Levels odd-one-out, category and reward learning, h (the world's SPoSE file; Levels: the images'
-    codes, tests/test_behaviour.py) scores highest, the checkpoint's encode next and the base features lowest;
-    encode also beats its own control base_pca (the base features standardised and projected onto the same
-    principal subspace), so the gain is meta-learning's, not the projection's. Measured (McFadden R^2, h >
-    aligned > base_pca > base): THINGS 0.316 > 0.167 > 0.068 > 0.040; Levels (no h) 0.198 > 0.071 > 0.045;
+    """make demo's meta run ([meta] of configs/demo.toml: SAE functions, --input-pca 0.95, 600 steps, seed 0)
+    evaluated as the demo does: on THINGS and Levels odd-one-out, category and reward learning, h (the world's SPoSE
+    file; Levels: the images' codes, tests/test_behaviour.py) scores highest, the checkpoint's encode next and the
+    base features lowest; encode also beats its own control base_pca (the base features standardised and projected
+    onto the same principal subspace), so the gain is meta-learning's, not the projection's. Measured (McFadden R^2,
+    h > aligned > base_pca > base): THINGS 0.316 > 0.167 > 0.068 > 0.040; Levels (no h) 0.198 > 0.071 > 0.045;
     category learning 0.421 > 0.408 > 0.374 > 0.369; reward learning 0.403 > 0.391 > 0.373 > 0.361."""
     ckpt = str(sae_codes / "demo.pt")
-    train.main(_args(world, sae_codes, out=ckpt, min_nonzero=40, steps=600, lr=2e-3, eval_every=100,
-                     eval_episodes=256, warmup=100, input_pca=0.95))
+    train.main(["--stage", "meta", "--config", CONFIG, "--features", world["features/coco"],  # make demo's run
+                "--codes", str(sae_codes / "coco_codes.h5"), "--eval-features", world["features/things"],
+                "--eval-codes", str(sae_codes / "things_codes.h5"), "--out", ckpt])
     common = ["--features", world["features/things"], "--levels-features", world["dir"] + "/features/levels.h5",
               "--data", world["data"], "--ckpt", ckpt]
     r2 = {}

@@ -98,7 +98,7 @@ def extracted(net, tmp_path_factory):
     (tmp / "photos.txt").write_text("\n".join(photos) + "\n")
     out = str(tmp / "photos.h5")
     extract.main(["--dataset", "list", "--list", str(tmp / "photos.txt"), "--backbone", f"timm:{ARCH}",
-                  "--weights", net[2], "--layers", "classifier", "--device", "cpu", "--batch-size", "8",
+                  "--weights", net[2], "--layers", "classifier", "--device", "cpu", "--batch", "8",
                   "--workers", "0", "--threads", "1", "--no-progress", "--out", out])
     with h5py.File(out, "r") as f:
         return dict(features=f["features"][...], logits=f["layers/classifier"][...],

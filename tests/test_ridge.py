@@ -37,7 +37,8 @@ def test_ridge_ops_multithreaded():
         assert torch.equal(best, wbest)
         basis, coef, _ = kernels.ridge_alpha_basis(s + 1, ALPHAS)
         got, best = OPS.ridge_score_loo_basis(xr, y, s + 1, z, ALPHAS, 1 / 300, basis, coef, 64)
-        torch.testing.assert_close(got, kernels.ridge_score_loo_basis_ref(xr, y, s + 1, z, ALPHAS, 1 / 300, basis, coef, 64)[0])
+        torch.testing.assert_close(got, kernels.ridge_score_loo_basis_ref(xr, y, s + 1, z, ALPHAS, 1 / 300, basis,
+                                                                          coef, 64)[0])
         yy2 = yy + (z ** 2).sum(0)
         got, best = OPS.ridge_score_gcv(s, z, yy2, ALPHAS, 500.0, 1.0)
         torch.testing.assert_close(got, kernels.ridge_score_gcv_ref(s, z, yy2, ALPHAS, 500.0, 1.0)[0])
@@ -154,7 +155,8 @@ def test_ridge_score_kfold_basis(p, t, m, dtype):
     g = torch.Generator().manual_seed(2)  # any basis: the op is exact for the weights it is given
     b2, c2 = torch.randn(p, 3, generator=g, dtype=torch.float64), torch.randn(20, 3, generator=g, dtype=torch.float64)
     torch.testing.assert_close(OPS.ridge_score_kfold_basis(s, z, b, yy, rows, alphas, True, b2.to(dtype), c2),
-                               kernels.ridge_score_kfold_basis_ref(s, z, b, yy, rows, alphas, True, b2, c2), **TOL[dtype])
+                               kernels.ridge_score_kfold_basis_ref(s, z, b, yy, rows, alphas, True, b2,
+                                                                   c2), **TOL[dtype])
     with pytest.raises(RuntimeError, match="coef must be \\(n_alphas, r\\) = \\(20, 3\\)"):
         OPS.ridge_score_kfold_basis(s, z, b, yy, gram, alphas, False, b2.to(dtype), c2[:, :2])
 
@@ -182,7 +184,7 @@ def test_ridge_cv_kfold_basis_matches_direct_and_himalaya(dtype, monkeypatch):
     torch.testing.assert_close(r.cv_scores, ref.cv_scores, rtol=1e-4 if dtype == np.float32 else 1e-9, atol=0)
     pred, want = r.predict(Xt).double(), ref.predict(X)
     assert ((pred - want).abs().max() / want.abs().max()).item() < 1e-4
-    himalaya = pytest.importorskip("himalaya")
+    pytest.importorskip("himalaya")
     from himalaya.backend import set_backend
     from himalaya.ridge import RidgeCV as HimalayaRidgeCV
     set_backend("numpy", on_error="warn")
@@ -198,10 +200,12 @@ def test_ridge_score_grids(threads):
     s, z, b, yy, gram, rows, xr, y = _spectrum(41, 19, 300, 7, torch.float32)
     for quad, is_rows in [(gram, False), (rows, True)]:
         torch.testing.assert_close(OPS.ridge_score_kfold_grid(s, z, b, yy, quad, ALPHAS, is_rows, threads),
-                                   kernels.ridge_score_kfold_ref(s, z, b, yy, quad, ALPHAS, is_rows), **TOL[torch.float32])
+                                   kernels.ridge_score_kfold_ref(s, z, b, yy, quad, ALPHAS,
+                                                                 is_rows), **TOL[torch.float32])
     basis, coef, _ = kernels.ridge_alpha_basis(s + 1, ALPHAS)
     got, best = OPS.ridge_score_loo_basis_grid(xr, y, s + 1, z, ALPHAS, 1 / 41, basis, coef, 16, threads)
-    torch.testing.assert_close(got, kernels.ridge_score_loo_basis_ref(xr, y, s + 1, z, ALPHAS, 1 / 41, basis, coef, 16)[0],
+    torch.testing.assert_close(got, kernels.ridge_score_loo_basis_ref(xr, y, s + 1, z, ALPHAS, 1 / 41, basis, coef,
+                                                                      16)[0],
                                **TOL[torch.float32])
     assert torch.equal(best, got.argmin(0))
     got, best = OPS.ridge_score_loo_grid(xr, y, s + 1, z, ALPHAS, 1 / 41, 16, threads)

@@ -17,8 +17,8 @@ import train
 from data import DataError
 from models import TopKSAE, load_sae
 
-SAE_FLAGS = ["--n-latents", "4x", "--k", "16", "--epochs", "30", "--rows-per-step", "256", "--sae-lr", "0.003",
-             "--no-progress", "--log-every", "1000"]
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.toml")
+SAE_FLAGS = ["--config", CONFIG, "--log-every", "1000"]  # the demo's SAE ([sae] of configs/demo.toml)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_sae_encode_into_features_copy_and_codes_out(world, trained, tmp_path):
 def test_sae_resume(world, tmp_path):
     out = str(tmp_path / "r.pt")
     flags = ["--stage", "sae", "--features", world["features/coco"], "--out", out, "--n-latents", "32", "--k", "4",
-             "--rows-per-step", "500", "--no-progress", "--ckpt-every", "3"]
+             "--batch", "500", "--no-progress", "--ckpt-every", "3"]
     train.main(flags + ["--epochs", "1"])
     first = torch.load(out + ".last.pt", weights_only=False)
     assert first["step"] == 6 and first["epoch"] == 1
@@ -95,7 +95,8 @@ def _prisma_state(d=6, n_lat=24, k=3, seed=0):
 def _prisma_forward(sd, x, k, normalize):
     """ViT-Prisma's StandardSparseAutoencoder.encode/decode with a TopK activation, written out."""
     if normalize == "layer_norm":
-        mu = x.mean(-1, keepdim=True); std = (x - mu).std(-1, keepdim=True)
+        mu = x.mean(-1, keepdim=True)
+        std = (x - mu).std(-1, keepdim=True)
         xn = (x - mu) / (std + 1e-5)
     else:
         xn = x

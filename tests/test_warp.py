@@ -1,7 +1,7 @@
-"""Encoder warping (warp.py): the Fastfood projection against its explicit matrix, the wrapper at d = D with an
-identity projection against ordinary SGD, d_warp on a synthetic target that is a known warp of the features,
-the train.py --stage warp / evaluate.py --task dwarp round trip on the embedded world (resume included), and
-bad input."""
+"""Encoder warping (eval_warp.py, models.SubspaceWrapper, train.py --stage warp): the Fastfood projection against its
+explicit matrix, the wrapper at d = D with an identity projection against ordinary SGD, d_warp on a synthetic target
+that is a known warp of the features, the train.py --stage warp / evaluate.py --task dwarp round trip on the
+embedded world (resume included), and bad input."""
 import json
 import os
 
@@ -11,8 +11,11 @@ import scipy.linalg
 import torch
 from torch import nn
 
+import data
+import eval_warp as warp
 import kernels
-import warp
+import models
+import train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops (conftest.py)
@@ -25,7 +28,7 @@ def _mlp(seed=0, dtype=torch.float64):
 
 @pytest.mark.parametrize("d,D", [(1, 1), (3, 10), (17, 64), (40, 300)])
 def test_fastfood_matches_explicit_matrix(d, D):
-    proj = warp.FastfoodProjection(d, D, seed=3)
+    proj = models.FastfoodProjection(d, D, seed=3)
     L = proj.L
     H = torch.from_numpy(scipy.linalg.hadamard(L)).float()
     Pi = torch.zeros(L, L)
@@ -35,19 +38,19 @@ def test_fastfood_matches_explicit_matrix(d, D):
     theta = torch.randn(d)
     torch.testing.assert_close(proj(theta), P @ theta, rtol=1e-4, atol=1e-5)
     # columns have unit norm in expectation: the mean squared column norm over a wide draw is near 1
-    cols = torch.stack([warp.FastfoodProjection(d, D, seed=s)(torch.eye(d)[0]) for s in range(50)])
+    cols = torch.stack([models.FastfoodProjection(d, D, seed=s)(torch.eye(d)[0]) for s in range(50)])
     assert abs(float((cols ** 2).sum(1).mean()) - 1) < 0.15
 
 
 def test_projection_gradient_is_transpose():
     d, D = 6, 100
-    for proj in (warp.FastfoodProjection(d, D, seed=1), warp.DenseProjection(d, D, seed=1)):
+    for proj in (models.FastfoodProjection(d, D, seed=1), models.DenseProjection(d, D, seed=1)):
         P = torch.stack([proj(e) for e in torch.eye(d)], 1)  # (D, d) by columns
         theta = torch.randn(d, requires_grad=True)
         w = torch.randn(D)
         (proj(theta) * w).sum().backward()
         torch.testing.assert_close(theta.grad, P.T @ w, rtol=1e-4, atol=1e-5)
-        if isinstance(proj, warp.DenseProjection):
+        if isinstance(proj, models.DenseProjection):
             torch.testing.assert_close(P.norm(dim=0), torch.ones(d))
 
 
@@ -55,7 +58,7 @@ def test_identity_wrapper_reproduces_ordinary_training():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randn(40, 3, generator=g, dtype=torch.float64)
     ref = _mlp()
-    wrapped = warp.SubspaceWrapper(_mlp(), d=sum(p.numel() for p in ref.parameters()), projection="identity")
+    wrapped = models.SubspaceWrapper(_mlp(), d=sum(p.numel() for p in ref.parameters()), projection="identity")
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     opt_w = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     assert [p for p in wrapped.parameters() if p.requires_grad] == [wrapped.theta]
@@ -73,7 +76,7 @@ def test_identity_wrapper_reproduces_ordinary_training():
 
 def test_groups_scale_their_parameters_and_free_parameters_train_directly():
     m = _mlp(dtype=torch.float32)
-    w = warp.SubspaceWrapper(m, d=4, projection="dense", groups=["^0\\.", "bias"], free=["2.weight"])
+    w = models.SubspaceWrapper(m, d=4, projection="dense", groups=["^0\\.", "bias"], free=["2.weight"])
     assert w.names == ["0.weight", "0.bias", "2.bias"] and w.group_of == [0, 0, 1] and w.D == 35 + 7 + 3
     with torch.no_grad():
         w.theta.copy_(torch.randn(4))
@@ -88,19 +91,19 @@ def test_groups_scale_their_parameters_and_free_parameters_train_directly():
 
 def test_bad_input_d_and_groups():
     with pytest.raises(ValueError, match=r"d = 100 must be in 1\.\.D = 66"):
-        warp.SubspaceWrapper(_mlp(), d=100)
+        models.SubspaceWrapper(_mlp(), d=100)
     with pytest.raises(ValueError, match=r"d = 0 must be in 1\.\.D"):
-        warp.SubspaceWrapper(_mlp(), d=0)
+        models.SubspaceWrapper(_mlp(), d=0)
     with pytest.raises(ValueError, match=r"group\(s\) \['attn', 'head'\] match no warped parameter"):
-        warp.SubspaceWrapper(_mlp(), d=3, groups=["0\\.", "attn", "head"])
+        models.SubspaceWrapper(_mlp(), d=3, groups=["0\\.", "attn", "head"])
     with pytest.raises(ValueError, match="identity projection needs d = D"):
-        warp.SubspaceWrapper(_mlp(), d=3, projection="identity")
+        models.SubspaceWrapper(_mlp(), d=3, projection="identity")
     with pytest.raises(ValueError, match="projection 'sparse'"):
-        warp.SubspaceWrapper(_mlp(), d=3, projection="sparse")
+        models.SubspaceWrapper(_mlp(), d=3, projection="sparse")
     with pytest.raises(ValueError, match="free parameters \\['readout'\\]"):
-        warp.SubspaceWrapper(_mlp(), d=3, free=["readout"])
+        models.SubspaceWrapper(_mlp(), d=3, free=["readout"])
     with pytest.raises(ValueError, match="'x' is not an integer"):
-        warp.parse_ds("1,x")
+        train.parse_ds("1,x")
 
 
 def test_d_warp_definition():
@@ -125,8 +128,8 @@ def _synthetic(seed=0, n=600, p=4, t=8):
 
 def test_synthetic_warp_curves_rise_with_d_and_the_closer_model_warps_less():
     XA, XB, Y = _synthetic()
-    cfg = dict(warp.defaults_warp, hidden=32, warp_lr=0.2, full_lr=1e-2, warp_steps=400, warp_batch=10_000,
-               warp_eval_every=20, warp_patience=10)
+    cfg = dict(train.defaults_warp, hidden=32, lr=0.2, full_lr=1e-2, steps=400, batch=10_000,
+               eval_every=20, patience=10)
     # D = 332 (MLP 4 -> 32 -> 4 plus the 4 -> 8 read-out); d stays below D: a square random projection is
     # ill-conditioned, which slows training down at d = D
     ds = [1, 8, 32, 64, 96, 128, 192, 256]
@@ -152,10 +155,9 @@ def test_synthetic_warp_curves_rise_with_d_and_the_closer_model_warps_less():
 @pytest.fixture(scope="module")
 def warp_runs(world, tmp_path_factory):
     """Two warp runs on the world's fMRI (base features and the extra backbone b3), few steps."""
-    import train
     out = tmp_path_factory.mktemp("warp")
-    common = ["--stage", "warp", "--targets", "brain", "--data", world["data"], "--roi", "LOC", "--warp-steps", "60",
-              "--warp-eval-every", "20", "--no-progress"]
+    common = ["--stage", "warp", "--targets", "brain", "--data", world["data"], "--rois", "LOC", "--steps", "60",
+              "--eval-every", "20", "--no-progress"]
     paths = {}
     for name, feats in (("base", world["features/things"]), ("b3", world["features/things_b3"])):
         paths[name] = str(out / f"{name}.json")
@@ -164,23 +166,23 @@ def warp_runs(world, tmp_path_factory):
 
 
 def test_stage_warp_writes_curve_and_resumes(warp_runs, world):
-    import train
     paths, common, _ = warp_runs
     doc = json.load(open(paths["base"]))
     assert set(doc["results"]) == {"0", "full", "1", "8"} and doc["config"]["d"] == "1,8" and "versions" in doc
     assert doc["metric"] == "r2" and doc["target_info"]["roi"] == "LOC" and doc["n_test"] == 20  # repeated images
     before = {k: v["seconds"] for k, v in doc["results"].items()}
-    train.main(common + ["--features", world["features/things"], "--d", "1,8,32", "--name", "base", "--out", paths["base"]])
+    train.main(common + ["--features", world["features/things"], "--d", "1,8,32", "--name", "base", "--out",
+                         paths["base"]])
     doc2 = json.load(open(paths["base"]))
     assert set(doc2["results"]) == {"0", "full", "1", "8", "32"}
     assert all(doc2["results"][k]["seconds"] == s for k, s in before.items())  # resumed: old fits kept, not redone
-    with pytest.raises(SystemExit, match="different settings \\(warp_lr\\)"):
-        train.main(common + ["--features", world["features/things"], "--d", "1", "--warp-lr", "0.5", "--out", paths["base"]])
+    with pytest.raises(SystemExit, match="different settings \\(lr\\)"):
+        train.main(common + ["--features", world["features/things"], "--d", "1", "--lr", "0.5", "--out", paths["base"]])
 
 
 def test_linear_baseline_is_the_ridge_fit(world):
-    X, ids = warp.data.read_features(world["features/things"])
-    cfg = dict(warp.defaults_warp, data=world["data"], features=world["features/things"], seed=0)
+    X, ids = data.read_features(world["features/things"])
+    cfg = dict(train.defaults_warp, data=world["data"], features=world["features/things"], seed=0)
     Xtr, Ytr, Xte, Yte, info = warp.brain_target(cfg, X, ids)
     split = warp.make_split(Xtr, Ytr, None, 0.15, 0, "cpu", Xte, Yte)
     r = warp.fit_one(split, 0, cfg)
@@ -207,13 +209,12 @@ def test_task_dwarp_curves_and_figure(warp_runs, tmp_path):
 
 
 def test_stage_warp_bad_input(world, tmp_path):
-    import train
     base = ["--stage", "warp", "--features", world["features/things"], "--data", world["data"], "--no-progress",
             "--out", str(tmp_path / "w.json")]
     with pytest.raises(SystemExit, match="--d 100000 is larger than D = "):
         train.main(base + ["--d", "100000"])
     with pytest.raises(SystemExit, match="ROI column 'XYZ' missing"):
-        train.main(base + ["--roi", "XYZ"])
+        train.main(base + ["--rois", "XYZ"])
     with pytest.raises(SystemExit, match="--targets 'eeg': expected brain or spose"):
         train.main(base + ["--targets", "eeg"])
     with pytest.raises(SystemExit, match="group\\(s\\) \\['attn'\\] match no warped parameter"):
@@ -221,7 +222,8 @@ def test_stage_warp_bad_input(world, tmp_path):
     assert not os.path.exists(tmp_path / "w.json")
     import evaluate
     with pytest.raises(SystemExit, match="no warp result file matches"):
-        evaluate.main(["--task", "dwarp", "--warp-runs", str(tmp_path / "none*.json"), "--out", str(tmp_path / "r.json")])
+        evaluate.main(["--task", "dwarp", "--warp-runs", str(tmp_path / "none*.json"), "--out",
+                       str(tmp_path / "r.json")])
 
 
 def test_rsa_score_matches_scipy():
@@ -236,8 +238,8 @@ def test_rsa_score_matches_scipy():
 def test_rsa_objective_and_joint_readout():
     XA, _, Y = _synthetic()
     split = warp.make_split(XA, Y, np.arange(480, 600), 0.2, seed=0)
-    cfg = dict(warp.defaults_warp, hidden=16, warp_lr=0.2, full_lr=1e-2, warp_steps=200, warp_batch=128,
-               warp_eval_every=20, warp_patience=5, objective="rsa")
+    cfg = dict(train.defaults_warp, hidden=16, lr=0.2, full_lr=1e-2, steps=200, batch=128,
+               eval_every=20, patience=5, objective="rsa")
     res = warp.warp_curve(split, [8, 64], cfg)
     assert res["8"]["D"] == 4 * 16 + 16 + 16 * 4 + 4  # no read-out under the RSA objective
     assert res["full"]["test"] > res["0"]["test"] + 0.02  # training the body towards the target RDM helps
@@ -247,10 +249,10 @@ def test_rsa_objective_and_joint_readout():
 
 
 def test_stage_warp_spose(world, tmp_path):
-    import train
     out = str(tmp_path / "spose.json")
-    train.main(["--stage", "warp", "--targets", "spose", "--features", world["features/things"], "--data", world["data"],
-                "--d", "2", "--warp-steps", "40", "--warp-eval-every", "20", "--no-progress", "--out", out])
+    train.main(["--stage", "warp", "--targets", "spose", "--features", world["features/things"], "--data",
+                world["data"],
+                "--d", "2", "--steps", "40", "--eval-every", "20", "--no-progress", "--out", out])
     doc = json.load(open(out))
     assert doc["target"] == "spose" and doc["n_test"] == 30 and doc["n_train"] + doc["n_val"] == 120  # 150 concepts
     assert set(doc["results"]) == {"0", "full", "2"}

@@ -1,4 +1,4 @@
-"""Behavioural evaluations (issue 5): the tasks that fit per-participant choice models (choice.py) to human data.
+"""Behavioural evaluations: odd-one-out (THINGS, Levels), category and reward learning, in-context learning.
 
 Run through evaluate.py (this module holds the tasks; evaluate.py registers them):
 
@@ -7,14 +7,14 @@ Run through evaluate.py (this module holds the tasks; evaluate.py registers them
     python evaluate.py --task category-learning --features F.h5 --data DIR --out R.json
     python evaluate.py --task reward-learning   --features F.h5 --data DIR --out R.json
     python evaluate.py --task icl --ckpt META.pt --data DIR --out R.json              # model vs human curves
-    python evaluate.py --task all               --features F.h5 --data DIR --out runs/eval/all.json
 
-Each task maps the trials' images to representations (base, SPoSE, aligned with --ckpt), fits every
+things-ooo scores each representation zero-shot (cosine similarity, the odd one out is the item outside the
+most similar pair) against the noise ceiling of repeated triplets, then fits it as below. Each task maps the
+trials' images to representations (base, SPoSE, aligned with --ckpt), fits every
 representation with choice.py (a conditional logit per participant by batched Newton steps, stratified 5-fold
 cross-validation, held-out per-trial NLL, group statistics) and writes, beside its JSON: <out>.trials.h5
 (per-trial held-out NLL, correctness, fold; config + versions attrs) and PNG figures.
 """
-import glob
 import os
 import time
 
@@ -22,32 +22,19 @@ import numpy as np
 import torch
 
 import data
-from choice import (LN3, _span_project, _to_panels, crossval_choice, entropy_ceiling, fit_odd_one_out, group_statistics,
-                    online_blr, online_logistic, participant_codes, stratified_folds, summarise_fit, with_behav_threads)
-from representations import aligned_representations, cosine_similarity_matrix
+from choice import (LN3, crossval_choice, entropy_ceiling, fit_odd_one_out, group_statistics, online_blr,
+                    online_logistic, participant_codes, repeated_responses, span_project, stratified_folds,
+                    summarise_fit, to_panels)
+from data import with_threads
+from representations import (aligned_representations, cosine_similarity_matrix, load_representations, print_table,
+                             z_value)
 
 
 # ================================================================================================ figures
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save_fig(fig, path):
-    plt = _plt()
-    fig.tight_layout()
-    with data.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
-
-
 def plot_r2_bars(panels, path, ceiling=None):
     """panels: list of (title, {name: per-participant r2 array}, {name: pooled r2}) -> one bar panel each."""
-    plt = _plt()
+    plt = data.pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 0.5, 3.2), squeeze=False)
     rng = np.random.default_rng(0)
     for ax, (title, dots, pooled) in zip(axes[0], panels):
@@ -65,24 +52,24 @@ def plot_r2_bars(panels, path, ceiling=None):
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xticks(range(len(names)), names)
         ax.set(title=title, ylabel="McFadden R$^2$ (held-out)")
-    return _save_fig(fig, path)
+    return data.save_figure(fig, path, dpi=110, tight=True)
 
 
 def plot_curves(curves, path, xlabel="trial", ylabel="P(correct)", title=""):
     """curves: {label: (x, y)} -> one line plot."""
-    plt = _plt()
+    plt = data.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for label, (x, y) in curves.items():
         ax.plot(x, y, lw=1.2, label=label)
     ax.axhline(0.5, color="grey", lw=0.5, ls="--")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=7)
-    return _save_fig(fig, path)
+    return data.save_figure(fig, path, dpi=110, tight=True)
 
 
 def plot_pxp(group, path):
     """Protected exceedance probabilities of every BMS comparison in a group-statistics dict."""
-    plt = _plt()
+    plt = data.pyplot()
     items = [(k, v["bms"] if "bms" in v else v) for k, v in group.items()]
     if not items:
         return None
@@ -91,7 +78,7 @@ def plot_pxp(group, path):
         ax.bar(range(len(b["models"])), b["pxp"], color="darkseagreen", edgecolor="k", lw=0.6)
         ax.set_xticks(range(len(b["models"])), b["models"])
         ax.set(ylim=(0, 1), title=f"{k}\nBOR {b['bor']:.2g}", ylabel="protected exceedance prob.")
-    return _save_fig(fig, path)
+    return data.save_figure(fig, path, dpi=110, tight=True)
 
 
 # ============================================================================================ task plumbing
@@ -110,21 +97,12 @@ def write_trials(path, cfg, tables):
             for k, v in cols.items():
                 v = np.asarray(v)
                 if v.dtype.kind in "OU":
-                    f.create_dataset(f"{gname}/{k}", data=v.astype(str).astype(object), dtype=h5py.string_dtype("utf-8"))
+                    f.create_dataset(f"{gname}/{k}", data=v.astype(str).astype(object),
+                                     dtype=h5py.string_dtype("utf-8"))
                 else:
                     f.create_dataset(f"{gname}/{k}", data=v, compression="gzip" if v.size > 100000 else None)
         data.write_h5_attrs(f, dict(config=cfg))
     return path
-
-
-def _floats(text, flag):
-    try:
-        vals = [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise data.DataError(f"--{flag} {text!r}: expected comma-separated numbers") from None
-    if not vals or any(v <= 0 for v in vals):
-        raise data.DataError(f"--{flag} {text!r}: expected positive comma-separated numbers")
-    return vals
 
 
 def image_representations(cfg, image_paths, csv_path, column):
@@ -161,9 +139,57 @@ def _standardise(R):
     return R / (s if s > 0 else 1.0)
 
 
+# ------------------------------------------------------------------------------------------------ things-ooo
+
+def odd_one_out(S, triplets):
+    """Predicted odd-one-out position (0..2) per triplet: the item outside the most similar pair.
+
+    S (n, n) similarities, triplets (N, 3) 0-based -> (N,) int64. Pairs are scored as similarity-matrix
+    look-ups, so 4.7M triplets cost three gathers, not 4.7M x 3 feature vectors.
+    """
+    i, j, k = triplets[:, 0], triplets[:, 1], triplets[:, 2]
+    pair_sims = np.stack([S[j, k], S[i, k], S[i, j]], axis=1)  # column p = similarity of the pair without p
+    return pair_sims.argmax(1)
+
+
+def noise_ceiling(triplets, choice):
+    """Agreement ceiling from repeated triplets: for every unordered concept set answered more than once,
+    the share of responses naming the most frequent odd one out; averaged over those sets (Hebart et al.
+    2020). Returns (ceiling, n_repeated_sets, n_trials_in_them); (nan, 0, 0) without repeats."""
+    counts, pairs, pair_counts, n_trials = repeated_responses(triplets, choice)
+    if pairs is None:
+        return float("nan"), 0, 0
+    best = np.zeros(len(counts), dtype=np.int64)
+    np.maximum.at(best, pairs[:, 0], pair_counts)
+    rep_sets = np.nonzero(counts > 1)[0]
+    return float(np.mean(best[rep_sets] / counts[rep_sets])), int(len(rep_sets)), n_trials
+
+
+def task_things_ooo(cfg):
+    concepts, reps = load_representations(cfg)
+    t = data.load_triplets(cfg["data"], n_concepts=len(concepts))
+    ceiling, n_sets, n_rep = noise_ceiling(t["triplets"], t["choice"])
+    z = z_value(cfg["ci"])
+    res = {}
+    for name, R in reps.items():
+        correct = odd_one_out(cosine_similarity_matrix(R), t["triplets"]) == t["choice"]
+        acc = float(correct.mean())
+        half = z * np.sqrt(acc * (1 - acc) / len(correct))  # binomial normal interval over triplets
+        res[name] = dict(accuracy=acc, ci=[acc - half, acc + half], n_triplets=int(len(correct)),
+                         dims=int(R.shape[1]))
+    res["noise_ceiling"] = ceiling
+    res["noise_ceiling_detail"] = dict(repeated_sets=n_sets, trials=n_rep,
+                                       definition="mean share of the majority response over repeated triplets")
+    rows = [(k, v["accuracy"], v["ci"]) for k, v in res.items() if isinstance(v, dict) and "accuracy" in v]
+    print_table("THINGS odd-one-out (cosine similarity, zero-shot)", "accuracy", rows, ceiling)
+    if cfg["behav_fit"]:  # per-participant softmax fits, CV NLL, McFadden R^2, group statistics (below)
+        add_things_ooo_fit(cfg, reps, t, res)
+    return res
+
+
 # ------------------------------------------------------------------------------------- things-ooo (the fit)
 
-@with_behav_threads
+@with_threads
 def add_things_ooo_fit(cfg, reps, t, res):
     """Extend the zero-shot things-ooo result `res` with the per-participant behavioural fit (in place)."""
     _, stem = out_paths(cfg)
@@ -233,10 +259,9 @@ def levels_representations(cfg, image_keys):
     return reps
 
 
-@with_behav_threads
+@with_threads
 def task_levels_ooo(cfg, reps=None):
     """Levels odd-one-out: zero-shot accuracy and the per-participant fit, overall and per triplet type."""
-    import evaluate as ev
     trials, keys = data.load_levels(cfg["data"])
     reps = levels_representations(cfg, keys) if reps is None else reps
     kidx = {k: i for i, k in enumerate(keys)}
@@ -248,8 +273,9 @@ def task_levels_ooo(cfg, reps=None):
     res, per, dots, pooled, tables = {}, {}, {}, {}, {}
     for name, R in reps.items():
         S = cosine_similarity_matrix(R)
-        zs = ev.odd_one_out(S, trip) == choice
-        fit = fit_odd_one_out(S, trip, choice, trials["participant"].to_numpy(), cfg["behav_folds"], cfg["behav_l2"], cfg["seed"])
+        zs = odd_one_out(S, trip) == choice
+        fit = fit_odd_one_out(S, trip, choice, trials["participant"].to_numpy(), cfg["behav_folds"], cfg["behav_l2"],
+                              cfg["seed"])
         summary, per[name] = summarise_fit(fit["nll"], fit["correct"], fit["codes"], len(fit["labels"]), 3,
                                            fit["labels"], cfg["ci"], cfg["seed"])
         by_type = {}
@@ -258,8 +284,9 @@ def task_levels_ooo(cfg, reps=None):
             by_type[ty] = dict(mcfadden_r2=float(1 - fit["nll"][m].mean() / LN3) if m.any() else float("nan"),
                                heldout_accuracy=float(fit["correct"][m].mean()) if m.any() else float("nan"),
                                accuracy=float(zs[ttype == ty].mean()), n_trials=int((ttype == ty).sum()))
-        res[name] = dict(accuracy=float(zs.mean()), mcfadden_r2=summary["mcfadden_r2"], fit=dict(summary, skipped=fit["skipped"],
-                         not_converged=int((~fit["converged"]).sum())), by_triplet_type=by_type, dims=int(R.shape[1]))
+        res[name] = dict(accuracy=float(zs.mean()), mcfadden_r2=summary["mcfadden_r2"],
+                         fit=dict(summary, skipped=fit["skipped"], not_converged=int((~fit["converged"]).sum())),
+                         by_triplet_type=by_type, dims=int(R.shape[1]))
         dots[name], pooled[name] = per[name]["r2"], summary["mcfadden_r2"]
         tables[name] = dict(nll=fit["nll"].astype(np.float32), correct=fit["correct"], fold=fit["fold"].astype(np.int8))
     tables["trials"] = dict(participant=trials["participant"].astype(str).to_numpy(), triplet_type=ttype)
@@ -285,14 +312,14 @@ def fit_category_learning(reps, row, df, Cs, n_folds, l2, seed=0):
         if bad.any():
             raise data.DataError(f"category_learning.csv: column '{col}' has {int(bad.sum())} values not in {{0, 1}}, "
                                  f"first {v[bad][0]!r} (row {np.flatnonzero(bad)[0] + 1})")
-    _, idx, valid = _to_panels(df)
+    _, idx, valid = to_panels(df)
     codes, labels, skipped = participant_codes(df["participant"].to_numpy(), n_folds, "category learning")
     fold = np.where(codes >= 0, stratified_folds(codes, choice, n_folds, seed), -1)
     out = {}
     for name, R in reps.items():
         Rs = _standardise(np.asarray(R, np.float64))
         Z = torch.from_numpy(Rs[row[np.maximum(idx, 0)]])  # (P, T, d)
-        Z = _span_project(Z * torch.from_numpy(valid)[:, :, None], Z.shape[1])
+        Z = span_project(Z * torch.from_numpy(valid)[:, :, None], Z.shape[1])
         Y = torch.from_numpy(np.where(valid, ytrue[np.maximum(idx, 0)], 0))
         logits = online_logistic(Z, Y, torch.from_numpy(valid), Cs)  # (nC, P, T)
         lt = np.zeros((len(Cs), len(df)))
@@ -317,21 +344,24 @@ def _trial_position(df):
     return df.groupby("participant", sort=False).cumcount().to_numpy()
 
 
-@with_behav_threads
+@with_threads
 def task_category_learning(cfg):
     """Category learning: online L2 logistic learner per representation; McFadden R^2 against ln 2."""
     df = data.load_category_learning(cfg["data"])
     csv = os.path.join(cfg["data"], "category_learning.csv")
     reps, row = image_representations(cfg, df["image"].to_numpy(), csv, "image")
-    fits = fit_category_learning(reps, row, df, _floats(cfg["cat_c"], "cat-c"), cfg["behav_folds"], cfg["behav_l2"], cfg["seed"])
+    fits = fit_category_learning(reps, row, df, data.parse_floats(cfg["cat_c"], "cat-c"), cfg["behav_folds"],
+                                 cfg["behav_l2"], cfg["seed"])
     pos = _trial_position(df)
     human = (df["choice"].to_numpy() == df["true_category_binary"].to_numpy()).astype(np.float64)
     T = pos.max() + 1
     curve = lambda v: (np.arange(1, T + 1), np.bincount(pos, weights=np.nan_to_num(v), minlength=T)  # noqa: E731
-                       / np.bincount(pos, weights=np.isfinite(v).astype(float), minlength=T))  # skipped participants: nan
+                       # skipped participants: nan
+                       / np.bincount(pos, weights=np.isfinite(v).astype(float), minlength=T))
     curves = {"human": curve(human)}
     return _learning_task(cfg, fits, 2, "category learning", curves, curve, lambda f: f["p_true"],
-                          extra=lambda f: dict(C_median=float(np.median(f["chosen_C"])), beta_median=float(np.median(f["beta"]))),
+                          extra=lambda f: dict(C_median=float(np.median(f["chosen_C"])),
+                                               beta_median=float(np.median(f["beta"]))),
                           human_curve=curves["human"])
 
 
@@ -341,8 +371,9 @@ def _learning_task(cfg, fits, K, title, curves, curve, model_curve_of, extra, hu
     for name, f in fits.items():
         summary, per[name] = summarise_fit(f["nll"], f["correct"], f["codes"], len(f["labels"]), K, f["labels"],
                                            cfg["ci"], cfg["seed"])
-        res[name] = dict(mcfadden_r2=summary["mcfadden_r2"], ci=summary["r2_ci"], fit=dict(summary, skipped=f["skipped"],
-                         not_converged=int((~f["converged"]).sum()), **extra(f)))
+        res[name] = dict(mcfadden_r2=summary["mcfadden_r2"], ci=summary["r2_ci"],
+                         fit=dict(summary, skipped=f["skipped"], not_converged=int((~f["converged"]).sum()),
+                                  **extra(f)))
         dots[name], pooled[name] = per[name]["r2"], summary["mcfadden_r2"]
         m = f["codes"] >= 0
         if model_curve_of is not None:
@@ -365,14 +396,16 @@ def fit_reward_learning(reps, rows_lr, df, lams, n_folds, l2, seed=0):
     choice = df["choice"].to_numpy()
     bad = ~np.isin(choice, [0, 1])
     if bad.any():
-        raise data.DataError(f"reward_learning.csv: column 'choice' has {int(bad.sum())} values not in {{0 (left), 1 (right)}}, "
+        raise data.DataError(f"reward_learning.csv: column 'choice' has {int(bad.sum())} values not in "
+                             f"{{0 (left), 1 (right)}}, "
                              f"first {choice[bad][0]!r} (row {np.flatnonzero(bad)[0] + 1})")
     rew = df[["left_reward", "right_reward"]].to_numpy(np.float64)
     if not np.isfinite(rew).all():
-        raise data.DataError(f"reward_learning.csv: columns 'left_reward'/'right_reward' have {int((~np.isfinite(rew)).sum())} "
+        raise data.DataError(f"reward_learning.csv: columns 'left_reward'/'right_reward' have "
+                             f"{int((~np.isfinite(rew)).sum())} "
                              f"non-numeric or missing values")
     rew = (rew - rew.mean()) / (rew.std() if rew.std() > 0 else 1.0)
-    _, idx, valid = _to_panels(df)
+    _, idx, valid = to_panels(df)
     codes, labels, skipped = participant_codes(df["participant"].to_numpy(), n_folds, "reward learning")
     fold = np.where(codes >= 0, stratified_folds(codes, choice, n_folds, seed), -1)
     ix = np.maximum(idx, 0)
@@ -381,8 +414,9 @@ def fit_reward_learning(reps, rows_lr, df, lams, n_folds, l2, seed=0):
     for name, R in reps.items():
         Rs = _standardise(np.asarray(R, np.float64))
         P, T = idx.shape
-        Zb = torch.from_numpy(np.concatenate([Rs[rows_lr[0][ix]], Rs[rows_lr[1][ix]]], 1)) * torch.cat([vt, vt], 1)[:, :, None]
-        Zb = _span_project(Zb, 2 * T)  # (P, 2T, r) shared basis for the left and right images
+        Zb = torch.from_numpy(np.concatenate([Rs[rows_lr[0][ix]], Rs[rows_lr[1][ix]]], 1))
+        Zb = Zb * torch.cat([vt, vt], 1)[:, :, None]
+        Zb = span_project(Zb, 2 * T)  # (P, 2T, r) shared basis for the left and right images
         vals = online_blr(Zb[:, :T], Zb[:, T:], torch.from_numpy(rew[ix, 0]), torch.from_numpy(rew[ix, 1]), vt, lams)
         Xs = []
         for li in range(len(lams)):
@@ -394,13 +428,14 @@ def fit_reward_learning(reps, rows_lr, df, lams, n_folds, l2, seed=0):
         lp = r["logp"].numpy()
         best = (rew[:, 1] > rew[:, 0]).astype(np.int64)
         out[name] = dict(nll=r["nll"].numpy(), correct=(lp.argmax(1) == choice) & (codes >= 0),
-                         p_best=np.exp(lp[np.arange(len(df)), best]), codes=codes, labels=labels, skipped=skipped, fold=fold,
+                         p_best=np.exp(lp[np.arange(len(df)), best]), codes=codes, labels=labels, skipped=skipped,
+                         fold=fold,
                          chosen_lambda=np.asarray(lams)[r["choice_idx"].numpy()], beta=r["theta"].numpy()[:, :, 0],
                          converged=r["converged"].numpy())
     return out
 
 
-@with_behav_threads
+@with_threads
 def task_reward_learning(cfg):
     """Reward learning: online Bayesian linear regression per representation; McFadden R^2 against ln 2."""
     df = data.load_reward_learning(cfg["data"])
@@ -408,7 +443,7 @@ def task_reward_learning(cfg):
     both = np.r_[df["left_image"].to_numpy(), df["right_image"].to_numpy()]
     reps, row = image_representations(cfg, both, csv, "left_image/right_image")
     n = len(df)
-    fits = fit_reward_learning(reps, (row[:n], row[n:]), df, _floats(cfg["reward_lambda"], "reward-lambda"),
+    fits = fit_reward_learning(reps, (row[:n], row[n:]), df, data.parse_floats(cfg["reward_lambda"], "reward-lambda"),
                                cfg["behav_folds"], cfg["behav_l2"], cfg["seed"])
     pos = _trial_position(df)
     best = (df["right_reward"].to_numpy() > df["left_reward"].to_numpy()).astype(np.int64)
@@ -418,7 +453,8 @@ def task_reward_learning(cfg):
                        / np.bincount(pos, weights=np.isfinite(v).astype(float), minlength=T))
     curves = {"human": curve(human)}
     return _learning_task(cfg, fits, 2, "reward learning", curves, curve, lambda f: f["p_best"],
-                          extra=lambda f: dict(lambda_median=float(np.median(f["chosen_lambda"])), beta_median=float(np.median(f["beta"]))),
+                          extra=lambda f: dict(lambda_median=float(np.median(f["chosen_lambda"])),
+                                               beta_median=float(np.median(f["beta"]))),
                           human_curve=curves["human"])
 
 
@@ -456,7 +492,8 @@ def task_icl(cfg):
         human = (df["choice"].to_numpy() == df["true_category_binary"].to_numpy()).astype(np.float64)
         T = pos.max() + 1
         hc = np.bincount(pos, weights=human, minlength=T) / np.bincount(pos, minlength=T)
-        res["human"] = dict(learning_curve=hc.tolist(), accuracy=float(human.mean()), n_participants=int(df["participant"].nunique()))
+        res["human"] = dict(learning_curve=hc.tolist(), accuracy=float(human.mean()),
+                            n_participants=int(df["participant"].nunique()))
         curves["human category learning"] = (np.arange(1, T + 1), hc)
     paths = [p.strip() for p in (cfg.get("ckpt") or "").split(",") if p.strip()]
     if not paths:
@@ -466,7 +503,8 @@ def task_icl(cfg):
         res[name] = _icl_one(cfg, path)
         r = res[name]
         curves[f"{name} (held-out functions)"] = (np.arange(1, r["length"] + 1), np.array(r["accuracy_by_position"]))
-        print(f"\nicl {path}: held-out accuracy {r['accuracy']:.4f} (first position {r['accuracy_by_position'][0]:.3f}, "
+        print(f"\nicl {path}: held-out accuracy {r['accuracy']:.4f} "
+              f"(first position {r['accuracy_by_position'][0]:.3f}, "
               f"last {r['accuracy_by_position'][-1]:.3f})")
     res["files"] = dict(curves_figure=plot_curves(curves, stem + ".curves.png", xlabel="position / trial",
                                                   ylabel="accuracy", title="in-context learning vs humans"))
@@ -501,94 +539,6 @@ def _icl_one(cfg, path):
                 magnitude_mse_by_position=r["magnitude_mse"], n_episodes=r["n_episodes"], length=L,
                 n_functions=int(len(fns["latents"])), functions=mc.get("functions", "sae"), features=feats,
                 held_out=held is not None, ckpt=path)
-
-
-# ------------------------------------------------------------------------------------------------------ all
-
-PRESENT = {  # task -> files that must exist for --task all to run it
-    "things-ooo": lambda c: [os.path.join(c["data"], "THINGS_triplets.csv")],
-    "cka": lambda c: [os.path.join(c["data"], "unique_id.txt")],
-    "levels-ooo": lambda c: [os.path.join(c["data"], "levels.pkl"), c["levels_features"]],
-    "category-learning": lambda c: [os.path.join(c["data"], "category_learning.csv")],
-    "reward-learning": lambda c: [os.path.join(c["data"], "reward_learning.csv")],
-    "icl": lambda c: [p.strip() for p in (c.get("ckpt") or "").split(",") if p.strip()] or ["<--ckpt not given>"],
-    "fmri": lambda c: [os.path.join(c["data"], "brain_data")],
-    "dwarp": lambda c: [f for p in (c.get("warp_runs") or "").split(",") if p.strip() for f in sorted(glob.glob(p.strip()))]
-    or ["<--warp-runs not given, or matching no file>"],
-}
-
-
-def task_all(cfg):
-    """Run every registered task whose data is present; each writes <folder>/<task>.json; one summary table."""
-    import json
-    import evaluate as ev
-    json_path, stem = out_paths(cfg)
-    folder = os.path.dirname(os.path.abspath(json_path))
-    summary, rows = {}, []
-    wanted = [t.strip() for t in cfg.get("tasks", "").split(",") if t.strip()]
-    unknown = sorted(set(wanted) - set(ev.TASKS))
-    if unknown:
-        raise data.DataError(f"--tasks: unknown task(s) {unknown}; expected some of {sorted(ev.TASKS)}")
-    for name, fn in ev.TASKS.items():
-        if name in ("all", "report") or (wanted and name not in wanted):
-            continue
-        need = PRESENT.get(name, lambda c: [])(cfg)
-        missing = [p for p in need if not os.path.exists(p)]
-        if missing:
-            summary[name] = dict(status="skipped", reason=f"missing {missing}")
-            continue
-        sub = dict(cfg, task=name, out=os.path.join(folder, f"{name}.json"))
-        sub["_out"] = sub["out"]
-        try:
-            r = fn(sub)
-        except data.DataError as e:
-            summary[name] = dict(status="error", reason=str(e))
-            print(f"all: {name}: error: {e}")
-            continue
-        r["config"], r["versions"] = sub, data.versions()
-        with data.atomic_path(sub["out"]) as tmp, open(tmp, "w") as fh:
-            json.dump(r, fh, indent=2, default=_json_default)
-        heads = {}
-        for rep, v in r.items():  # headline: the report's first matching metric, plus the behavioural fit
-            if not isinstance(v, dict) or rep in ("config", "versions", "files", "group_stats"):
-                continue
-            metric = next((m for m in ev.REPORT_METRICS if isinstance(v.get(m), (int, float))), None)
-            fit = v.get("fit") if isinstance(v.get("fit"), dict) else {}
-            r2 = v.get("mcfadden_r2", fit.get("mcfadden_r2"))
-            if metric is not None or r2 is not None:
-                heads[rep] = dict(metric=metric, value=float(v[metric]) if metric else None,
-                                  mcfadden_r2=float(r2) if r2 is not None else None)
-        summary[name] = dict(status="done", file=sub["out"], headline=heads)
-        for rep, m in heads.items():
-            rows.append((name, rep, m))
-    lines = ["| task | representation | metric | value | McFadden R^2 (held-out) |", "|---|---|---|---|---|"]
-    for task, rep, m in rows:
-        r2 = "" if m["mcfadden_r2"] is None else f"{m['mcfadden_r2']:.4f}"
-        val = "" if m["value"] is None else f"{m['value']:.4f}"
-        lines.append(f"| {task} | {rep} | {m['metric'] or ''} | {val} | {r2} |")
-    for name, s in summary.items():
-        if s["status"] != "done":
-            lines.append(f"| {name} | ({s['status']}) | | {s['reason'][:120]} | |")
-    table = "\n".join(lines) + "\n"
-    with data.atomic_path(stem + ".md") as tmp, open(tmp, "w") as fh:
-        fh.write(table)
-    print("\n" + table)
-    # one figure: McFadden R^2 per task (bars) from the summary
-    bars = [(t, {rep: m["mcfadden_r2"] for rep, m in s["headline"].items() if m["mcfadden_r2"] is not None})
-            for t, s in summary.items() if s["status"] == "done"]
-    bars = [(t, {k: [] for k in p}, p) for t, p in bars if p]
-    files = dict(table=stem + ".md")
-    if bars:
-        files["r2_figure"] = plot_r2_bars(bars, stem + ".r2.png")
-    return dict(tasks=summary, files=files)
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def _print_fit_table(title, res, types=()):

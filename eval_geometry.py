@@ -1,6 +1,6 @@
-"""evaluate.py's geometry tasks: CKA (with jackknife or bootstrap intervals and per-layer tracing), RSA,
-class separation, t-SNE, model similarity across datasets and linear probes. The numerics live in
-geometry.py and kernels.py; this module loads representations (representations.py), runs them and draws.
+"""Geometry evaluations: CKA (with jackknife or bootstrap intervals and per-layer tracing), RSA, class
+separation, t-SNE, model similarity across datasets and linear probes. The numerics live in geometry.py and
+kernels.py; this module loads representations (representations.py), runs them and draws.
 
     python evaluate.py --task cka|rsa|class-separation|tsne|probe --features F.h5 --data DIR [--ckpt C.pt]
     python evaluate.py --task similarity --features A.h5 B.h5 ... [--datasets things,coco] --out R.json
@@ -144,9 +144,7 @@ def cka_by_layer(cfg, target, dims):
 
 def plot_cka_layers(layers, res, png):
     """CKA with SPoSE per traced layer of each aligned model, the base features as a dashed line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = data.pyplot()
     keys = ["all"] + (["dims"] if any("dims" in v for v in layers.values()) else [])
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -161,9 +159,7 @@ def plot_cka_layers(layers, res, png):
         ax.set_ylabel("linear CKA with SPoSE")
         ax.set_title("all SPoSE dims" if key == "all" else "chosen SPoSE dims")
     axes[0, 0].legend(frameon=False)
-    with data.atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
+    data.save_figure(fig, png, bbox_inches="tight")
     return png
 
 
@@ -179,7 +175,8 @@ def load_categories(cfg, concepts):
     import pandas as pd
     path = cfg["categories"] or os.path.join(cfg["data"], "categories.tsv")
     if not os.path.exists(path):
-        raise data.DataError(f"{path} not found; expected a tab-separated table: uniqueID + one 0/1 column per category")
+        raise data.DataError(f"{path} not found; expected a tab-separated table: uniqueID + one 0/1 column per "
+                             "category")
     df = pd.read_csv(path, sep="\t")
     key = "uniqueID" if "uniqueID" in df.columns else "concept"
     if key not in df.columns:
@@ -235,16 +232,15 @@ def task_class_separation(cfg):
 def task_tsne(cfg):
     """t-SNE of every concept-level representation, Procrustes-aligned to the base panel, coloured by the
     first category of each concept; trustworthiness (sklearn) says how much neighbourhood survived."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = data.pyplot()
     from sklearn.manifold import TSNE, trustworthiness
     concepts, reps = load_representations(cfg)
     member, cats = load_categories(cfg, concepts)
     colour = np.where(member.any(1), member.argmax(1), -1)
     emb, res = {}, {}
     for name, R in reps.items():
-        Z = TSNE(perplexity=min(cfg["perplexity"], (len(R) - 1) / 3), init="pca", random_state=cfg["seed"]).fit_transform(R)
+        Z = TSNE(perplexity=min(cfg["perplexity"], (len(R) - 1) / 3), init="pca",
+                 random_state=cfg["seed"]).fit_transform(R)
         emb[name] = Z if name == "base" else geometry.procrustes_to(emb["base"], Z)
         res[name] = dict(trustworthiness=float(trustworthiness(R, Z, n_neighbors=5)))
     fig, axes = plt.subplots(1, len(emb), figsize=(4.5 * len(emb), 4.5), squeeze=False)
@@ -253,11 +249,10 @@ def task_tsne(cfg):
         ax.set_title(f"{name} (trustworthiness {res[name]['trustworthiness']:.2f})")
         ax.set_xticks([]), ax.set_yticks([])
     png = os.path.splitext(cfg["_out"])[0] + ".png"
-    with data.atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
+    data.save_figure(fig, png, bbox_inches="tight")
     res["figure"] = png
-    print_table("t-SNE trustworthiness (5 neighbours)", "trust", [(k, v["trustworthiness"], None) for k, v in res.items()
+    print_table("t-SNE trustworthiness (5 neighbours)", "trust",
+                [(k, v["trustworthiness"], None) for k, v in res.items()
                                                               if isinstance(v, dict)], float("nan"))
     return res
 
@@ -274,14 +269,13 @@ def _model_name(path):
 
 def task_similarity(cfg):
     """Model-by-model similarity matrices per dataset and their consistency across datasets."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = data.pyplot()
     paths = [m.strip() for m in cfg["models"].split(",") if m.strip()]
     datasets = [d.strip() for d in cfg["datasets"].split(",") if d.strip()] or [""]
     measures = [m.strip() for m in cfg["measures"].split(",") if m.strip()]
     if len(paths) < 2:
-        raise data.DataError("--models: need at least two comma-separated feature files (use {dataset} for the dataset name)")
+        raise data.DataError("--models: need at least two comma-separated feature files (use {dataset} for the "
+                             "dataset name)")
     names = [_model_name(p.replace("{dataset}", datasets[0])) for p in paths]
     res = dict(models=names, datasets=datasets, measures=measures, matrices={}, indices={})
     for ds in datasets:
@@ -290,7 +284,8 @@ def task_similarity(cfg):
             f = p.replace("{dataset}", ds)
             X, ids = data.read_features(f, field=cfg["field"])
             if ids0 is not None and ids != ids0:
-                raise data.DataError(f"{f}: /image_ids differ from {src0} (models must see the same images in the same order)")
+                raise data.DataError(f"{f}: /image_ids differ from {src0} (models must see the same images in the "
+                                     "same order)")
             ids0, src0 = ids0 or ids, src0 or f
             feats.append(X)
         rng = np.random.default_rng(cfg["seed"])
@@ -300,7 +295,8 @@ def task_similarity(cfg):
         res["indices"][ds] = idx.tolist()
     res["consistency"] = {m: geometry.consistency([np.array(res["matrices"][d][m]) for d in datasets]).tolist()
                           for m in measures}
-    fig, axes = plt.subplots(len(datasets), len(measures), figsize=(3.2 * len(measures), 3 * len(datasets)), squeeze=False)
+    fig, axes = plt.subplots(len(datasets), len(measures), figsize=(3.2 * len(measures), 3 * len(datasets)),
+                             squeeze=False)
     for r, ds in enumerate(datasets):
         for c, m in enumerate(measures):
             ax = axes[r, c]
@@ -310,9 +306,7 @@ def task_similarity(cfg):
             ax.set_yticks(range(len(names)), names, fontsize=6)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
     png = os.path.splitext(cfg["_out"])[0] + ".png"
-    with data.atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
+    data.save_figure(fig, png, bbox_inches="tight")
     res["figure"] = png
     print("\nconsistency across datasets (mean off-diagonal correlation of model-similarity upper triangles)")
     for m in measures:
