@@ -574,7 +574,8 @@ def evaluate_meta(model, features, fns, length, n_episodes=256, seed=12345, head
                 bce=bce / (n_episodes * length))
 
 
-# =========================================================================================================
+# ==================================================================================================
+
 # SAE codes into HDF5: the encoder of train.py --stage sae --encode and extract.py --sae
 # =========================================================================================================
 
@@ -783,3 +784,77 @@ def param_group_index(names, groups):
         raise ValueError(f"parameter group(s) {empty} match no warped parameter; the warped parameters are "
                          f"{names[:20]}{' ...' if len(names) > 20 else ''}")
     return idx, groups
+
+
+# penalties for standardised features (d ~ 10^2-10^3)
+ICL_RIDGE_ALPHAS = tuple(float(a) for a in _np.logspace(-1, 4, 11))
+
+
+@_torch.no_grad()
+def ridge_icl_curve(features, fns, length, n_episodes=256, seed=12345, alphas=ICL_RIDGE_ALPHAS, shift=None, scale=None,
+                    batch=64, return_predictions=False):
+    """The "no meta-learning" bound: an online ridge learner on the episodes evaluate_meta scores (same features,
+    functions, length, n_episodes, seed and batch -> the same episodes).
+
+    At position t it fits ridge regression with an unpenalised intercept, y ~ z, on the t items before it
+    (z = (x - shift) * scale, the standardised features the meta-learner reads; y in {0, 1}) and predicts item t
+    as positive when the fit exceeds 1/2 (at t = 0, no context: negative, like a zero logit). All positions and
+    every alpha come from one Gram matrix per episode: the context-centred Gram Kc_t is eigendecomposed once per
+    position, and each alpha is then a diagonal rescaling, fit(t) = mean(y) + k^T (Kc_t + alpha I)^-1 (y - mean(y)).
+    -> dict(alphas (A,), accuracy (A,), accuracy_by_position (A, L) lists, best (index of the best overall
+    accuracy on THESE episodes: for reporting only; select alpha on other episodes, see ridge_icl_bound), and with
+    return_predictions the fits (A, n_episodes, L) float64 and the labels (n_episodes, L))."""
+    alphas = _torch.as_tensor(_np.asarray(alphas, dtype=_np.float64).reshape(-1))
+    if not bool((alphas > 0).all()):
+        raise ValueError(f"ridge alphas must be > 0, got {alphas.tolist()}")
+    A, L = len(alphas), int(length)
+    correct = _torch.zeros(A, L, dtype=_torch.float64)
+    fits, labels = [], []
+    for start in range(0, n_episodes, batch):
+        B = min(batch, n_episodes - start)
+        x, y, _, _, _ = make_episodes(features, fns, B, L, seed + start)
+        z = x[..., 1:].double()
+        if shift is not None:
+            z = z - _torch.as_tensor(shift, dtype=_torch.float64)
+        if scale is not None:
+            z = z * _torch.as_tensor(scale, dtype=_torch.float64)
+        y = y.double()
+        K = z @ z.transpose(1, 2)  # (B, L, L)
+        pred = _torch.full((A, B, L), 0.5, dtype=_torch.float64)
+        pred[:, :, 0] = 0.0  # no context: predict negative (ties at 1/2 go negative, as a zero logit does)
+        for t in range(1, L):
+            Kt = K[:, :t, :t]
+            r = Kt.mean(2)                                   # (B, t): z_i . m, m the context mean
+            s = r.mean(1, keepdim=True)                      # (B, 1): m . m
+            rq = K[:, t, :t].mean(1, keepdim=True)           # (B, 1): z_t . m
+            Kc = Kt - r[:, :, None] - r[:, None, :] + s[:, :, None]
+            k = K[:, t, :t] - r - rq + s                     # (B, t): (z_i - m) . (z_t - m)
+            yb = y[:, :t].mean(1, keepdim=True)
+            lam, V = _torch.linalg.eigh(Kc)                  # (B, t), (B, t, t)
+            lam = lam.clamp_min(0)
+            vk = (V.transpose(1, 2) @ k[:, :, None])[..., 0]          # (B, t)
+            vy = (V.transpose(1, 2) @ (y[:, :t] - yb)[:, :, None])[..., 0]
+            pred[:, :, t] = yb[:, 0] + ((vk * vy)[None] / (lam[None] + alphas[:, None, None])).sum(2)
+        correct += ((pred > 0.5).double() == y[None]).sum(1)
+        if return_predictions:
+            fits.append(pred)
+            labels.append(y)
+    acc = correct / n_episodes
+    out = dict(alphas=alphas.tolist(), accuracy=acc.mean(1).tolist(), accuracy_by_position=acc.tolist(),
+               best=int(acc.mean(1).argmax()))
+    if return_predictions:
+        out.update(predictions=_torch.cat(fits, 1), labels=_torch.cat(labels, 0))
+    return out
+
+
+def ridge_icl_bound(train_features, train_fns, eval_features, eval_fns, length, n_episodes=256, seed=12345,
+                    alphas=ICL_RIDGE_ALPHAS, shift=None, scale=None, select_seed=None, batch=64):
+    """ridge_icl_curve with its penalty chosen on episodes of the TRAINING functions and pool (seed select_seed,
+    default seed + 1,000,003), then scored on the held-out episodes evaluate_meta uses (eval_features, eval_fns,
+    seed). -> dict(alpha, accuracy, accuracy_by_position (L,), selection_accuracy (A,), alphas, at_grid_edge)."""
+    sel = ridge_icl_curve(train_features, train_fns, length, n_episodes,
+                          seed + 1_000_003 if select_seed is None else select_seed, alphas, shift, scale, batch)
+    a = sel["best"]
+    ev = ridge_icl_curve(eval_features, eval_fns, length, n_episodes, seed, [sel["alphas"][a]], shift, scale, batch)
+    return dict(alpha=sel["alphas"][a], accuracy=ev["accuracy"][0], accuracy_by_position=ev["accuracy_by_position"][0],
+                selection_accuracy=sel["accuracy"], alphas=sel["alphas"], at_grid_edge=a in (0, len(sel["alphas"]) - 1))

@@ -1,0 +1,71 @@
+"""The online ridge bound of in-context learning (models.ridge_icl_curve) against an independent per-episode,
+per-position sklearn Ridge fit on the same episodes."""
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import Ridge
+
+import models
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops on shared cores
+
+
+def _world(n=300, d=13, F=5, seed=0):
+    """Features with a few planted linear directions; function f is positive where direction f is large."""
+    g = np.random.default_rng(seed)
+    X = g.normal(size=(n, d)).astype(np.float32) * g.uniform(0.5, 3, d).astype(np.float32) + 2.0
+    W = g.normal(size=(d, F))
+    s = X @ W + g.normal(size=(n, F))
+    idx = np.argsort(-s, 1)[:, :2]  # top-2 "latents" per row, SAE-code layout
+    val = np.take_along_axis(s, idx, 1).clip(0.1).astype(np.float32)
+    return torch.from_numpy(X), models.functions_from_codes(idx, val, min_nonzero=20)
+
+
+@pytest.mark.parametrize("length,alpha", [(7, 0.3), (16, 10.0)])
+def test_ridge_icl_matches_sklearn(length, alpha):
+    X, fns = _world()
+    mu, sd = X.mean(0), X.std(0)
+    r = models.ridge_icl_curve(X, fns, length, n_episodes=9, seed=5, alphas=[alpha], shift=mu, scale=1 / sd,
+                               batch=4, return_predictions=True)
+    pred, y = r["predictions"][0], r["labels"]
+    Z = ((X - mu) / sd).double().numpy()
+    correct = np.zeros(length)
+    for start in range(0, 9, 4):  # the same episodes: evaluate_meta's batching of seeds
+        B = min(4, 9 - start)
+        _, yb, _, _, rows = models.make_episodes(X, fns, B, length, 5 + start)
+        rows = rows.numpy()
+        for b in range(B):
+            e = start + b
+            np.testing.assert_array_equal(y[e].numpy(), yb[b].double().numpy())
+            assert pred[e, 0] == 0.0
+            for t in range(1, length):
+                ref = Ridge(alpha=alpha, fit_intercept=True, solver="svd")
+                ref.fit(Z[rows[b, :t]], yb[b, :t].double().numpy())
+                np.testing.assert_allclose(pred[e, t], ref.predict(Z[rows[b, t:t + 1]])[0], rtol=1e-6, atol=1e-6)
+            correct += ((pred[e] > 0.5).double() == y[e]).numpy()
+    np.testing.assert_allclose(r["accuracy_by_position"][0], correct / 9, atol=1e-12)
+    assert r["accuracy"][0] == pytest.approx(np.mean(correct / 9))
+
+
+def test_ridge_icl_many_alphas_and_selection():
+    """One call over a grid equals separate calls; the bound picks its alpha on the training episodes only."""
+    X, fns = _world(seed=1)
+    grid = [0.1, 3.0, 100.0]
+    r = models.ridge_icl_curve(X, fns, 12, n_episodes=6, seed=2, alphas=grid, batch=64)
+    for a, acc in zip(grid, r["accuracy_by_position"]):
+        one = models.ridge_icl_curve(X, fns, 12, n_episodes=6, seed=2, alphas=[a])
+        np.testing.assert_allclose(one["accuracy_by_position"][0], acc)
+    b = models.ridge_icl_bound(X, fns, X, fns, 12, n_episodes=6, seed=2, alphas=grid, select_seed=99)
+    sel = models.ridge_icl_curve(X, fns, 12, n_episodes=6, seed=99, alphas=grid)
+    assert b["alpha"] == grid[int(np.argmax(sel["accuracy"]))]
+    assert b["accuracy"] == pytest.approx(r["accuracy"][grid.index(b["alpha"])])
+    with pytest.raises(ValueError, match="alphas must be > 0"):
+        models.ridge_icl_curve(X, fns, 12, n_episodes=2, alphas=[0.0])
+
+
+def test_ridge_icl_learns_planted_functions():
+    """Linearly planted functions: the online learner beats chance late in the episode, not at position 0."""
+    X, fns = _world(n=2000, d=9, F=3, seed=3)
+    r = models.ridge_icl_curve(X, fns, 40, n_episodes=64, seed=0, alphas=[1.0], shift=X.mean(0), scale=1 / X.std(0))
+    acc = np.array(r["accuracy_by_position"][0])
+    assert acc[30:].mean() > 0.8 and abs(acc[0] - 0.5) < 0.2
