@@ -11,11 +11,17 @@ so a user with a half-downloaded data folder learns what to fix without reading 
 import argparse
 import contextlib
 import datetime
+import errno
 import functools
+import glob
 import json
 import os
 import pickle
 import platform
+import shutil
+import socket
+import sys
+import tempfile
 
 import h5py
 import numpy as np
@@ -241,9 +247,12 @@ def atomic_path(path):
         os.remove(tmp)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        reason = write_failure(e)
+        if reason:  # a full disk or a file-size limit: one message naming the file, the old file left as it was
+            raise DataError(f"{path}: writing failed: {reason} ({room(folder)}); {path} is unchanged") from None
         raise
     if not os.path.exists(tmp):
         raise DataError(f"{path}: nothing was written to the temporary file {tmp}")
@@ -288,17 +297,17 @@ def write_features(path, features, image_ids, attrs=None, layers=None, chunk_row
     def chunks(a):
         return (max(1, min(chunk_rows, n)),) + a.shape[1:] if n > 0 else None
 
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=features, chunks=chunks(features))
-            f.create_dataset("image_ids", data=np.array(image_ids, dtype=object),
-                             dtype=h5py.string_dtype("utf-8"))
-            for name, arr in (layers or {}).items():
-                arr = np.asarray(arr)
-                if arr.shape[0] != n:
-                    raise DataError(f"{path}: /layers/{name} has {arr.shape[0]} rows, expected {n}")
-                f.create_dataset(f"layers/{name}", data=arr, chunks=chunks(arr))
-            write_h5_attrs(f, attrs)
+    size = features.nbytes + sum(np.asarray(a).nbytes for a in (layers or {}).values()) + 64 * n
+    with h5_create(path, size) as f:
+        f.create_dataset("features", data=features, chunks=chunks(features))
+        f.create_dataset("image_ids", data=np.array(image_ids, dtype=object),
+                         dtype=h5py.string_dtype("utf-8"))
+        for name, arr in (layers or {}).items():
+            arr = np.asarray(arr)
+            if arr.shape[0] != n:
+                raise DataError(f"{path}: /layers/{name} has {arr.shape[0]} rows, expected {n}")
+            f.create_dataset(f"layers/{name}", data=arr, chunks=chunks(arr))
+        write_h5_attrs(f, attrs)
     return path
 
 
@@ -357,6 +366,7 @@ def read_features(path, field="features", check_finite=True):
         raise DataError(f"{path}: /{field} must be 2-d (n_images, d), got shape {X.shape}")
     if X.shape[0] != len(ids):
         raise DataError(f"{path}: /{field} has {X.shape[0]} rows but /image_ids has {len(ids)} entries")
+    check_unique(path, "/image_ids", ids)
     if check_finite:
         bad = ~np.isfinite(X)
         if bad.any():
@@ -392,22 +402,43 @@ def load_concepts(data_dir):
 
 
 def load_spose(data_dir, n_concepts=None):
-    """SPoSE embedding (n_concepts, n_dims) float32; the 66-d file, else the 49-d variant."""
+    """SPoSE embedding (n_concepts, n_dims) float32; the 66-d file, else the 49-d variant. Rows are counted from 1
+    in messages (blank lines are skipped)."""
     path = os.path.join(data_dir, "spose_embedding_66d_sorted.txt")
     alt = os.path.join(data_dir, "spose_embedding_49d_sorted.txt")
     if not os.path.exists(path) and os.path.exists(alt):
         path = alt
     _need(path, "SPoSE embedding (whitespace-separated, one concept per row)")
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        rows = [line.split() for line in fh]
+    rows = [r for r in rows if r]
+    if not rows:
+        raise DataError(f"{path}: empty file; expected one row of whitespace-separated numbers per concept")
+    width = len(rows[0])
+    for r, toks in enumerate(rows):
+        if len(toks) != width:  # a missing value shifts nothing silently: the row is named, not read as NaN
+            raise DataError(f"{path}: row {r + 1} has {len(toks)} values, expected {width} (as row 1)")
     try:
-        E = pd.read_csv(path, sep=r"\s+", header=None, dtype=np.float64, engine="c").to_numpy(np.float32)
-    except ValueError as e:
-        raise DataError(f"{path}: could not parse as whitespace-separated numbers ({e})") from None
+        E = np.array(rows, dtype=np.float64).astype(np.float32)
+    except ValueError:
+        r, c = next((r, c) for r, toks in enumerate(rows) for c, v in enumerate(toks) if not _is_number(v))
+        raise DataError(f"{path}: row {r + 1}, column {c + 1}: {rows[r][c]!r} is not a number") from None
     if n_concepts is not None and E.shape[0] != n_concepts:
         raise DataError(f"{path}: {E.shape[0]} rows, expected {n_concepts} (one per concept in unique_id.txt)")
     bad = ~np.isfinite(E)
     if bad.any():
-        raise DataError(f"{path}: {int(bad.sum())} non-finite values, first at row {np.nonzero(bad.any(1))[0][0]}")
+        r, c = np.argwhere(bad)[0]
+        raise DataError(f"{path}: {int(bad.sum())} non-finite values, first at row {r + 1}, column {c + 1} "
+                        f"({rows[r][c]!r})")
     return E
+
+
+def _is_number(v):
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
 
 
 def concept_rows(image_ids, concepts, path="features"):
@@ -434,14 +465,16 @@ def load_triplets(data_dir, n_concepts):
     """
     path = _need(os.path.join(data_dir, "THINGS_triplets.csv"), "tab-separated THINGS triplet file")
     cols = ["image1", "image2", "image3", "choice", "subject_id"]
-    header = pd.read_csv(path, sep="\t", nrows=0)
+    header = read_csv(path, "triplets", sep="\t", nrows=0)
     _check_columns(path, header, cols)
     try:
         # explicit int64 dtypes keep the C parser on its fast path (4.7M rows in a few seconds)
-        df = pd.read_csv(path, sep="\t", usecols=cols, engine="c",
-                         dtype={c: np.int64 for c in cols[:4]})
-    except ValueError as e:
-        raise DataError(f"{path}: columns {cols[:4]} must be integers without gaps ({e})") from None
+        df = read_csv(path, "triplets", sep="\t", usecols=cols, engine="c", dtype={c: np.int64 for c in cols[:4]})
+    except ValueError as e:  # a non-integer or empty cell: read as text to name it
+        raw = read_csv(path, "triplets", sep="\t", usecols=cols, dtype=str)
+        for c in cols[:4]:
+            check_cells(path, raw, c, "an integer", integer=True)
+        raise DataError(f"{path}: columns {cols[:4]} must be integers ({e})") from None
     for c in cols[:3]:
         v = df[c].to_numpy()
         bad = np.nonzero((v < 1) | (v > n_concepts))[0]
@@ -504,24 +537,36 @@ def load_levels(data_dir):
 
 def load_category_learning(data_dir):
     """category_learning.csv -> DataFrame (participant, image, choice, true_category_binary[, trial, dimension,
-    correct])."""
+    correct]); choice and true_category_binary checked to be 0 or 1 (int64)."""
     path = _need(os.path.join(data_dir, "category_learning.csv"), "category learning CSV")
-    df = pd.read_csv(path)
+    df = read_csv(path, "trials (one per row)")
     req = ["participant", "image", "choice", "true_category_binary"]
     _check_columns(path, df, req)
-    return df[req + [c for c in ["trial", "dimension", "correct"] if c in df.columns]]
+    df = df[req + [c for c in ["trial", "dimension", "correct"] if c in df.columns]].copy()
+    for c in ("participant", "image"):
+        check_cells(path, df, c, "a value")
+    for c in ("choice", "true_category_binary"):
+        df[c] = check_cells(path, df, c, "0 or 1", allowed=(0, 1))
+    return df
 
 
 def load_reward_learning(data_dir):
     """reward_learning.csv -> DataFrame (participant, left_image, right_image, left_reward, right_reward, choice).
 
-    choice: 0 = left, 1 = right (the embedded world's coding; a `trial` column is kept when present).
+    choice: 0 = left, 1 = right (the embedded world's coding; a `trial` column is kept when present); rewards
+    checked to be finite numbers (float64), choice 0 or 1 (int64).
     """
     path = _need(os.path.join(data_dir, "reward_learning.csv"), "reward learning CSV")
-    df = pd.read_csv(path)
+    df = read_csv(path, "trials (one per row)")
     req = ["participant", "left_image", "right_image", "left_reward", "right_reward", "choice"]
     _check_columns(path, df, req)
-    return df[req + (["trial"] if "trial" in df.columns else [])]
+    df = df[req + (["trial"] if "trial" in df.columns else [])].copy()
+    for c in ("participant", "left_image", "right_image"):
+        check_cells(path, df, c, "a value")
+    for c in ("left_reward", "right_reward"):
+        df[c] = check_cells(path, df, c, "a finite number")
+    df["choice"] = check_cells(path, df, "choice", "0 (left) or 1 (right)", allowed=(0, 1))
+    return df
 
 
 def load_fmri(data_dir, subject):
@@ -542,7 +587,7 @@ def load_fmri(data_dir, subject):
     _check_columns(rpath, rd, ["voxel_id"])
     voxel_ids = rd["voxel_id"].to_numpy(np.int64)
     responses = rd.drop(columns=["voxel_id"]).to_numpy(np.float32)  # (n_voxels, n_trials)
-    voxels = pd.read_csv(vpath)
+    voxels = read_csv(vpath, "voxels (one per row)")
     _check_columns(vpath, voxels, ["voxel_id", "nc_singletrial"])
     idx = pd.Index(voxels["voxel_id"].to_numpy(np.int64))
     pos = idx.get_indexer(voxel_ids)
@@ -550,8 +595,412 @@ def load_fmri(data_dir, subject):
         raise DataError(f"{vpath}: column 'voxel_id' lacks {int((pos < 0).sum())} voxels of {rpath}, "
                         f"first {voxel_ids[pos < 0][0]}")
     voxels = voxels.iloc[pos].reset_index(drop=True)
-    stimuli = pd.read_csv(spath)
+    stimuli = read_csv(spath, "trials (one per row)")
     _check_columns(spath, stimuli, ["session", "concept", "stimulus"])
     if len(stimuli) != responses.shape[1]:
         raise DataError(f"{spath}: {len(stimuli)} rows (trials) but {rpath} has {responses.shape[1]} trial columns")
     return dict(responses=responses, voxel_ids=voxel_ids, voxels=voxels, stimuli=stimuli)
+
+
+# ====================================================================================================== faults
+# What every script shares when input or the machine is bad: one error exit, inputs that are never outputs,
+# outputs checked writable and locked before any work, temporary files of killed runs removed, full disks
+# and file-size limits reported by file name, CSV cells named by column, row and value.
+
+class ScriptExit(SystemExit):
+    """A script's error exit: status 2 (argparse's usage-error status), str() is the message."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def fail(script, message):
+    """Print '<script>: error: <message>' to stderr and exit with status 2 (raises ScriptExit)."""
+    text = f"{script}: error: {message}"
+    print(text, file=sys.stderr, flush=True)
+    raise ScriptExit(text)
+
+
+WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file too large (a file-size limit, "
+                "ulimit -f, or the file system's maximum)", errno.EDQUOT: "disk quota exceeded"}
+WRITE_MARKERS = {"No space left on device": errno.ENOSPC, "File too large": errno.EFBIG,
+                 "file too large": errno.EFBIG, "Disk quota exceeded": errno.EDQUOT}
+
+
+def write_failure(e):
+    """The reason a write failed for lack of room (full disk, file-size limit, quota), or None for any other
+    error. Covers OSError's errno and the libraries that wrap it in their own messages (torch.save, HDF5)."""
+    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+        return WRITE_ERRNOS[e.errno]
+    if isinstance(e, (OSError, RuntimeError)):
+        text = str(e)
+        for marker, code in WRITE_MARKERS.items():
+            if marker in text:
+                return WRITE_ERRNOS[code]
+        if "PytorchStreamWriter failed writing" in text or "file write failed" in text:
+            return "the file system refused the write (full disk or file-size limit?)"
+    return None
+
+
+def _existing_folder(path):
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def _size(n):
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def room(folder):
+    """'<free> free in <folder>[, file-size limit <limit>]': what a failed write had to work with."""
+    import resource
+    folder = folder if os.path.isdir(folder) else _existing_folder(folder)
+    st = os.statvfs(folder)
+    text = f"{_size(st.f_bavail * st.f_frsize)} free in {folder}"
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return text + (f", file-size limit (ulimit -f) {_size(soft)}" if soft != resource.RLIM_INFINITY else "")
+
+
+def check_space(path, nbytes):
+    """Refuse, before writing, a file of about `nbytes` that the disk or the file-size limit cannot hold. HDF5
+    cannot be trusted to fail cleanly when a write is refused mid-file (it may crash in close), so big HDF5
+    outputs are checked first; the estimate is a lower bound, so this catches the plain cases."""
+    import resource
+    path = os.fspath(path)
+    folder = _existing_folder(path)
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY and nbytes > soft:
+        raise DataError(f"{path}: needs about {_size(nbytes)} but the file-size limit (ulimit -f) is {_size(soft)}; "
+                        "nothing was written")
+    st = os.statvfs(folder)
+    if nbytes > st.f_bavail * st.f_frsize:
+        raise DataError(f"{path}: needs about {_size(nbytes)} but only {_size(st.f_bavail * st.f_frsize)} are free "
+                        f"in {folder}; nothing was written")
+
+
+H5_IN_MEMORY = 2 ** 31  # HDF5 outputs up to this size are built in memory and written in one piece
+
+
+@contextlib.contextmanager
+def h5_create(path, nbytes=0):
+    """A new HDF5 file at `path`, atomically (atomic_path). Files up to H5_IN_MEMORY bytes (nbytes: an estimate)
+    are built in memory (HDF5's core driver) and written by plain Python I/O, so a full disk or a file-size limit
+    is an ordinary error naming the file; HDF5 itself may crash when a write fails inside the library. Larger
+    files are checked against the free space first (check_space) and written directly."""
+    import h5py
+    with atomic_path(path) as tmp:
+        if nbytes > H5_IN_MEMORY:
+            check_space(path, nbytes)
+            with h5py.File(tmp, "w") as f:
+                yield f
+            return
+        f = h5py.File(tmp + ".mem", "w", driver="core", backing_store=False)  # the name is never created
+        try:
+            yield f
+            f.flush()
+            image = f.id.get_file_image()
+        finally:
+            f.close()
+        with open(tmp, "wb") as fh:
+            fh.write(image)
+
+
+def read_csv(path, what, **kwargs):
+    """pandas.read_csv, with an empty file and a header without rows as errors naming the file."""
+    try:
+        df = pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file; expected a header line, then {what}") from None
+    except pd.errors.ParserError as e:
+        raise DataError(f"{path}: not a readable table ({e})") from None
+    if kwargs.get("nrows") != 0 and len(df) == 0:
+        raise DataError(f"{path}: a header line and no rows; expected {what}")
+    return df
+
+
+def check_cells(path, df, column, expected, allowed=None, integer=False):
+    """Check every cell of a CSV column: present ('a value'), or a finite number, optionally an integer or one of
+    `allowed`. The first bad cell is named by file, column, row (data rows counted from 1, the header is not a
+    row) and its value. Returns the column as numbers (int64 for integers / allowed values) or as it is."""
+    raw = df[column]
+    missing = raw.isna().to_numpy() | (raw.astype(str).str.strip() == "").to_numpy()
+    if expected == "a value":
+        bad = missing
+        values = raw
+    else:
+        num = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64)
+        bad = missing | ~np.isfinite(num)
+        if integer or allowed is not None:
+            bad |= np.isfinite(num) & (num != np.round(num))
+        if allowed is not None:
+            bad |= np.isfinite(num) & ~np.isin(num, allowed)
+        values = np.where(bad, 0, num).astype(np.int64) if integer or allowed is not None else num
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        cell = "an empty cell" if missing[r] else repr(raw.iloc[r])
+        raise DataError(f"{path}: column '{column}', row {r + 1}: {cell}; expected {expected} "
+                        f"({int(bad.sum())} bad cell{'s' if bad.sum() > 1 else ''} in the column)")
+    return values
+
+
+def check_unique(path, field, ids):
+    """Duplicate ids are an error naming the file, the field and the first duplicate with both its rows: every
+    reader matches rows by id, and readers that keep the first or the last match would disagree silently."""
+    seen = {}
+    for i, v in enumerate(ids):
+        j = seen.setdefault(v, i)
+        if j != i:
+            n = len(ids) - len(set(ids))
+            raise DataError(f"{path}: {field} has {n} duplicate entr{'ies' if n > 1 else 'y'}, first {v!r} at rows "
+                            f"{j} and {i} (0-based); every id must name one row")
+
+
+def check_flags(p, cfg, rules):
+    """Numeric flags checked at parse time: rules {key: '>= 1' | '> 0' | 'in (0, 1)' | 'in [0, 1)' | ...}; a
+    value outside is a usage error (exit 2) naming the flag, the value and what is expected."""
+    for key, rule in rules.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if rule.startswith("in "):
+            lo, hi = (float(x) for x in rule[4:-1].split(","))
+            ok = (v >= lo if rule[3] == "[" else v > lo) and (v <= hi if rule[-1] == "]" else v < hi)
+            want = f"a value {rule}"
+        else:
+            op, bound = rule.split()
+            ok = v >= float(bound) if op == ">=" else v > float(bound)
+            want = f"{'an integer' if isinstance(v, int) else 'a value'} {rule}"
+        if not ok:
+            p.error(f"--{key.replace('_', '-')} {v}: expected {want}")
+
+
+def check_writable(path, flag="--out", folder=False):
+    """An output's folder (or its nearest existing parent) must take a new file: checked by creating and
+    removing a probe file, so a read-only place fails before any work (permission bits alone do not tell,
+    e.g. for root or read-only mounts). folder=True: the output is a folder, written beside it and renamed."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and not folder:
+        raise DataError(f"{path}: {flag} is a folder; expected a file path")
+    folder = _existing_folder(path)
+    if not os.path.isdir(folder):
+        raise DataError(f"{path}: {folder} is a file, not a folder; choose another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"{path}: {flag} cannot be written: {folder} does not take new files ({e.strerror}); "
+                        f"choose another {flag}") from None
+
+
+def refuse_inputs(outputs, inputs):
+    """outputs, inputs: {label: path} (labels such as '--out', '--features'). An output that resolves to one of
+    the inputs (same path after symlinks, or the same file) is an error naming both, so an input is never
+    overwritten by the results computed from it."""
+    ins = [(label, os.fspath(p)) for label, p in inputs.items() if p]
+    for olabel, o in outputs.items():
+        if not o:
+            continue
+        o = os.fspath(o)
+        for ilabel, i in ins:
+            same = os.path.realpath(o) == os.path.realpath(i)
+            if not same and os.path.exists(o) and os.path.exists(i):
+                same = os.path.samefile(o, i)
+            if same:
+                raise DataError(f"{o}: {olabel} is the input {ilabel} ({i}); writing it would destroy that "
+                                f"input. Choose another {olabel.split()[0] if olabel.startswith('--') else '--out'}")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in fh)
+    except OSError:
+        return True
+
+
+class OutputLock:
+    """One writer at a time: a POSIX advisory lock (fcntl.lockf) on <path>.lock, which holds the owner's pid,
+    host, start time and command. The kernel drops the lock when its process dies (kill -9 included), and
+    forked children (data-loader workers) do not inherit it, so a lock file that nobody holds is stale and is
+    taken over; a held one stops a second writer with a message naming the owner and the lock."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path).rstrip("/")
+        self.lock_path = self.path + ".lock"
+        self.fd, self.stale = None, ""
+
+    def acquire(self):
+        import fcntl
+        os.makedirs(os.path.dirname(os.path.abspath(self.lock_path)), exist_ok=True)
+        for _ in range(10):
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                owner = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "an unknown process"
+                os.close(fd)
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                raise DataError(f"{self.path}: being written by another run ({owner}); lock {self.lock_path}. "
+                                "Wait for it to finish or stop it: two writers would mix their outputs") from None
+            try:  # its previous owner may have removed the file between our open and our lock: lock a fresh one
+                current = os.path.samestat(os.fstat(fd), os.stat(self.lock_path))
+            except FileNotFoundError:
+                current = False
+            if not current:
+                os.close(fd)
+                continue
+            self.stale = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()} since "
+                           f"{datetime.datetime.now().isoformat(timespec='seconds')}: "
+                           f"{' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:1000]}\n").encode(), 0)
+            self.fd = fd
+            return self
+        raise DataError(f"{self.path}: could not take the lock {self.lock_path} (it keeps changing)")
+
+    def release(self):
+        if self.fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.lock_path)
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def remove_temporaries(paths, say=print):
+    """Remove the temporary files (<path>.tmp-<pid>, atomic_path's) that killed runs left beside `paths`. Call it
+    holding the outputs' lock: no live writer of these outputs can exist then, on this host or another."""
+    for path in paths:
+        if not path:
+            continue
+        for tmp in glob.glob(glob.escape(os.fspath(path).rstrip("/")) + ".tmp-*"):
+            if os.path.isdir(tmp) and not os.path.islink(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+            say(f"removed {tmp}, a temporary file of a run that was killed")
+
+
+@contextlib.contextmanager
+def claim_outputs(outputs, inputs=None, say=print, folders=False):
+    """Before any work: refuse outputs that are inputs (refuse_inputs), check every output writable
+    (check_writable; folders=True: the outputs are folders), lock the first output (OutputLock; the other ranks
+    of a multi-process job give no outputs), and remove what killed runs left (remove_temporaries).
+    outputs, inputs: {label: path}."""
+    outputs = {k: os.fspath(v) for k, v in outputs.items() if v}
+    refuse_inputs(outputs, inputs or {})
+    for label, path in outputs.items():
+        check_writable(path, label.split()[0] if label.startswith("--") else "--out", folders)
+    lock = OutputLock(next(iter(outputs.values()))).acquire() if outputs else None
+    try:
+        if lock is not None and lock.stale:
+            say(f"took over the lock {lock.lock_path} of a run that is gone ({lock.stale})")
+        remove_temporaries(outputs.values(), say)
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@contextlib.contextmanager
+def script_errors(script):
+    """main()'s error boundary: a DataError, a string sys.exit from inside a stage, or a write refused for lack of
+    room ends in one line '<script>: error: ...' on stderr and exit status 2, never a traceback."""
+    try:
+        yield
+    except ScriptExit:
+        raise
+    except DataError as e:
+        fail(script, str(e))
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        fail(script, e.code.split(f"{script}: error: ", 1)[-1])
+    except (OSError, RuntimeError) as e:
+        reason = write_failure(e)
+        if not reason:
+            raise
+        name = getattr(e, "filename", None) or "an output file"
+        fail(script, f"{name}: writing failed: {reason}")
+
+
+def load_checkpoint(path, what="checkpoint", map_location="cpu"):
+    """torch.load of a checkpoint this project wrote; an unreadable one (truncated by a kill during a save that
+    bypassed the atomic rename, or another file) is a DataError naming it."""
+    import torch
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e)[:200]}); a file cut "
+                        "short by a kill or a full disk reads like this. Remove it, or pass --overwrite to start "
+                        "over") from None
+
+
+class CsvLog:
+    """A training log, one CSV row per step. A fresh run writes the header (atomically); a resumed run cuts the
+    log back to the checkpoint's step (rows after it are redone) and its `seconds` continue from there: `offset`
+    is the last kept row's seconds. A write refused for lack of room is a DataError naming the file."""
+
+    def __init__(self, path, fields, resume_step=None):
+        import csv
+        self.path, self.fields, self.offset = path, fields, 0.0
+        rows = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("step", "").isdigit()
+                        and int(r["step"]) <= resume_step]
+            if rows and rows[-1].get("seconds"):
+                self.offset = float(rows[-1]["seconds"])
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(fields)
+            for r in rows:
+                w.writerow([r.get(k, "") for k in fields])
+
+    def append(self, row):
+        import csv
+        try:
+            with open(self.path, "a", newline="") as fh:
+                csv.writer(fh).writerow([row.get(k, "") for k in self.fields])
+        except OSError as e:
+            reason = write_failure(e)
+            if reason:
+                raise DataError(f"{self.path}: writing failed: {reason} ({room(self.path)})") from None
+            raise
+
+
+def die_with_parent(worker_id=None, parent=None):
+    """A DataLoader worker_init_fn (functools.partial(die_with_parent, parent=os.getpid()) in the parent): the
+    worker gets SIGKILL when its parent dies (Linux PR_SET_PDEATHSIG), so a killed run leaves no orphaned worker
+    holding its files open. Exits at once if the parent is already gone."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: torch's own watchdog ends orphaned workers within seconds
+        return
+    if parent is not None and os.getppid() != parent:  # the parent died before the line above
+        os._exit(0)

@@ -92,7 +92,7 @@ def out_paths(cfg):
 def write_trials(path, cfg, tables):
     """Per-trial results to HDF5 (atomic): tables = {group: {name: array}}; attrs config + versions."""
     import h5py
-    with data.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with data.h5_create(path) as f:
         for gname, cols in tables.items():
             for k, v in cols.items():
                 v = np.asarray(v)
@@ -522,6 +522,11 @@ def _icl_one(cfg, path):
         raise data.DataError(f"{path}: {e}") from None
     mc = ck.get("config", {})
     feats = cfg.get("icl_features") or mc.get("eval_features") or cfg["features"]
+    for key, p in (("eval_features", feats), ("eval_codes", mc.get("eval_codes"))):
+        if not cfg.get("icl_features") and p and p == mc.get(key) and not os.path.exists(p):
+            raise data.DataError(f"{p} not found: it is the --{key.replace('_', '-')} recorded in {path}, a path "
+                                 f"relative to the folder train.py ran in (this run is in {os.getcwd()}); run from "
+                                 "that folder or pass --icl-features FILE (a features file with its /sae codes)")
     X, ids = data.read_features(feats)
     held = ck.get("eval_latents")
     held = None if held is None else np.asarray(held)

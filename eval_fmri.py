@@ -279,8 +279,7 @@ def run_fmri(cfg, reps_for_subject, representations):
 
 def write_voxels(path, voxels, cfg):
     """Per-voxel results: /<sub>/{voxel_ids, nc, roi, <rep>, <rep>_raw_r2, <rep>_alphas} + config/versions attrs."""
-    import h5py
-    with data.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with data.h5_create(path) as f:
         for tag, v in voxels.items():
             for k, a in v.items():
                 f[f"{tag}/{k}"] = a

@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -79,7 +80,8 @@ defaults = dict(
     behav_l2=0.1,                               # behavioural fits: L2 penalty on each participant's choice parameters
     threads=1,                                  # behavioural fits, encsearch: torch threads (1: fastest on busy
                                                 # 2-core machines; 0: torch default)
-    levels_features="data/features/clip/levels.h5",  # levels-ooo: features of the Levels (ImageNet) images
+    levels_features="",                         # levels-ooo: features of the Levels (ImageNet) images ('' = levels.h5
+                                                # beside --features)
     cat_c="0.01,0.1,1,10,100",                  # category-learning: C grid of the online L2 logistic learner
     reward_lambda="0.01,0.1,1,10,100",          # reward-learning: prior precisions of the online Bayesian regression
     icl_episodes=256,                           # icl: held-out episodes for the per-position curves
@@ -99,6 +101,9 @@ defaults = dict(
     folds=5,                                    # encsearch: inner CV folds on the training trials (random, seeded)
     progress=True,                              # tqdm progress bars
 )
+CHECKS = dict(n_boot=">= 1", ci="in (0, 1)", n_alphas=">= 1", n_perm=">= 1", perplexity="> 0", max_images=">= 2",
+              probe_seeds=">= 1", behav_folds=">= 2", behav_l2=">= 0", threads=">= 0", icl_episodes=">= 1",
+              warp_frac="in (0, 1]", folds=">= 2")  # numeric flags checked at parse time (data.check_flags)
 MULTI_FEATURES = ("similarity", "encsearch")  # the tasks that take several --features files
 NO_DATA = ("similarity", "dwarp", "icl")  # tasks that run without the human data folder (--data)
 
@@ -112,6 +117,14 @@ def parse(argv=None):
     if len(cfg["features"]) > 1 and not cfg["models"]:
         cfg["models"] = ",".join(cfg["features"])
     cfg["features"] = cfg["features"][0]
+    data.check_flags(p, cfg, CHECKS)
+    for key, low in (("shots", 1), ("pca", 0), ("pls_components", 1)):
+        try:
+            data.parse_ints(cfg[key], key.replace("_", "-"), low)
+        except data.DataError as e:
+            p.error(str(e))
+    if not cfg["levels_features"]:  # the Levels images' features beside --features (same backbone), never elsewhere
+        cfg["levels_features"] = os.path.join(os.path.dirname(cfg["features"]), "levels.h5")
     return cfg
 
 
@@ -341,9 +354,14 @@ def task_all(cfg):
         sub["_out"] = sub["out"]
         try:
             r = fn(sub)
-        except data.DataError as e:
-            summary[name] = dict(status="error", reason=str(e))
-            print(f"all: {name}: error: {e}")
+        except (Exception, SystemExit) as e:  # the other tasks still run; main exits non-zero listing the failures
+            if isinstance(e, SystemExit) and not isinstance(e.code, str):
+                raise
+            reason = str(e) if isinstance(e, (data.DataError, SystemExit)) else f"{type(e).__name__}: {e}"
+            if not isinstance(e, (data.DataError, SystemExit)):
+                traceback.print_exc()
+            summary[name] = dict(status="error", reason=reason)
+            print(f"all: {name}: error: {reason}", file=sys.stderr)
             continue
         r = write_result(sub["out"], r, sub)
         heads = {}
@@ -389,35 +407,81 @@ def _json_default(o):
     return str(o)
 
 
+SIDE_FILES = {  # what a task writes beside --out (<stem><suffix>), checked with --out before any work
+    **{t: (".trials.h5", ".r2.png", ".pxp.png", ".curves.png") for t in
+       ("things-ooo", "levels-ooo", "category-learning", "reward-learning")},
+    "icl": (".curves.png",), "fmri": (".h5", "_rois.png", "_scatter.png", "_flatmap.png"), "encsearch": (".md",),
+    "cka": ("_layers.png",), "tsne": (".png",), "similarity": (".png",), "dwarp": (".png",), "all": (".md", ".r2.png"),
+}
+SPLITEXT = ("fmri", "encsearch", "cka", "tsne", "similarity", "dwarp")  # their stem drops any extension, not .json
+
+
+def files(cfg, out):
+    """(outputs, inputs) of a run, {label: path}, for data.claim_outputs: --out first (it is locked), the files
+    written beside it (for --task all, every task's), and every input file, the human data folder's included."""
+    outputs, folder = {"--out": out}, os.path.dirname(os.path.abspath(out))
+    tasks = [cfg["task"]]
+    if cfg["task"] == "all":
+        tasks += [t for t in TASKS if t in (data.split_list(cfg["tasks"]) or TASKS)]
+    for t in tasks:
+        o = out if t == cfg["task"] else os.path.join(folder, f"{t}.json")
+        if t != cfg["task"]:
+            outputs[f"--out ({t}.json beside it)"] = o
+        stem = os.path.splitext(o)[0] if t in SPLITEXT else o[:-5] if o.endswith(".json") else o
+        for suffix in SIDE_FILES.get(t, ()):
+            outputs[f"--out ({os.path.basename(stem + suffix)} beside it)"] = stem + suffix
+    if cfg["task"] == "fmri" and cfg["voxel_out"]:
+        outputs["--voxel-out"] = cfg["voxel_out"]
+    inputs = {"--config": cfg["config"], "--features": cfg["features"], "--levels-features": cfg["levels_features"],
+              "--icl-features": cfg["icl_features"], "--categories": cfg["categories"]}
+    for flag in ("aligned", "ckpt", "models"):
+        for k, p in enumerate(data.split_list(cfg[flag])):
+            for ds in data.split_list(cfg["datasets"]) or [""]:
+                inputs[f"--{flag} #{k + 1}{' ' + ds if ds else ''}"] = p.replace("{dataset}", ds)
+    for p in data.split_list(cfg["warp_runs"]):
+        inputs.update({f"--warp-runs ({f})": f for f in glob.glob(p)})
+    for where, flag in ((cfg["data"], "--data"), (os.path.join(cfg["data"], "brain_data"), "--data"),
+                        (cfg["results"] if cfg["task"] == "report" else "", "--results")):
+        if where and os.path.isdir(where):
+            inputs.update({f"{flag} ({f})": os.path.join(where, f) for f in sorted(os.listdir(where))
+                           if os.path.isfile(os.path.join(where, f))})
+    return outputs, inputs
+
+
 def main(argv=None):
-    cfg = parse(argv)
-    out = cfg["out"] or os.path.join("runs", "eval", f"{cfg['task']}.{'md' if cfg['task'] == 'report' else 'json'}")
-    try:
-        if cfg["task"] == "report":
-            text = task_report(cfg)
-            with data.atomic_path(out) as tmp, open(tmp, "w") as fh:
-                fh.write(text)
-            if cfg["readme"]:
-                summary = text.split("## What the demo shows\n\n", 1)[-1].split("\n\n", 1)[0] if \
-                    "## What the demo shows" in text else ""
-                if not summary:
-                    raise data.DataError(f"--readme {cfg['readme']}: {cfg['results']} lacks the results of the "
-                                         "demo summary (things-ooo and cka)")
-                print(f"wrote the demo summary into {update_readme(cfg['readme'], summary)}")
-        elif cfg["task"] == "all" or cfg["task"] in TASKS:
-            cfg["_out"] = out  # tasks that draw figures put them beside the result file
-            if cfg["task"] not in NO_DATA and not os.path.isdir(cfg["data"]):
-                raise data.DataError(f"--data {cfg['data']}: folder not found; expected the human data sets there "
-                                     "(make data, README 'Data formats'), or pass --data DIR (the synthetic world's: "
-                                     "data/world/data)")
-            res = task_all(cfg) if cfg["task"] == "all" else TASKS[cfg["task"]](cfg)
-            print(write_result(out, res, cfg)["header"])
-        else:
+    with data.script_errors("evaluate.py"):
+        cfg = parse(argv)
+        out = cfg["out"] or os.path.join("runs", "eval", f"{cfg['task']}.{'md' if cfg['task'] == 'report' else 'json'}")
+        if cfg["task"] not in TASKS and cfg["task"] not in ("all", "report"):
             raise data.DataError(f"--task {cfg['task']!r}: expected one of {sorted(TASKS) + ['all', 'report']}")
-    except data.DataError as e:
-        sys.exit(f"evaluate.py: error: {e}")
-    print(f"wrote {out}")
-    return out
+        with data.claim_outputs(*files(cfg, out)):  # before any work: inputs are never outputs, one writer
+            if cfg["task"] == "report":
+                text = task_report(cfg)
+                with data.atomic_path(out) as tmp, open(tmp, "w") as fh:
+                    fh.write(text)
+                if cfg["readme"]:
+                    summary = text.split("## What the demo shows\n\n", 1)[-1].split("\n\n", 1)[0] if \
+                        "## What the demo shows" in text else ""
+                    if not summary:
+                        raise data.DataError(f"--readme {cfg['readme']}: {cfg['results']} lacks the results of the "
+                                             "demo summary (things-ooo and cka)")
+                    print(f"wrote the demo summary into {update_readme(cfg['readme'], summary)}")
+            else:
+                cfg["_out"] = out  # tasks that draw figures put them beside the result file
+                if cfg["task"] not in NO_DATA and not os.path.isdir(cfg["data"]):
+                    raise data.DataError(f"--data {cfg['data']}: folder not found; expected the human data sets "
+                                         "there (make data, README 'Data formats'), or pass --data DIR (the "
+                                         "synthetic world's: data/world/data)")
+                res = task_all(cfg) if cfg["task"] == "all" else TASKS[cfg["task"]](cfg)
+                print(write_result(out, res, cfg)["header"])
+                failed = {k: v["reason"] for k, v in res.get("tasks", {}).items() if v["status"] == "error"}
+                if cfg["task"] == "all" and failed:  # after the others ran and the summary was written
+                    print(f"wrote {out}")
+                    raise data.DataError(f"--task all: {len(failed)} of {len(res['tasks'])} tasks failed ("
+                                         + "; ".join(f"{k}: {r}" for k, r in failed.items())
+                                         + f"); the other tasks' results and the summary are in {out}")
+        print(f"wrote {out}")
+        return out
 
 
 if __name__ == "__main__":

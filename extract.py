@@ -22,9 +22,12 @@ The embedded synthetic world (features + every human-data file; make demo and th
     python extract.py --dataset synthetic --out data/world --n-triplets 4700000 --size full
 World sizes default per --size (see world.SIZES); any of them can be set as a flag, e.g. --n-concepts 300.
 """
+import functools
+import glob
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -65,7 +68,8 @@ defaults = dict(
     sae="",                      # SAE checkpoint: also write its top-k codes (train.py --stage sae --encode)
     on_bad="skip",               # skip (report undecodable images in /bad) | error (stop at the first)
     max_batches=0,               # stop after this many batches of this run (0 = all); the same command resumes
-    overwrite=False,             # replace an output (or partial) file made with another backbone or config
+    overwrite=False,             # replace an output (or partial) file made with another backbone or config, or a
+                                 # world (synthetic)
     list_layers=False,           # print the backbone's layer names and exit
     progress=True,               # tqdm progress bar with images/s
 )
@@ -91,6 +95,8 @@ def parse(argv=None):
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None,
                        help=f"world setting (small: {v}, full: {full}; --dataset synthetic only)")
     args = p.parse_args(argv)  # unknown flags are an error
+    data.check_flags(p, vars(args), dict(batch=">= 1", workers=">= -1", threads=">= 0", pca=">= 0", pca_batch=">= 1",
+                                         max_batches=">= 0"))
     given = [k for k in list(knobs) + list(WORLD_ONLY) if getattr(args, k) is not None]
     if args.dataset != "synthetic" and given:
         flags = ["--" + k.replace("_", "-") for k in given]
@@ -141,11 +147,12 @@ class Partial:
 
     def __init__(self, path, ids, dims, dtype, fingerprint, overwrite=False):
         import h5py
+        import numpy as np
         self.path, self.n = path, len(ids)
         fp = json.dumps(fingerprint, sort_keys=True)
         if os.path.exists(path):
             try:
-                self.f = h5py.File(path, "r+")
+                self.f = open_partial(path)
             except OSError as e:  # a kill inside HDF5's own metadata write: nothing to resume
                 print(f"extract.py: {path} is unreadable ({e}); starting over", file=sys.stderr)
                 os.remove(path)
@@ -163,6 +170,8 @@ class Partial:
                 else:
                     self.done = int(self.f.attrs["done"])
                     return
+        item = np.dtype(dtype).itemsize
+        data.check_space(path, self.n * (sum(dims.values()) * item + 1 + 200 + 64))  # HDF5 may crash on a full disk
         with data.atomic_path(path) as tmp:  # the partial file appears complete or not at all
             with h5py.File(tmp, "w") as f:
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -192,6 +201,25 @@ class Partial:
 
     def close(self):
         self.f.close()
+
+
+def open_partial(path, wait=10.0):
+    """h5py.File(path, "r+"). HDF5 locks a file it opens; a run killed with -9 may leave data-loader workers that
+    hold it for a moment (they die with their parent, data.die_with_parent). A locked file is waited for, then
+    named as held by another process, and never mistaken for a corrupt one (an OSError of any other kind)."""
+    import h5py
+    t = time.time()
+    while True:
+        try:
+            return h5py.File(path, "r+")
+        except OSError as e:
+            if "unable to lock file" not in str(e):
+                raise
+            if time.time() - t > wait:
+                raise data.DataError(f"{path}: open in another process for {wait:.0f} s ({e}); another extract.py "
+                                     "(or a worker it left behind) still holds it. Stop it, then rerun: the rows "
+                                     "done so far resume") from None
+            time.sleep(0.25)
 
 
 # ------------------------------------------------------------------------------ final file: merge, PCA, copy
@@ -237,6 +265,9 @@ def write_final(out, files, masks, bad, attrs, cfg):
     names = ["features"] + [f"layers/{n}" for n in files[0].get("layers", {})]
     ids = np.concatenate([np.asarray(f["image_ids"][...], dtype=object)[m] for f, m in zip(files, masks)])
     block = max(1024, cfg["pca_batch"])
+    n, item = int(sum(int(np.sum(m)) for m in masks)), np.dtype(cfg["dtype"]).itemsize
+    data.check_space(out, n * (sum(files[0][name].shape[1] for name in names) * item  # HDF5 may crash on a full
+                               + len(names) * cfg["pca"] * item + 128))            # disk: checked first
     chunks = lambda n, d: (max(1, min(1024, n)), d) if n else None  # noqa: E731  row blocks for streaming readers
     with data.atomic_path(out) as tmp, h5py.File(tmp, "w") as fo:
         for name in names:
@@ -330,17 +361,25 @@ def extract(cfg, on_batch=None):
         i, n = parse_shard(cfg["shard"])
         lo, hi = shard_range(len(items), cfg["batch"], i, n)
         target = shard_path(out, i, n)
-    if os.path.exists(target) and not cfg["overwrite"]:
-        return existing(target, dict(cfg, pca=0, sae="") if cfg["shard"] else cfg)
+    data.check_unique(cfg["list"] or root, "image ids", [it.id for it in items])
+    with data.claim_outputs({"--out": target, "partial file": target + ".partial"}, inputs(cfg)):
+        if os.path.exists(target) and not cfg["overwrite"]:
+            return existing(target, dict(cfg, pca=0, sae="") if cfg["shard"] else cfg)
+        import torch
+        threads = torch.get_num_threads()
+        if cfg["threads"]:
+            torch.set_num_threads(cfg["threads"])
+        try:
+            return _extract(cfg, spec, items, root, lo, hi, target, on_batch)
+        finally:
+            torch.set_num_threads(threads)
 
-    import torch
-    threads = torch.get_num_threads()
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    try:
-        return _extract(cfg, spec, items, root, lo, hi, target, on_batch)
-    finally:
-        torch.set_num_threads(threads)
+
+def inputs(cfg):
+    """The input files of a real extraction ({flag: path}): an --out equal to one of them is refused."""
+    weights = cfg["weights"] if cfg["weights"] not in ("", "random") else ""
+    return {"--list": cfg["list"], "--sae": cfg["sae"], "--weights": weights,
+            "--data (levels.pkl)": os.path.join(cfg["data"], "levels.pkl") if cfg["dataset"] == "levels" else ""}
 
 
 def _extract(cfg, spec, items, root, lo, hi, target, on_batch):
@@ -379,7 +418,8 @@ def _extract(cfg, spec, items, root, lo, hi, target, on_batch):
     workers = cfg["workers"] if cfg["workers"] >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
     loader = torch.utils.data.DataLoader(
         images.ImageDataset(items, bb.transform, blank), batch_size=cfg["batch"],
-        sampler=range(lo + start, hi), num_workers=workers, pin_memory=device.startswith("cuda"))
+        sampler=range(lo + start, hi), num_workers=workers, pin_memory=device.startswith("cuda"),
+        worker_init_fn=functools.partial(data.die_with_parent, parent=os.getpid()) if workers else None)
     print(f"extract.py: {cfg['dataset']} ({hi - lo} images of {len(items)} under {root}"
           f"{', resuming at ' + str(start) if start else ''}) -> {target}; {bb.name} ({bb.weights}) on {device}, "
           f"{layer} [{used[layer]}] d={dims['features']}, {workers} workers", flush=True)
@@ -437,7 +477,12 @@ def _extract(cfg, spec, items, root, lo, hi, target, on_batch):
 
 def merge(cfg, out):
     """Every F.shard-*-of-N.h5 -> F.h5 in shard order; checks that the shards are all there and alike."""
-    import glob
+    with data.claim_outputs({"--out": out}, dict(inputs(cfg), **{
+            f"shard ({p})": p for p in glob.glob(f"{glob.escape(os.path.splitext(out)[0])}.shard-*")})):
+        return _merge(cfg, out)
+
+
+def _merge(cfg, out):
     import h5py
     import numpy as np
     if os.path.exists(out) and not cfg["overwrite"]:
@@ -490,25 +535,96 @@ def list_layers(cfg):
             print(f"  {name:50s} {type(mod).__name__}")
 
 
-def main(argv=None, on_batch=None):
-    args = parse(argv)
-    cfg = vars(args)
-    if args.dataset == "synthetic" and not args.list_layers:
-        import world
-        overrides = {k: v for k, v in cfg.items() if k not in defaults and v is not None}
-        paths = world.make_world(args.out or "data/world", size=args.size, seed=args.seed, **overrides)
-        for name, path in paths.items():
-            print(f"  {name:28s} {path}")
-        return paths
-    if args.dataset not in REAL and args.dataset != "synthetic":
-        sys.exit(f"extract.py: error: unknown --dataset {args.dataset!r}; expected synthetic or one of {REAL}")
-    cfg = {k: v for k, v in cfg.items() if k in defaults}  # the world knobs play no part here
+# ------------------------------------------------------------------------------------------------- world
+
+def is_world(folder):
+    """A folder holding a world (world.py's files: world_truth.h5, or features marked synthetic)."""
+    return os.path.exists(os.path.join(folder, "world_truth.h5")) or \
+        data.is_synthetic(os.path.join(folder, "features", "things.h5"))
+
+
+def _world_child(conn, folder, size, seed, overrides):
+    """The forked process that writes a world into `folder`; sends ('ok', paths) or ('error', message)."""
+    import traceback
+    import world
     try:
-        if args.list_layers:
-            return list_layers(cfg)
-        return extract(cfg, on_batch=on_batch)
-    except (data.DataError, images.ImageError, backbones.WeightsError) as e:
-        sys.exit(f"extract.py: error: {e}")
+        conn.send(("ok", world.make_world(folder, size=size, seed=seed, **overrides)))
+    except Exception as e:
+        reason = data.write_failure(e)
+        if not reason and not isinstance(e, data.DataError):
+            traceback.print_exc()  # a bug, not bad input: its traceback helps
+        conn.send(("error", str(e) if isinstance(e, data.DataError) or not reason else
+                   f"{getattr(e, 'filename', None) or 'a file'}: writing failed: {reason}"))
+    finally:
+        conn.close()
+
+
+def make_world(cfg, overrides):
+    """--dataset synthetic: the embedded world into the folder --out, whole or not at all. One writer at a time
+    (a lock beside the folder); an existing world is replaced only with --overwrite, and a folder holding anything
+    else never. world.make_world runs in a forked process writing into <out>.tmp-<pid>, which replaces --out only
+    when complete: a full disk, a file-size limit or a crash (HDF5 may crash when a write fails) leaves --out as it
+    was and ends in one message naming the file."""
+    import multiprocessing
+    out = os.path.normpath(cfg["out"] or "data/world")
+    with data.claim_outputs({"--out": out}, folders=True):
+        if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)):
+            if not is_world(out):
+                raise data.DataError(f"{out}: exists and holds no world (no world_truth.h5); --dataset synthetic "
+                                     "writes a new folder, or replaces a world with --overwrite")
+            if not cfg["overwrite"]:
+                raise data.DataError(f"{out}: a world exists there; pass --overwrite to replace it, or another --out")
+        tmp = f"{out}.tmp-{os.getpid()}"
+        ctx = multiprocessing.get_context("fork")
+        recv, send = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=_world_child, args=(send, tmp, cfg["size"], cfg["seed"], overrides))
+        child.start()
+        send.close()
+        try:
+            status, got = recv.recv()
+        except EOFError:  # the child died without a word (a crash inside a library)
+            status, got = "error", ""
+        child.join()
+        if status != "ok" or child.exitcode != 0:
+            left = sorted(glob.glob(os.path.join(glob.escape(tmp), "**", f"*.tmp-{child.pid}"), recursive=True))
+            if not got:
+                import signal
+                died = f"signal {signal.Signals(-child.exitcode).name}" if child.exitcode < 0 else \
+                    f"exit status {child.exitcode}"
+                got = (f"{left[0][:-len(f'.tmp-{child.pid}')] if left else 'a file'}: the writer died ({died}) "
+                       "while writing it; a full disk or a file-size limit makes HDF5 crash like this")
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise data.DataError(f"{out}: the world could not be written ({got.replace(tmp, out)}); {out} is "
+                                 "unchanged")
+        if os.path.exists(out):  # --overwrite: the old world goes only once the new one is complete
+            old = f"{tmp}-old"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    return {k: out + v[len(tmp):] if v.startswith(tmp) else v for k, v in got.items()}
+
+
+def main(argv=None, on_batch=None):
+    with data.script_errors("extract.py"):
+        args = parse(argv)
+        cfg = vars(args)
+        if args.dataset == "synthetic" and not args.list_layers:
+            overrides = {k: v for k, v in cfg.items() if k not in defaults and v is not None}
+            paths = make_world(cfg, overrides)
+            for name, path in paths.items():
+                print(f"  {name:28s} {path}")
+            return paths
+        if args.dataset not in REAL and args.dataset != "synthetic":
+            sys.exit(f"extract.py: error: unknown --dataset {args.dataset!r}; expected synthetic or one of {REAL}")
+        cfg = {k: v for k, v in cfg.items() if k in defaults}  # the world knobs play no part here
+        try:
+            if args.list_layers:
+                return list_layers(cfg)
+            return extract(cfg, on_batch=on_batch)
+        except (data.DataError, images.ImageError, backbones.WeightsError) as e:
+            sys.exit(f"extract.py: error: {e}")
 
 
 if __name__ == "__main__":

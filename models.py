@@ -254,7 +254,7 @@ def read_codes(path, n_rows=None, image_ids=None):
     n_rows / image_ids: the rows of the features file the codes must align with (checked; a mismatch names
     both counts or the first differing id)."""
     import h5py
-    from data import DataError, decode_strings
+    from data import DataError, check_unique, decode_strings
     import os
     if not os.path.exists(path):
         raise DataError(f"{path} not found; expected an HDF5 file with /sae/indices and /sae/values "
@@ -266,6 +266,8 @@ def read_codes(path, n_rows=None, image_ids=None):
                                 f"(train.py --stage sae) or pass --codes FILE")
         idx, val = _np.asarray(f["sae/indices"][...]), _np.asarray(f["sae/values"][...], dtype=_np.float32)
         ids = decode_strings(f["image_ids"][...]) if "image_ids" in f else None
+    if ids is not None:
+        check_unique(path, "/image_ids", ids)
     if idx.ndim != 2 or idx.shape != val.shape:
         raise DataError(f"{path}: /sae/indices {idx.shape} and /sae/values {val.shape} must both be (n_images, k)")
     if not _np.issubdtype(idx.dtype, _np.integer) or (idx.size and idx.min() < 0):
@@ -582,12 +584,18 @@ def evaluate_meta(model, features, fns, length, n_episodes=256, seed=12345, head
 def open_features(path):
     """Open a features file for streaming -> (h5py File, /features dataset); clear errors otherwise."""
     import h5py
-    from data import DataError, open_h5
+    from data import DataError, check_unique, decode_strings, open_h5
     f = open_h5(path, "an HDF5 features file with /features (n_images, d)")
     if "features" not in f or not isinstance(f["features"], h5py.Dataset) or f["features"].ndim != 2:
         present = list(f.keys())
         f.close()
         raise DataError(f"{path}: field '/features' missing or not 2-d (n_images, d); top-level entries: {present}")
+    if "image_ids" in f:
+        try:
+            check_unique(path, "/image_ids", decode_strings(f["image_ids"][...]))
+        except DataError:
+            f.close()
+            raise
     return f, f["features"]
 
 
@@ -624,6 +632,13 @@ def sae_encode(features, ckpt, codes_out="", codes_dtype="float16", chunk_rows=6
         raise data.DataError(f"{ckpt}: checkpoint of another shape: the SAE takes d = {sae.d} features, "
                              f"{src} /features has d = {d}")
     k, chunk = sae.k, chunk_rows
+    # HDF5 may crash when a write is refused (full disk, file-size limit): the room is checked first
+    try:
+        copy = _os.path.getsize(src) if dst == src else 0
+        data.check_space(dst, copy + n * k * (4 + _np.dtype(codes_dtype).itemsize) + 64 * n)
+    except data.DataError:
+        f.close()
+        raise
     with data.atomic_path(dst) as tmp:
         if dst == src:
             f.close()

@@ -59,6 +59,7 @@ defaults_sae = dict(
     log_every=50,                               # steps between log lines (FVU, L0, dead fraction)
     ckpt_every=500,                             # steps between resumable checkpoints <out>.last.pt
     resume=False,                               # continue from <out>.last.pt
+    overwrite=False,                            # start over: replace --out and its resume state <out>.last.pt
     encode=False,                               # encode --features with --ckpt into /sae/indices, /sae/values
     ckpt="",                                    # SAE checkpoint to encode with (own or ViT-Prisma format)
     codes_out="",                               # write the codes here ('' = into --features itself)
@@ -105,6 +106,32 @@ def _sae_save(path, sae, cfg, step, epoch, opt=None, rows_since_fired=None, metr
         torch.save(ckpt, tmp)
 
 
+def _resume_or_start_over(cfg, last):
+    """Whether this run continues `last` (<out>.last.pt). An earlier run's files are never replaced silently: without
+    --resume or --overwrite they stop the run with a message saying how to do either; --overwrite removes them."""
+    out = cfg["out"]
+    if cfg["resume"] and cfg["overwrite"]:
+        sys.exit("train.py: error: --resume continues <out>.last.pt and --overwrite starts over; pass one of them")
+    if cfg["resume"]:
+        if os.path.exists(last):
+            return True
+        print(f"train.py: --resume: no resume state {last}; starting at step 0")
+        return False
+    if cfg["overwrite"]:
+        for p in (last, out):
+            if os.path.exists(p):
+                os.remove(p)
+                print(f"train.py: --overwrite: removed {p}")
+        return False
+    if os.path.exists(last):
+        step = data.load_checkpoint(last, "resume state").get("step")
+        sys.exit(f"train.py: error: {last} holds the resume state of an earlier run to {out} (step {step}); pass "
+                 "--resume to continue it, or --overwrite to start over")
+    if os.path.exists(out):
+        sys.exit(f"train.py: error: {out} exists; pass --overwrite to replace it, or another --out")
+    return False
+
+
 def stage_sae(cfg):
     """Train a top-k SAE on --features (streamed from HDF5), or with --encode write its codes; returns metrics."""
     import math
@@ -117,6 +144,8 @@ def stage_sae(cfg):
         sys.exit("train.py: error: --stage sae needs --out sae/NAME.pt (or --encode --ckpt CKPT)")
     f, dset = open_features(cfg["features"])
     n, d = dset.shape
+    if n == 0:
+        raise data.DataError(f"{cfg['features']}: /features has 0 rows; nothing to train on")
     nl = cfg["n_latents"]
     try:
         n_latents = int(float(nl[:-1]) * d) if nl.endswith("x") else int(nl)
@@ -136,8 +165,8 @@ def stage_sae(cfg):
     rows_since_fired = torch.zeros(n_latents, dtype=torch.int64, device=dev)
     last = cfg["out"] + ".last.pt"
     step, epoch0 = 0, 0
-    if cfg["resume"] and os.path.exists(last):
-        ck = torch.load(last, map_location=dev, weights_only=False)
+    if _resume_or_start_over(cfg, last):
+        ck = data.load_checkpoint(last, "SAE resume state", map_location=dev)
         if ck.get("sae_args") != sae.args():
             sys.exit(f"train.py: error: {last}: checkpoint of another shape {ck.get('sae_args')}; these flags give "
                      f"{sae.args()} (remove it or match the flags)")
@@ -150,7 +179,7 @@ def stage_sae(cfg):
         rows = np.sort(np.random.default_rng(cfg["seed"]).choice(n, size=min(n, 8192), replace=False))
         sample = torch.from_numpy(np.asarray(dset[rows], dtype=np.float32)).to(dev)
         if not bool(torch.isfinite(sample).all()):
-            raise ValueError(f"{cfg['features']}: /features has NaN/inf values (in the initialisation sample)")
+            raise data.DataError(f"{cfg['features']}: /features has NaN/inf values (in the initialisation sample)")
         sae.fit_normalization(sample)
         with torch.no_grad():
             sae.b_dec.copy_(geometric_median(sae.normalize_in(sample)[0]))
@@ -234,7 +263,7 @@ def sae_encode(cfg):
 defaults_meta = dict(
     features="data/features/clip/coco.h5",      # training image pool (HDF5, /features + /image_ids)
     codes="",                                   # /sae/indices, /sae/values, rows as --features ('' = --features)
-    eval_features="data/features/clip/things.h5",  # held-out image pool (HDF5)
+    eval_features="",                           # held-out image pool (HDF5; '' = things.h5 beside --features)
     eval_codes="",                              # its codes ('' = --eval-features)
     functions="sae",                            # sae (latents of the codes) | neurons (feature dims split at median)
     min_nonzero=120,                            # a latent is a function if active on at least this many training images
@@ -265,7 +294,10 @@ defaults_meta = dict(
     patience=10,                                # early stopping: evaluations without improvement (0 = off)
     compile=False,                              # torch.compile the model
     resume=False,                               # continue from <out>.last.pt
+    overwrite=False,                            # start over: replace --out, its resume state and its log
 )
+# the settings a --resume must share with the run it continues (besides the model's shape)
+META_RESUME_KEYS = ("functions", "min_nonzero", "holdout", "length", "seed", "optimizer", "standardize", "input_pca")
 
 
 def _meta_functions(cfg, X, ids, Xe, ide):
@@ -278,7 +310,10 @@ def _meta_functions(cfg, X, ids, Xe, ide):
             sys.exit(f"train.py: error: --min-nonzero {cfg['min_nonzero']} < --length {L}: every function needs at "
                      f"least L positives per episode")
         idx, val = read_codes(cfg["codes"] or cfg["features"], len(X), ids)
-        every = functions_from_codes(idx, val, cfg["min_nonzero"])
+        try:
+            every = functions_from_codes(idx, val, cfg["min_nonzero"])
+        except ValueError as e:
+            raise data.DataError(f"{cfg['codes'] or cfg['features']}: /sae/values: {e}") from None
     elif cfg["functions"] == "neurons":
         every = functions_from_neurons(X)
     else:
@@ -293,7 +328,11 @@ def _meta_functions(cfg, X, ids, Xe, ide):
     if cfg["functions"] == "sae":
         train = functions_from_codes(idx, val, cfg["min_nonzero"], latents=train_lat)
         eidx, evals = read_codes(cfg["eval_codes"] or cfg["eval_features"], len(Xe), ide)
-        eval_fns = functions_from_codes(eidx, evals, L, latents=held if n_hold else train_lat)
+        try:
+            eval_fns = functions_from_codes(eidx, evals, L, latents=held if n_hold else train_lat)
+        except ValueError as e:
+            raise data.DataError(f"{cfg['eval_codes'] or cfg['eval_features']}: /sae/values: {e} (held-out "
+                                 f"functions need --length {L} positives)") from None
     else:
         train = functions_from_neurons(X, latents=train_lat)
         eval_fns = functions_from_neurons(Xe, latents=held if n_hold else train_lat)
@@ -327,7 +366,6 @@ def _plot_curve(csv_path, png_path):
 
 def stage_meta(cfg):
     """Meta-train the in-context learner on episodes of SAE (or neuron) functions; returns the best metrics."""
-    import csv
     import time
     import numpy as np
     import torch.distributed as dist
@@ -399,8 +437,17 @@ def stage_meta(cfg):
         return cfg["lr"] * (0.1 + 0.45 * (1 + np.cos(np.pi * min(1.0, t))))
 
     start, best, since_best, best_metrics = 0, -float("inf"), 0, {}
-    if cfg["resume"] and os.path.exists(last):
-        ck = torch.load(last, map_location=device, weights_only=False)
+    resume = _resume_or_start_over(cfg, last) if rank == 0 else cfg["resume"] and os.path.exists(last)
+    if resume:
+        ck = data.load_checkpoint(last, "meta resume state", map_location=device)
+        diff = [(k, ck.get("model_args", {}).get(k), v) for k, v in model_args.items()
+                if ck.get("model_args", {}).get(k) != v]
+        diff += [(k, ck.get("config", {}).get(k), cfg[k]) for k in META_RESUME_KEYS
+                 if ck.get("config", {}).get(k) != cfg[k]]
+        if diff:
+            sys.exit(f"train.py: error: {last}: --resume with other settings than its run: "
+                     + ", ".join(f"{k} {old!r} (checkpoint) vs {new!r} (these flags)" for k, old, new in diff)
+                     + "; pass the checkpoint's settings, or --overwrite to start over")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start, best, since_best, best_metrics = ck["step"], ck["best"], ck["since_best"], ck["metrics"]
@@ -413,10 +460,8 @@ def stage_meta(cfg):
     mse_pos = cfg["functions"] == "sae"
     per_rank = cfg["batch"] // world
     fields = ["step", "loss", "bce", "mse", "lr", "eval_accuracy", "eval_magnitude_r2", "eval_bce", "seconds"]
-    if rank == 0 and not (cfg["resume"] and os.path.exists(csv_path)):
-        os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
-        with open(csv_path, "w", newline="") as fh:
-            csv.writer(fh).writerow(fields)
+    # a resumed log is cut back to the checkpoint's step (later rows are redone) and its clock continues
+    log = data.CsvLog(csv_path, fields, resume_step=start if resume else None) if rank == 0 else None
 
     def save(path, step, metrics, with_opt):
         ck = dict(model=model.state_dict(), model_args=model_args, config=cfg, versions=data.versions(), step=step,
@@ -431,7 +476,7 @@ def stage_meta(cfg):
         print(f"train.py: meta | {cfg['model']} on {F} training functions ({cfg['functions']}), "
               f"{len(eval_fns['latents'])} evaluated on {cfg['eval_features']} | d={X.shape[1]}, L={cfg['length']}, "
               f"batch={cfg['batch']} x {world} rank(s), {sum(p.numel() for p in params):,} parameters")
-    t0, step = time.time(), start
+    t0, step = time.time() - (log.offset if log else 0.0), start
     bar = tqdm(range(start, cfg["steps"]), disable=rank != 0 or not cfg["progress"], mininterval=1.0)
     for step in bar:
         lr = cfg["lr"] if sf else lr_at(step)
@@ -467,6 +512,7 @@ def stage_meta(cfg):
                 ev = evaluate_meta(model, Xe, eval_fns, cfg["length"], cfg["eval_episodes"], seed=cfg["seed"] + 777,
                                    heads=heads, mse_on_positives=mse_pos)
                 row.update(eval_accuracy=ev["accuracy"], eval_magnitude_r2=ev["magnitude_r2"], eval_bce=ev["bce"])
+                log.append(row)  # before the checkpoints: a kill between the two redoes this step on resume
                 if ev["accuracy"] > best:
                     best, since_best = ev["accuracy"], 0
                     best_metrics = dict(ev, step=step + 1)
@@ -480,9 +526,8 @@ def stage_meta(cfg):
                 flag = torch.tensor([float(stop)])
                 dist.broadcast(flag, 0)
                 stop = bool(flag.item())
-        if rank == 0:
-            with open(csv_path, "a", newline="") as fh:
-                csv.writer(fh).writerow([row.get(k, "") for k in fields])
+        if rank == 0 and "eval_accuracy" not in row:
+            log.append(row)
         if stop:
             if rank == 0:
                 print(f"train.py: early stop at step {step + 1}: no held-out improvement in {cfg['patience']} "
@@ -627,6 +672,18 @@ def stage_defaults(stage):
     return {**defaults, **STAGE_DEFAULTS[stage]}
 
 
+CHECKS = {  # numeric flags checked at parse time (data.check_flags): a bad value is a usage error, exit 2
+    "sae": dict(k=">= 1", aux_k=">= 0", aux_coef=">= 0", dead_rows=">= 0", epochs=">= 1", batch=">= 1", lr=">= 0",
+                chunk_rows=">= 1", log_every=">= 1", ckpt_every=">= 1"),
+    "meta": dict(min_nonzero=">= 1", holdout="in [0, 1)", input_pca=">= 0", embed_gain="> 0", d_model=">= 0",
+                 n_layers=">= 1", n_heads=">= 1", dropout="in [0, 1)", length=">= 1", batch=">= 1", steps=">= 1",
+                 lr="> 0", weight_decay=">= 0", warmup=">= 0", clip=">= 0", eval_every=">= 1",
+                 eval_episodes=">= 1", patience=">= 0"),
+    "warp": dict(hidden=">= 0", lr="> 0", full_lr="> 0", steps=">= 1", batch=">= 1", eval_every=">= 1",
+                 patience=">= 0", val_frac="in (0, 1)", test_frac="in (0, 1)"),
+}
+
+
 def parse(argv=None):
     """--stage picks the parser: `train.py --stage sae --help` lists the SAE's flags only. --config FILE.toml
     applies the file's table for that stage (every table is checked against its stage's flags)."""
@@ -637,13 +694,50 @@ def parse(argv=None):
         sys.exit(f"train.py: error: --stage {stage!r}; expected one of {sorted(STAGES)}")
     d = stage_defaults(stage)
     p = data.flag_parser(__doc__, d, prog=f"train.py --stage {stage}")
-    return data.parse_flags(p, argv, d, stage, {s: stage_defaults(s) for s in STAGES})
+    cfg = data.parse_flags(p, argv, d, stage, {s: stage_defaults(s) for s in STAGES})
+    data.check_flags(p, cfg, dict(CHECKS[stage], threads=">= 0"))
+    if stage == "sae":
+        nl = cfg["n_latents"]
+        try:
+            ok = float(nl[:-1]) > 0 if nl.endswith("x") else int(nl) >= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            p.error(f"--n-latents {nl}: expected a count >= 1 (12288) or a positive multiple of d (16x)")
+    if stage == "meta" and not cfg["eval_features"]:  # the held-out pool beside the training pool, never elsewhere
+        cfg["eval_features"] = os.path.join(os.path.dirname(cfg["features"]), "things.h5")
+    if stage == "meta" and not cfg["out"]:
+        cfg["out"] = os.path.join("runs", "meta", os.path.splitext(os.path.basename(cfg["features"]))[0] + ".pt")
+    return cfg
+
+
+def files(cfg):
+    """(outputs, inputs) of a run, {label: path}: what data.claim_outputs checks and locks before any work."""
+    ins = {"--features": cfg["features"], "--config": cfg["config"]}
+    if cfg["stage"] == "sae" and cfg["encode"]:
+        dst = cfg["codes_out"] or cfg["features"]
+        if os.path.realpath(dst) == os.path.realpath(cfg["features"]):
+            del ins["--features"]  # codes written into the features file itself: a copy replaces it atomically
+        return {"--codes-out": dst}, dict(ins, **{"--ckpt": cfg["ckpt"]})
+    if cfg["stage"] == "sae":
+        return {"--out": cfg["out"], "resume state (<out>.last.pt)": cfg["out"] and cfg["out"] + ".last.pt"}, ins
+    if cfg["stage"] == "meta":
+        stem = os.path.splitext(cfg["out"])[0]
+        return ({"--out": cfg["out"], "resume state (<out>.last.pt)": stem + ".last.pt",
+                 "log (<out>.csv)": stem + ".csv", "curve (<out>.png)": stem + ".png"},
+                dict(ins, **{"--codes": cfg["codes"], "--eval-features": cfg["eval_features"],
+                             "--eval-codes": cfg["eval_codes"]}))
+    return {"--out": cfg["out"]}, ins
 
 
 def main(argv=None):
-    cfg = parse(argv)
-    with data.torch_threads(cfg["threads"]):
-        return STAGES[cfg["stage"]](cfg)
+    with data.script_errors("train.py"):
+        cfg = parse(argv)
+        outputs, inputs = files(cfg)
+        if int(os.environ.get("RANK", "0")) != 0:
+            outputs = {}  # torchrun: rank 0 writes, checks and locks the outputs
+        with data.claim_outputs(outputs, inputs), data.torch_threads(cfg["threads"]):
+            return STAGES[cfg["stage"]](cfg)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import torch
 
 import kernels
 import train
-from data import DataError
 from models import TopKSAE, load_sae
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.toml")
@@ -179,18 +178,18 @@ def test_sae_bad_input(world, trained, tmp_path):
                     "--n-latents", "4x", "--k", "300"])
     with h5py.File(tmp_path / "nofeat.h5", "w") as f:
         f["image_ids"] = np.array([b"a", b"b"])
-    with pytest.raises(DataError, match="field '/features' missing"):
+    with pytest.raises(SystemExit, match="field '/features' missing"):
         train.main(["--stage", "sae", "--features", str(tmp_path / "nofeat.h5"), "--out", str(tmp_path / "x.pt")])
     X = np.random.default_rng(0).normal(size=(50, 64)).astype(np.float32)
     X[17, 3] = np.nan
     with h5py.File(tmp_path / "nan.h5", "w") as f:
         f["features"] = X
-    with pytest.raises(DataError, match="NaN/inf values .* first at row 17"):
+    with pytest.raises(SystemExit, match="NaN/inf values .* first at row 17"):
         train.main(["--stage", "sae", "--encode", "--ckpt", out, "--features", str(tmp_path / "nan.h5")])
     assert not any(p.name.startswith("nan.h5.tmp") for p in tmp_path.iterdir())  # nothing half-written left
     with h5py.File(tmp_path / "narrow.h5", "w") as f:
         f["features"] = X[:, :10]
-    with pytest.raises(DataError, match="checkpoint of another shape: the SAE takes d = 64"):
+    with pytest.raises(SystemExit, match="checkpoint of another shape: the SAE takes d = 64"):
         train.main(["--stage", "sae", "--encode", "--ckpt", out, "--features", str(tmp_path / "narrow.h5")])
     torch.save({"something": 1}, tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="not an SAE checkpoint"):
