@@ -34,7 +34,7 @@ build/nvcc/ok: .venv/ok kernels.py $(wildcard csrc/*.cu csrc/*.h)
 nvcc: build/nvcc/ok
 
 $(WORLD)/world_truth.h5: .venv/ok world.py extract.py data.py
-	$(PY) extract.py --dataset synthetic --out $(WORLD) --size $(SIZE) --seed $(SEED)
+	$(PY) extract.py --dataset synthetic --out $(WORLD) --size $(SIZE) --seed $(SEED) --overwrite
 
 world: $(WORLD)/world_truth.h5
 
@@ -69,7 +69,7 @@ $(RUN)/icl.json: $(WORLD)/world_truth.h5 $(EVAL) eval_behaviour.py choice.py $(C
 
 # SAE on the world's unlabelled pool, then its codes in a separate file (the world's features stay as written)
 $(RUN)/sae/world.pt: $(WORLD)/world_truth.h5 train.py models.py kernels.py $(CONFIG)
-	$(PY) train.py --stage sae --config $(CONFIG) --features $(WORLD)/features/coco.h5 --out $@
+	$(PY) train.py --stage sae --config $(CONFIG) --features $(WORLD)/features/coco.h5 --out $@ --overwrite
 
 $(RUN)/coco_codes.h5: $(RUN)/sae/world.pt
 	$(PY) train.py --stage sae --encode --ckpt $< --features $(WORLD)/features/coco.h5 --codes-out $@
@@ -79,7 +79,7 @@ $(RUN)/things_codes.h5: $(RUN)/sae/world.pt
 
 # meta-learning on the pool's SAE functions, held-out evaluation on the THINGS images' own codes
 $(RUN)/meta/world.pt: $(RUN)/coco_codes.h5 $(RUN)/things_codes.h5 models.py $(CONFIG)
-	$(PY) train.py --stage meta --config $(CONFIG) --features $(WORLD)/features/coco.h5 --codes $(RUN)/coco_codes.h5 --eval-features $(FEATURES) --eval-codes $(RUN)/things_codes.h5 --out $@
+	$(PY) train.py --stage meta --config $(CONFIG) --features $(WORLD)/features/coco.h5 --codes $(RUN)/coco_codes.h5 --eval-features $(FEATURES) --eval-codes $(RUN)/things_codes.h5 --out $@ --overwrite
 
 
 demo: build $(RUN)/things-ooo.json $(RUN)/levels-ooo.json $(RUN)/category-learning.json $(RUN)/reward-learning.json $(RUN)/icl.json $(RUN)/cka.json $(RUN)/fmri.json $(RUN)/coco_codes.h5 $(GEOMETRY:%=$(RUN)/%.json) $(RUN)/similarity.json

@@ -248,9 +248,9 @@ def atomic_path(path):
     try:
         yield tmp
     except BaseException as e:
+        reason = write_failure(e) or (out_of_room(tmp) if isinstance(e, Exception) else None)
         if os.path.exists(tmp):
             os.remove(tmp)
-        reason = write_failure(e)
         if reason:  # a full disk or a file-size limit: one message naming the file, the old file left as it was
             raise DataError(f"{path}: writing failed: {reason} ({room(folder)}); {path} is unchanged") from None
         raise
@@ -644,6 +644,19 @@ def write_failure(e):
         if "PytorchStreamWriter failed writing" in text or "file write failed" in text:
             return "the file system refused the write (full disk or file-size limit?)"
     return None
+
+
+def out_of_room(path):
+    """After an error whose text names no cause (torch.save says 'unexpected pos'): whether the file system ran out
+    of room for `path`, i.e. the file reached the file-size limit or the disk is (nearly) full -> reason or None."""
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    with contextlib.suppress(OSError):
+        if soft != resource.RLIM_INFINITY and os.path.getsize(path) >= soft:
+            return WRITE_ERRNOS[errno.EFBIG]
+    st = os.statvfs(_existing_folder(path))
+    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    return WRITE_ERRNOS[errno.ENOSPC] if free < 2 ** 20 else None
 
 
 def _existing_folder(path):
