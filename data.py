@@ -759,7 +759,8 @@ def check_cells(path, df, column, expected, allowed=None, integer=False):
         values = np.where(bad, 0, num).astype(np.int64) if integer or allowed is not None else num
     if bad.any():
         r = int(np.flatnonzero(bad)[0])
-        cell = "an empty cell" if missing[r] else repr(raw.iloc[r])
+        v = raw.iloc[r]
+        cell = "an empty cell" if missing[r] else repr(v.item() if isinstance(v, np.generic) else v)
         raise DataError(f"{path}: column '{column}', row {r + 1}: {cell}; expected {expected} "
                         f"({int(bad.sum())} bad cell{'s' if bad.sum() > 1 else ''} in the column)")
     return values

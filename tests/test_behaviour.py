@@ -281,7 +281,7 @@ def test_bad_input(world, tmp_path, case):
         expect = "column 'image' names 1 image(s) not in"
     elif case == "bad_choice":
         cat.loc[7, "choice"] = 3
-        expect = "column 'choice' has 1 values not in {0, 1}"
+        expect = "category_learning.csv: column 'choice', row 8: 3; expected 0 or 1"
     elif case == "single_trial":
         cat = pd.concat([cat, cat.iloc[:1].assign(participant=999)])
     else:
