@@ -834,7 +834,8 @@ def refuse_inputs(outputs, inputs):
                                 f"input. Choose another {olabel.split()[0] if olabel.startswith('--') else '--out'}")
 
 
-def _alive(pid):
+def pid_alive(pid):
+    """Whether process `pid` runs on this host (a zombie, dead but not yet reaped, counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
