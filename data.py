@@ -906,11 +906,15 @@ class OutputLock:
 
 def remove_temporaries(paths, say=print):
     """Remove the temporary files (<path>.tmp-<pid>, atomic_path's) that killed runs left beside `paths`. Call it
-    holding the outputs' lock: no live writer of these outputs can exist then, on this host or another."""
+    holding the lock of the first output; a file whose pid still runs on this host is kept (another run may write
+    a file beside its own output that is one of ours, e.g. evaluate.py --task all and --task cka in one folder)."""
     for path in paths:
         if not path:
             continue
         for tmp in glob.glob(glob.escape(os.fspath(path).rstrip("/")) + ".tmp-*"):
+            pid = tmp.rsplit(".tmp-", 1)[1].split("-")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
+                continue
             if os.path.isdir(tmp) and not os.path.islink(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
             else:

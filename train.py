@@ -169,7 +169,7 @@ def stage_sae(cfg):
         ck = data.load_checkpoint(last, "SAE resume state", map_location=dev)
         if ck.get("sae_args") != sae.args():
             sys.exit(f"train.py: error: {last}: checkpoint of another shape {ck.get('sae_args')}; these flags give "
-                     f"{sae.args()} (remove it or match the flags)")
+                     f"{sae.args()} (match the flags, or --overwrite to start over)")
         sae.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["optimizer"])
         rows_since_fired = ck["rows_since_fired"].to(dev)
