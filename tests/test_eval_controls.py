@@ -305,3 +305,32 @@ def test_learner_paper_task(world, tmp_path):
         total += minimize_scalar(f, bounds=(-4.6, 4.6), method="bounded").fun * len(ch)
         n += len(ch)
     assert r["base"]["mcfadden_r2"] == pytest.approx(1 - total / n / math.log(2), abs=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------- --device
+
+def test_device_plumbing(world, device, monkeypatch):
+    """--device: the fMRI encoding hands kernels.ridge_cv tensors on that device and brings CPU numbers back, equal
+    to the CPU run; CKA and the similarity matrices take tensors on the device. Skipped on cuda without a GPU."""
+    import eval_fmri
+    import eval_geometry
+    sub = eval_fmri.load_subject(world["data"], "sub-01", 5.0, "LOC")
+    X, ids = data.read_features(world["features/things"])
+    rows, _ = eval_fmri.trial_rows(sub["stimuli"], ids, data.load_concepts(world["data"]), "stimuli")
+    sessions = sub["stimuli"]["session"].to_numpy()
+    alphas = np.logspace(-2, 4, 7)
+    ref = eval_fmri.encode({"base": X[rows]}, sub["Y"], sessions, alphas, "gcv", "cpu")
+    seen, real = [], kernels.ridge_cv
+    monkeypatch.setattr(eval_fmri.kernels, "ridge_cv", lambda X, Y, *a, **k: seen.append((X.device, Y.device))
+                        or real(X, Y, *a, **k))
+    got = eval_fmri.encode({"base": X[rows]}, sub["Y"], sessions, alphas, "gcv", device)
+    assert seen and all(a.type == b.type == torch.device(device).type for a, b in seen)
+    np.testing.assert_allclose(got["base"]["r2"], ref["base"]["r2"], atol=1e-4)
+    assert isinstance(got["base"]["r2"], np.ndarray)
+    E = data.load_spose(world["data"])
+    Xc = X[data.concept_rows(ids, data.load_concepts(world["data"]))]
+    A, B = torch.as_tensor(Xc).to(device), torch.as_tensor(E).to(device)
+    np.testing.assert_allclose(eval_geometry.jackknife_cka(A, B), eval_geometry.jackknife_cka(Xc, E), atol=1e-6)
+    np.testing.assert_allclose(geometry.similarity_matrices([A, A * 2 + 1], ("cka_linear",))["cka_linear"],
+                               np.ones((2, 2)), atol=1e-6)
+    assert representations.device({"device": "auto"}).type == ("cuda" if torch.cuda.is_available() else "cpu")
