@@ -306,7 +306,7 @@ def demo_summary(docs):
         lines.append("- **Against its controls** (gain = aligned minus the best control, CI paired over the task's "
                      "units; the report's table \"Aligned against base and the controls\"): it loses on "
                      f"{len(lost)} of {len(rows)} measures" + (": " + "; ".join(
-                         f"{t['task']} {t['measure']} {fmt(t['gain'])}{ci(t)} against {t['control']}" for t in lost)
+                         f"{t['task']}: {t['measure']} {fmt(t['gain'])}{ci(t)} against {t['control']}" for t in lost)
                          if lost else "") + ".")
     icl = docs.get("icl.json", {}).get("model", {})
     if icl.get("accuracy") is not None:

@@ -64,8 +64,8 @@ def test_demo_summary_is_built_from_the_results(tmp_path):
     assert "reward-learning McFadden R^2 0.350 vs 0.361 vs 0.373 (base_pca)" in summary
     assert "It is above base on 3 of 4 measures and above the best control on 2 of 4." in summary
     # where aligned loses to a control, with the paired CI of its gain; a control without one gets none
-    assert "it loses on 2 of 3 measures: cka CKA with SPoSE -0.190 [-0.210, -0.170] against base_minus_pcs; " \
-           "reward-learning McFadden R^2 -0.023 against base_pca" in summary
+    assert "it loses on 2 of 3 measures: cka: CKA with SPoSE -0.190 [-0.210, -0.170] against base_minus_pcs; " \
+           "reward-learning: McFadden R^2 -0.023 against base_pca" in summary
     assert "accuracy 0.545 (chance 0.5); on the same episodes an online ridge learner on the features reaches " \
            "0.620 and a Bayes identifier over the training functions 0.910." in summary
     table = text.split("## What the demo shows")[0]
