@@ -429,6 +429,66 @@ def online_blr(ZL, ZR, RL, RR, valid, lams):
     return out.view(nL, P, T, 2)
 
 
+# =========================================================== the original study's learners (--learner paper)
+
+def paper_category_learner(X, y, n_cs=10, cv=5, max_iter=200):
+    """One participant's category learner as the original study ran it: C from sklearn's LogisticRegressionCV
+    (L2, lbfgs, n_cs values, `cv` stratified folds; fitted on ALL the participant's trials, as the original does),
+    then for every trial t the probability of class 1 from LogisticRegression(C) on the raw features of trials
+    < t (0.5 until both classes were seen). With fewer than 2 trials of a class for the folds, C = 1.
+
+    X (T, d), y (T,) 0/1 -> (p1 (T,) float64, C)."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    X, y = np.asarray(X, np.float64), np.asarray(y).astype(np.int64)
+    folds = min(cv, int(np.bincount(y, minlength=2).min()))
+    C = 1.0
+    if folds >= 2:
+        kw = dict(Cs=n_cs, cv=folds, max_iter=max_iter, scoring="accuracy")  # accuracy: the original's default
+        try:  # scikit-learn >= 1.8 spells the plain L2 fit this way (and warns otherwise)
+            cv_fit = LogisticRegressionCV(**kw, l1_ratios=(0.0,), use_legacy_attributes=False)
+        except TypeError:
+            cv_fit = LogisticRegressionCV(**kw)
+        C = float(np.ravel(cv_fit.fit(X, y).C_)[0])
+    est = LogisticRegression(C=C, max_iter=max_iter, warm_start=True)  # warm start: the same optimum, sooner
+    p1 = np.full(len(y), 0.5)
+    for t in range(1, len(y)):
+        if y[:t].min() != y[:t].max():
+            p1[t] = est.fit(X[:t], y[:t]).predict_proba(X[t:t + 1])[0, 1]
+    return p1, C
+
+
+def paper_reward_learner(XL, XR, RL, RR):
+    """One participant's reward learner as the original study ran it: for every trial t > 0, the value of each
+    option is the prediction of sklearn's BayesianRidge (defaults) fitted on the raw features and rewards of both
+    options of trials < t; values at t = 0 are 0. XL, XR (T, d), RL, RR (T,) -> values (T, 2) float64."""
+    from sklearn.linear_model import BayesianRidge
+    XL, XR = np.asarray(XL, np.float64), np.asarray(XR, np.float64)
+    values = np.zeros((len(XL), 2))
+    est = BayesianRidge()
+    for t in range(1, len(XL)):
+        est.fit(np.concatenate([XL[:t], XR[:t]]), np.concatenate([RL[:t], RR[:t]]))
+        values[t] = est.predict(np.stack([XL[t], XR[t]]))
+    return values
+
+
+def fit_temperature(values, choice, bounds=(-4.6, 4.6)):
+    """The original study's choice rule: P(option k) = softmax_k(values / T), with T fitted IN SAMPLE to one
+    participant's choices (L-BFGS-B on log T from 0 within `bounds`, probabilities clipped at 1e-15).
+
+    values (T, K), choice (T,) -> (T, per-trial NLL (T,), converged)."""
+    from scipy.optimize import minimize
+    from scipy.special import log_softmax
+    values, choice = np.asarray(values, np.float64), np.asarray(choice).astype(np.int64)
+    rows = np.arange(len(choice))
+
+    def nll(log_t):
+        lp = log_softmax(values / np.exp(log_t[0]), axis=1)[rows, choice]
+        return -np.maximum(lp, math.log(1e-15))
+
+    r = minimize(lambda v: nll(v).mean(), x0=[0.0], method="L-BFGS-B", bounds=[bounds])
+    return float(np.exp(r.x[0])), nll(r.x), bool(r.success)
+
+
 def to_panels(df):
     """Long table (one row per trial, in order) -> per-participant padded panels.
 

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 import data
-from choice import (LN3, crossval_choice, entropy_ceiling, fit_odd_one_out, group_statistics, online_blr,
-                    online_logistic, participant_codes, repeated_responses, span_project, stratified_folds,
-                    summarise_fit, to_panels)
+from choice import (LN3, crossval_choice, entropy_ceiling, fit_odd_one_out, fit_temperature, group_statistics,
+                    online_blr, online_logistic, paper_category_learner, paper_reward_learner, participant_codes,
+                    repeated_responses, span_project, stratified_folds, summarise_fit, to_panels)
 from data import with_threads
-from representations import (aligned_representations, cosine_similarity_matrix, load_representations, print_table,
-                             z_value)
+from representations import (aligned_representations, comparisons, cosine_similarity_matrix, fit_gains,
+                             load_representations, paired_gain, print_table, put_gains, z_value)
 
 
 # ================================================================================================ figures
@@ -170,13 +170,15 @@ def task_things_ooo(cfg):
     t = data.load_triplets(cfg["data"], n_concepts=len(concepts))
     ceiling, n_sets, n_rep = noise_ceiling(t["triplets"], t["choice"])
     z = z_value(cfg["ci"])
-    res = {}
+    res, hits = {}, {}
     for name, R in reps.items():
-        correct = odd_one_out(cosine_similarity_matrix(R), t["triplets"]) == t["choice"]
+        correct = hits[name] = odd_one_out(cosine_similarity_matrix(R), t["triplets"]) == t["choice"]
         acc = float(correct.mean())
         half = z * np.sqrt(acc * (1 - acc) / len(correct))  # binomial normal interval over triplets
         res[name] = dict(accuracy=acc, ci=[acc - half, acc + half], n_triplets=int(len(correct)),
                          dims=int(R.shape[1]))
+    put_gains(res, "accuracy", {(a, b): paired_gain(hits[a].astype(float) - hits[b], ci=cfg["ci"], unit="triplets")
+                                for a, b in comparisons(reps)})
     res["noise_ceiling"] = ceiling
     res["noise_ceiling_detail"] = dict(repeated_sets=n_sets, trials=n_rep,
                                        definition="mean share of the majority response over repeated triplets")
@@ -213,6 +215,7 @@ def add_things_ooo_fit(cfg, reps, t, res):
         print(f"things-ooo fit {name:<10} McFadden R^2 {summary['mcfadden_r2']:.4f} "
               f"({summary['n_participants']} participants, {summary['fit_seconds']} s)")
     tables["trials"] = dict(subject=t["subject"])
+    put_gains(res, "fit.mcfadden_r2", fit_gains(per, 3, cfg["ci"]))  # paired over participants
     res["r2_noise_ceiling"] = r2_ceiling
     res["r2_noise_ceiling_definition"] = "1 - (Miller-Madow entropy of repeated-triplet responses) / ln 3"
     res["group_stats"] = group_statistics(per)
@@ -270,10 +273,10 @@ def task_levels_ooo(cfg, reps=None):
     ttype = trials["triplet_type"].astype(str).to_numpy()
     types = sorted(set(ttype.tolist()))
     _, stem = out_paths(cfg)
-    res, per, dots, pooled, tables = {}, {}, {}, {}, {}
+    res, per, dots, pooled, tables, hits = {}, {}, {}, {}, {}, {}
     for name, R in reps.items():
         S = cosine_similarity_matrix(R)
-        zs = odd_one_out(S, trip) == choice
+        zs = hits[name] = odd_one_out(S, trip) == choice
         fit = fit_odd_one_out(S, trip, choice, trials["participant"].to_numpy(), cfg["behav_folds"], cfg["behav_l2"],
                               cfg["seed"])
         summary, per[name] = summarise_fit(fit["nll"], fit["correct"], fit["codes"], len(fit["labels"]), 3,
@@ -290,6 +293,9 @@ def task_levels_ooo(cfg, reps=None):
         dots[name], pooled[name] = per[name]["r2"], summary["mcfadden_r2"]
         tables[name] = dict(nll=fit["nll"].astype(np.float32), correct=fit["correct"], fold=fit["fold"].astype(np.int8))
     tables["trials"] = dict(participant=trials["participant"].astype(str).to_numpy(), triplet_type=ttype)
+    put_gains(res, "accuracy", {(a, b): paired_gain(hits[a].astype(float) - hits[b], ci=cfg["ci"], unit="trials")
+                                for a, b in comparisons(reps)})
+    put_gains(res, "mcfadden_r2", fit_gains(per, 3, cfg["ci"]))
     res["noise_ceiling"] = float("nan")  # Levels has no repeated triplets
     res["group_stats"] = group_statistics(per)
     res["files"] = _write_side_files(cfg, stem, tables, per, [("Levels odd-one-out", dots, pooled)], res["group_stats"])
@@ -299,12 +305,8 @@ def task_levels_ooo(cfg, reps=None):
 
 # ------------------------------------------------------------------------------------------ category learning
 
-def fit_category_learning(reps, row, df, Cs, n_folds, l2, seed=0):
-    """Online L2 logistic learner per representation -> {name: dict(nll, correct, p_correct, codes, labels, ...)}.
-
-    reps {name: (n_unique, d)}, row (N,) each trial's row in reps, df the category-learning table. Human choice
-    model: P(choose 1) = sigmoid(beta_p * learner log-odds), beta fitted per participant by CV, C chosen per
-    participant on the training folds from Cs."""
+def _category_columns(df):
+    """(choice (N,), true_category_binary (N,)) of the category-learning table, both checked to be 0/1."""
     choice = df["choice"].to_numpy()
     ytrue = df["true_category_binary"].to_numpy()
     for col, v in (("choice", choice), ("true_category_binary", ytrue)):
@@ -312,6 +314,85 @@ def fit_category_learning(reps, row, df, Cs, n_folds, l2, seed=0):
         if bad.any():
             raise data.DataError(f"category_learning.csv: column '{col}' has {int(bad.sum())} values not in {{0, 1}}, "
                                  f"first {v[bad][0]!r} (row {np.flatnonzero(bad)[0] + 1})")
+    return choice.astype(np.int64), ytrue.astype(np.int64)
+
+
+def _reward_columns(df):
+    """(choice (N,) 0 left / 1 right, rewards (N, 2) left/right) of the reward-learning table, checked."""
+    choice = df["choice"].to_numpy()
+    bad = ~np.isin(choice, [0, 1])
+    if bad.any():
+        raise data.DataError(f"reward_learning.csv: column 'choice' has {int(bad.sum())} values not in "
+                             f"{{0 (left), 1 (right)}}, "
+                             f"first {choice[bad][0]!r} (row {np.flatnonzero(bad)[0] + 1})")
+    rew = df[["left_reward", "right_reward"]].to_numpy(np.float64)
+    if not np.isfinite(rew).all():
+        raise data.DataError(f"reward_learning.csv: columns 'left_reward'/'right_reward' have "
+                             f"{int((~np.isfinite(rew)).sum())} "
+                             f"non-numeric or missing values")
+    return choice.astype(np.int64), rew
+
+
+PAPER_FIT = ("--learner paper: the original study's learner and choice rule, softmax(values / T) with T fitted in "
+             "sample per participant; every participant is fitted and the NLL is in-sample, not cross-validated")
+
+
+def fit_paper_learner(reps, df, values_of, choice, target):
+    """--learner paper, per participant and representation: values_of(R, rows) -> (values (T, 2), C or nan) for
+    that participant's trials `rows` (in order); the temperature is fitted in sample (choice.fit_temperature).
+    -> {name: fit dict} with the keys of fit_category_learning's (p_target: the tempered probability of `target`)."""
+    from scipy.special import softmax
+    labels, idx, valid = to_panels(df)
+    codes = np.full(len(df), -1, np.int64)
+    for p in range(len(labels)):
+        codes[idx[p][valid[p]]] = p
+    skipped = dict(participants=len(labels), kept=len(labels), skipped=0, skipped_single_trial=0, skipped_trials=0,
+                   rule=PAPER_FIT)
+    out = {}
+    for name, R in reps.items():
+        nll, p_target, C = np.full(len(df), np.nan), np.full(len(df), np.nan), np.full(len(df), np.nan)
+        correct = np.zeros(len(df), bool)
+        beta, conv = np.zeros(len(labels)), np.zeros(len(labels), bool)
+        for p in range(len(labels)):
+            rows = idx[p][valid[p]]
+            values, C[rows] = values_of(R, rows)
+            temp, nll[rows], conv[p] = fit_temperature(values, choice[rows])
+            pr = softmax(values / temp, axis=1)
+            correct[rows] = pr.argmax(1) == choice[rows]
+            p_target[rows] = pr[np.arange(len(rows)), target[rows]]
+            beta[p] = 1 / temp
+        out[name] = dict(nll=nll, correct=correct, p_target=p_target, codes=codes, labels=labels, skipped=skipped,
+                         fold=np.zeros(len(df), np.int64), chosen_C=C, beta=beta, converged=conv)
+    return out
+
+
+def paper_category_fits(reps, row, df):
+    """--learner paper for category learning (choice.paper_category_learner on each participant's images)."""
+    choice, ytrue = _category_columns(df)
+
+    def values_of(R, rows):
+        p1, C = paper_category_learner(R[row[rows]], ytrue[rows])
+        return np.log(np.clip(np.stack([1 - p1, p1], 1), 1e-15, 1.0)), C
+    return fit_paper_learner(reps, df, values_of, choice, ytrue)
+
+
+def paper_reward_fits(reps, rows_lr, df):
+    """--learner paper for reward learning (choice.paper_reward_learner on raw features and rewards)."""
+    choice, rew = _reward_columns(df)
+    best = (rew[:, 1] > rew[:, 0]).astype(np.int64)
+
+    def values_of(R, rows):
+        return paper_reward_learner(R[rows_lr[0][rows]], R[rows_lr[1][rows]], rew[rows, 0], rew[rows, 1]), np.nan
+    return fit_paper_learner(reps, df, values_of, choice, best)
+
+
+def fit_category_learning(reps, row, df, Cs, n_folds, l2, seed=0):
+    """Online L2 logistic learner per representation -> {name: dict(nll, correct, p_correct, codes, labels, ...)}.
+
+    reps {name: (n_unique, d)}, row (N,) each trial's row in reps, df the category-learning table. Human choice
+    model: P(choose 1) = sigmoid(beta_p * learner log-odds), beta fitted per participant by CV, C chosen per
+    participant on the training folds from Cs."""
+    choice, ytrue = _category_columns(df)
     _, idx, valid = to_panels(df)
     codes, labels, skipped = participant_codes(df["participant"].to_numpy(), n_folds, "category learning")
     fold = np.where(codes >= 0, stratified_folds(codes, choice, n_folds, seed), -1)
@@ -340,6 +421,13 @@ def fit_category_learning(reps, row, df, Cs, n_folds, l2, seed=0):
     return out
 
 
+def _learner(cfg):
+    learner = cfg.get("learner", "ours")
+    if learner not in ("ours", "paper"):
+        raise data.DataError(f"--learner {learner!r}: expected ours (default) or paper")
+    return learner
+
+
 def _trial_position(df):
     return df.groupby("participant", sort=False).cumcount().to_numpy()
 
@@ -350,8 +438,13 @@ def task_category_learning(cfg):
     df = data.load_category_learning(cfg["data"])
     csv = os.path.join(cfg["data"], "category_learning.csv")
     reps, row = image_representations(cfg, df["image"].to_numpy(), csv, "image")
-    fits = fit_category_learning(reps, row, df, data.parse_floats(cfg["cat_c"], "cat-c"), cfg["behav_folds"],
-                                 cfg["behav_l2"], cfg["seed"])
+    if _learner(cfg) == "paper":
+        fits = paper_category_fits(reps, row, df)
+        for f in fits.values():
+            f["p_true"] = f["p_target"]
+    else:
+        fits = fit_category_learning(reps, row, df, data.parse_floats(cfg["cat_c"], "cat-c"), cfg["behav_folds"],
+                                     cfg["behav_l2"], cfg["seed"])
     pos = _trial_position(df)
     human = (df["choice"].to_numpy() == df["true_category_binary"].to_numpy()).astype(np.float64)
     T = pos.max() + 1
@@ -383,6 +476,9 @@ def _learning_task(cfg, fits, K, title, curves, curve, model_curve_of, extra, hu
         tables[name] = dict(nll=f["nll"].astype(np.float32), correct=f["correct"], fold=f["fold"].astype(np.int8))
     if human_curve is not None:
         res["human_learning_curve"] = [float(v) for v in human_curve[1]]
+    put_gains(res, "mcfadden_r2", fit_gains(per, K, cfg["ci"]))
+    res["learner"] = PAPER_FIT if _learner(cfg) == "paper" else ("ours: online learner with its penalty chosen per "
+                                                                 "participant, choice model cross-validated")
     res["group_stats"] = group_statistics(per)
     res["files"] = _write_side_files(cfg, stem, tables, per, [(title, dots, pooled)], res["group_stats"], curves=curves)
     _print_fit_table(title, res)
@@ -393,17 +489,7 @@ def _learning_task(cfg, fits, K, title, curves, curve, model_curve_of, extra, hu
 
 def fit_reward_learning(reps, rows_lr, df, lams, n_folds, l2, seed=0):
     """Online Bayesian linear regression learner per representation -> {name: fit dict} (see fit_category_learning)."""
-    choice = df["choice"].to_numpy()
-    bad = ~np.isin(choice, [0, 1])
-    if bad.any():
-        raise data.DataError(f"reward_learning.csv: column 'choice' has {int(bad.sum())} values not in "
-                             f"{{0 (left), 1 (right)}}, "
-                             f"first {choice[bad][0]!r} (row {np.flatnonzero(bad)[0] + 1})")
-    rew = df[["left_reward", "right_reward"]].to_numpy(np.float64)
-    if not np.isfinite(rew).all():
-        raise data.DataError(f"reward_learning.csv: columns 'left_reward'/'right_reward' have "
-                             f"{int((~np.isfinite(rew)).sum())} "
-                             f"non-numeric or missing values")
+    choice, rew = _reward_columns(df)
     rew = (rew - rew.mean()) / (rew.std() if rew.std() > 0 else 1.0)
     _, idx, valid = to_panels(df)
     codes, labels, skipped = participant_codes(df["participant"].to_numpy(), n_folds, "reward learning")
@@ -443,8 +529,14 @@ def task_reward_learning(cfg):
     both = np.r_[df["left_image"].to_numpy(), df["right_image"].to_numpy()]
     reps, row = image_representations(cfg, both, csv, "left_image/right_image")
     n = len(df)
-    fits = fit_reward_learning(reps, (row[:n], row[n:]), df, data.parse_floats(cfg["reward_lambda"], "reward-lambda"),
-                               cfg["behav_folds"], cfg["behav_l2"], cfg["seed"])
+    if _learner(cfg) == "paper":
+        fits = paper_reward_fits(reps, (row[:n], row[n:]), df)
+        for f in fits.values():
+            f["p_best"] = f["p_target"]
+    else:
+        fits = fit_reward_learning(reps, (row[:n], row[n:]), df,
+                                   data.parse_floats(cfg["reward_lambda"], "reward-lambda"), cfg["behav_folds"],
+                                   cfg["behav_l2"], cfg["seed"])
     pos = _trial_position(df)
     best = (df["right_reward"].to_numpy() > df["left_reward"].to_numpy()).astype(np.int64)
     human = (df["choice"].to_numpy() == best).astype(np.float64)
@@ -453,8 +545,9 @@ def task_reward_learning(cfg):
                        / np.bincount(pos, weights=np.isfinite(v).astype(float), minlength=T))
     curves = {"human": curve(human)}
     return _learning_task(cfg, fits, 2, "reward learning", curves, curve, lambda f: f["p_best"],
-                          extra=lambda f: dict(lambda_median=float(np.median(f["chosen_lambda"])),
-                                               beta_median=float(np.median(f["beta"]))),
+                          extra=lambda f: dict(beta_median=float(np.median(f["beta"])),
+                                               **({} if "chosen_lambda" not in f else
+                                                  dict(lambda_median=float(np.median(f["chosen_lambda"]))))),
                           human_curve=curves["human"])
 
 
@@ -481,8 +574,66 @@ def icl_curves(model, features, fns, length, n_episodes, seed=12345, heads=None,
                 n_episodes=int(n_episodes))
 
 
+@torch.no_grad()
+def identifier_icl_curve(features, fns, members, length, n_episodes=256, seed=12345, noise=0.01, batch=64,
+                         return_predictions=False):
+    """The "memorisation" bound: a Bayes identifier over the training functions, on the episodes icl_curves scores
+    (same features, fns, length, n_episodes, seed and batch -> the same episodes).
+
+    members: scipy.sparse (F, n_rows) bool, training function f's positives among the rows of `features`. The prior
+    is uniform over the F functions, the likelihood of a label P(y | f, x) = 1 - noise if y = f(x) else noise (how
+    items were sampled is ignored). At position t the posterior w_f given the items before t gives
+    P(y_t = 1) = sum_f w_f P(y_t = 1 | f, x_t), predicted positive when > 1/2 (ties, to rounding, negative, like a zero
+    logit; t = 0: the uniform prior's vote).
+    -> dict(accuracy, accuracy_by_position (L,), noise, n_functions[, predictions (n_episodes, L) P(y_t = 1)])."""
+    from models import make_episodes
+    if not 0 < noise < 0.5:
+        raise ValueError(f"identifier label noise must be in (0, 0.5), got {noise}")
+    F, L = members.shape[0], int(length)
+    members = members.tocsc()
+    lg, lb = np.log1p(-noise), np.log(noise)
+    correct, probs = torch.zeros(L, dtype=torch.float64), []
+    sub = max(1, (1 << 23) // max(1, F * L))  # episodes per pass: (F, sub, L) float64 stays <= 64 MiB
+    for start in range(0, n_episodes, batch):
+        B = min(batch, n_episodes - start)
+        _, y, _, _, rows = make_episodes(features, fns, B, L, seed + start)
+        for s0 in range(0, B, sub):
+            r, yb = rows[s0:s0 + sub], y[s0:s0 + sub].bool()
+            M = torch.from_numpy(members[:, r.reshape(-1).numpy()].toarray()).view(F, *r.shape)  # (F, b, L) bool
+            ll = torch.where(M == yb[None], lg, lb).double()
+            w = torch.softmax(ll.cumsum(2) - ll, 0)  # posterior from the items before each position
+            p1 = (w * M).sum(0)
+            p = (1 - noise) * p1 + noise * (1 - p1)
+            correct += ((p > 0.5 + 1e-9) == yb).double().sum(0)  # ties (to rounding) go negative
+            probs.append(p)
+    acc = (correct / n_episodes).tolist()
+    out = dict(accuracy=float(np.mean(acc)), accuracy_by_position=acc, noise=noise, n_functions=int(F))
+    if return_predictions:
+        out["predictions"] = torch.cat(probs)
+    return out
+
+
+def function_members(mc, ck, X, ids, codes_path):
+    """The training functions of a checkpoint on the image rows of X -> scipy.sparse (F, n) bool: SAE functions from
+    the codes of those images (latent active), neuron functions from X (above the column's median), F = the
+    checkpoint's training latents in order."""
+    import scipy.sparse as sp
+    from models import read_codes
+    lat = np.asarray(ck["latents"])
+    if mc.get("functions", "sae") == "neurons":
+        Z = X[:, lat] > np.median(X[:, lat], 0)
+        return sp.csr_matrix(Z.T)
+    idx, val = read_codes(codes_path, len(X), ids)
+    r, c = np.nonzero(val > 0)
+    j = np.searchsorted(lat, idx[r, c])
+    ok = (j < len(lat)) & (lat[np.minimum(j, len(lat) - 1)] == idx[r, c])
+    return sp.csr_matrix((np.ones(int(ok.sum()), bool), (j[ok], r[ok])), shape=(len(lat), len(X)))
+
+
 def task_icl(cfg):
-    """In-context learning curves of the meta-learner on held-out functions beside the human category-learning curve."""
+    """In-context learning curves of the meta-learner on held-out functions beside the human category-learning curve,
+    with two reference learners on the same episodes: online ridge on the features (no meta-learning) and a Bayes
+    identifier over the training functions (memorisation)."""
     _, stem = out_paths(cfg)
     res, curves = {}, {}
     cat = os.path.join(cfg["data"], "category_learning.csv")
@@ -502,20 +653,29 @@ def task_icl(cfg):
         name = "model" if k == 0 else f"model{k + 1}"
         res[name] = _icl_one(cfg, path)
         r = res[name]
-        curves[f"{name} (held-out functions)"] = (np.arange(1, r["length"] + 1), np.array(r["accuracy_by_position"]))
+        x = np.arange(1, r["length"] + 1)
+        tag = "" if len(paths) == 1 else f" {name}"
+        curves[f"{name} (held-out functions)"] = (x, np.array(r["accuracy_by_position"]))
+        curves[f"online ridge{tag} (no meta-learning)"] = (x, np.array(r["ridge_bound"]["accuracy_by_position"]))
+        curves[f"identifier{tag} over training functions"] = (x, np.array(r["identifier"]["accuracy_by_position"]))
         print(f"\nicl {path}: held-out accuracy {r['accuracy']:.4f} "
-              f"(first position {r['accuracy_by_position'][0]:.3f}, "
-              f"last {r['accuracy_by_position'][-1]:.3f})")
+              f"(first position {r['accuracy_by_position'][0]:.3f}, last {r['accuracy_by_position'][-1]:.3f}); "
+              f"online ridge {r['ridge_bound']['accuracy']:.4f} "
+              f"(alpha {r['ridge_bound']['alpha']:g}); identifier over the {r['identifier']['n_functions']} training "
+              f"functions {r['identifier']['accuracy']:.4f}"
+              + ("" if r["trained_functions"] else " (the held-out functions were not trained on)"))
     res["files"] = dict(curves_figure=plot_curves(curves, stem + ".curves.png", xlabel="position / trial",
                                                   ylabel="accuracy", title="in-context learning vs humans"))
     return res
 
 
 def _icl_one(cfg, path):
-    """Per-position curves of one meta checkpoint on its held-out functions (see task_icl)."""
+    """Per-position curves of one meta checkpoint on its held-out functions, and the two reference learners on the
+    same episodes (see task_icl); when the held-out functions were not trained on, also all three on episodes of
+    the training functions (on the same pool), where memorisation can help."""
     if not os.path.exists(path):
         raise data.DataError(f"{path} not found; expected a meta checkpoint (train.py --stage meta)")
-    from models import functions_from_codes, functions_from_neurons, load_meta, read_codes
+    from models import functions_from_codes, functions_from_neurons, load_meta, read_codes, ridge_icl_bound
     try:
         model, ck = load_meta(path)
     except (ValueError, RuntimeError) as e:
@@ -530,20 +690,75 @@ def _icl_one(cfg, path):
     X, ids = data.read_features(feats)
     held = ck.get("eval_latents")
     held = None if held is None else np.asarray(held)
-    L = int(mc.get("length", 120))
-    if mc.get("functions", "sae") == "neurons":
+    L, n_ep = int(mc.get("length", 120)), cfg["icl_episodes"]
+    neurons = mc.get("functions", "sae") == "neurons"
+    codes = mc.get("eval_codes") or feats
+    if neurons:
         fns = functions_from_neurons(X, latents=held)
     else:
-        idx, val = read_codes(mc.get("eval_codes") or feats, len(X), ids)
+        idx, val = read_codes(codes, len(X), ids)
         fns = functions_from_codes(idx, val, L, latents=held)
     heads = None
     if mc.get("model") == "static_linear":
         heads = torch.from_numpy(np.searchsorted(np.asarray(ck["latents"]), fns["latents"].numpy()))
-    r = icl_curves(model, torch.from_numpy(X), fns, L, cfg["icl_episodes"], heads=heads)
-    return dict(accuracy=float(np.mean(r["accuracy"])), accuracy_by_position=r["accuracy"],
-                magnitude_mse_by_position=r["magnitude_mse"], n_episodes=r["n_episodes"], length=L,
-                n_functions=int(len(fns["latents"])), functions=mc.get("functions", "sae"), features=feats,
-                held_out=held is not None, ckpt=path)
+    Xt = torch.from_numpy(X)
+    r = icl_curves(model, Xt, fns, L, n_ep, heads=heads)
+    out = dict(accuracy=float(np.mean(r["accuracy"])), accuracy_by_position=r["accuracy"],
+               magnitude_mse_by_position=r["magnitude_mse"], n_episodes=r["n_episodes"], length=L,
+               n_functions=int(len(fns["latents"])), functions=mc.get("functions", "sae"), features=feats,
+               held_out=held is not None, ckpt=path)
+    # the reference learners read what the model reads: the features standardised by the embedding's buffers
+    shift, scale = model.embedding.in_shift[1:].double(), model.embedding.in_scale[1:].double()
+    train = _training_functions(cfg, mc, ck, path)
+    lat = np.asarray(ck["latents"]) if ck.get("latents") is not None else None
+    trained = lat is not None and bool(np.isin(fns["latents"].numpy(), lat).all())
+    out["trained_functions"] = trained
+
+    def bounds(eval_fns):
+        if train is not None:
+            rb = ridge_icl_bound(train[0], train[1], Xt, eval_fns, L, n_ep, shift=shift, scale=scale)
+            rb["alpha_selected_on"] = f"episodes of the training functions on the training pool {train[2]}"
+        else:  # no training pool named: the penalty is chosen on other episodes (another seed) of these functions
+            rb = ridge_icl_bound(Xt, eval_fns, Xt, eval_fns, L, n_ep, shift=shift, scale=scale)
+            rb["alpha_selected_on"] = "other episodes (seed + 1,000,003) of the evaluated functions: no training pool"
+        idf = None
+        if lat is not None:
+            idf = identifier_icl_curve(Xt, eval_fns, function_members(mc, ck, X, ids, codes), L, n_ep,
+                                       noise=cfg.get("icl_noise", 0.01))
+        return rb, idf
+
+    out["ridge_bound"], out["identifier"] = bounds(fns)
+    if out["identifier"] is None:
+        raise data.DataError(f"{path}: no 'latents' (the training functions): the identifier bound needs them")
+    if not trained:  # the memorisation bound for functions the model trained on: their episodes on this pool
+        tf = functions_from_neurons(X, latents=lat) if neurons else functions_from_codes(idx, val, L, latents=lat)
+        th = torch.from_numpy(np.searchsorted(lat, tf["latents"].numpy())) if heads is not None else None
+        rt = icl_curves(model, Xt, tf, L, n_ep, heads=th)
+        rb, idf = bounds(tf)
+        out["on_training_functions"] = dict(accuracy=float(np.mean(rt["accuracy"])),
+                                            accuracy_by_position=rt["accuracy"], n_functions=int(len(tf["latents"])),
+                                            ridge_bound=rb, identifier=idf)
+    return out
+
+
+def _training_functions(cfg, mc, ck, path):
+    """(pool features tensor, training functions on it, pool path) from the checkpoint's training pool (or --pool),
+    for choosing the ridge bound's penalty on training episodes; None when no pool is named."""
+    from models import functions_from_codes, functions_from_neurons, read_codes
+    pool = cfg.get("pool") or mc.get("features")
+    if not pool or ck.get("latents") is None:
+        return None
+    if not os.path.exists(pool):
+        raise data.DataError(f"{path}: its training pool {pool} (config 'features') not found; the ridge bound "
+                             "chooses its penalty there: pass --pool FILE")
+    P, pids = data.read_features(pool)
+    lat = np.asarray(ck["latents"])
+    if mc.get("functions", "sae") == "neurons":
+        fns = functions_from_neurons(P, latents=lat)
+    else:
+        idx, val = read_codes(mc.get("codes") or pool, len(P), pids)
+        fns = functions_from_codes(idx, val, int(mc.get("min_nonzero", mc.get("length", 120))), latents=lat)
+    return torch.from_numpy(P), fns, pool
 
 
 def _print_fit_table(title, res, types=()):

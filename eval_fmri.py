@@ -31,7 +31,7 @@ import torch
 
 import data
 import kernels
-from representations import aligned_representations
+from representations import aligned_representations, combine_strata, comparisons, device, paired_gain
 
 ROIS = ["V1", "V2", "V3", "hV4", "LOC", "FFA", "PPA", "EBA", "OFA", "STS", "RSC", "TOS"]
 EARLY, HIGH = ROIS[:4], ROIS[4:]
@@ -100,34 +100,35 @@ def load_subject(data_dir, tag, nc_min, roi_names=""):
                 stimuli=d["stimuli"], n_voxels_total=int(R.shape[0]))
 
 
-def encode(reps, Y, sessions, alphas, inner_cv="loo"):
+def encode(reps, Y, sessions, alphas, inner_cv="loo", device="cpu"):
     """Leave-one-session-out encoding of Y (n_trials, n_voxels) by each representation (n_trials, d).
 
     Returns {name: dict(r2 (n_folds, n_voxels) float64 raw held-out R^2, alphas (n_folds, n_voxels))}.
     Features are z-scored with the training sessions' statistics; alpha is chosen per voxel inside the
     training sessions (inner_cv: 'loo' | 'gcv' | k | 'sessions' for leave-one-session-out inside).
+    device: Y and each representation are moved there once; kernels.ridge_cv runs on it; results come back.
     """
     folds = np.unique(sessions)
     if len(folds) < 2:
         raise data.DataError(f"StimulusMetadata: column 'session' has {len(folds)} distinct session(s); "
                              "leave-one-session-out needs >= 2")
-    Yt = torch.from_numpy(np.asarray(Y, dtype=np.float32))
+    Yt = torch.from_numpy(np.asarray(Y, dtype=np.float32)).to(device)
     out = {}
     for name, X in reps.items():
-        X = torch.as_tensor(np.asarray(X, dtype=np.float32))
+        X = torch.as_tensor(np.asarray(X, dtype=np.float32)).to(device)
         r2 = np.zeros((len(folds), Y.shape[1]))
         best = np.zeros((len(folds), Y.shape[1]))
         for k, s in enumerate(folds):
-            te, tr = sessions == s, sessions != s
+            te, tr = [torch.from_numpy(m).to(device) for m in (sessions == s, sessions != s)]
             mu, sd = X[tr].mean(0), X[tr].std(0)
             sd = torch.where(sd > 0, sd, torch.ones_like(sd))
             Xtr, Xte = (X[tr] - mu) / sd, (X[te] - mu) / sd
-            inner = sessions[tr] if inner_cv == "sessions" else inner_cv
+            inner = sessions[sessions != s] if inner_cv == "sessions" else inner_cv
             fit = kernels.ridge_cv(Xtr, Yt[tr], alphas, cv=inner)
             pred = fit.predict(Xte).double()
             yte = Yt[te].double()
-            r2[k] = data.r2_per_target(pred, yte).numpy()
-            best[k] = fit.best_alphas.numpy()
+            r2[k] = data.r2_per_target(pred, yte).cpu().numpy()
+            best[k] = fit.best_alphas.cpu().numpy()
         out[name] = dict(r2=r2, alphas=best)
     return out
 
@@ -231,7 +232,7 @@ def run_fmri(cfg, reps_for_subject, representations):
         spath = os.path.join(cfg["data"], "brain_data", f"{tag}_StimulusMetadata.csv")
         reps = reps_for_subject(sub["stimuli"], spath)
         sessions = sub["stimuli"]["session"].to_numpy()
-        enc = encode(reps, sub["Y"], sessions, alphas, inner)
+        enc = encode(reps, sub["Y"], sessions, alphas, inner, device(cfg))
         per = {}
         voxels[tag] = dict(voxel_ids=sub["voxel_ids"], nc=sub["nc"],
                            roi=np.array([next((r for r in ROIS if r in sub["rois"] and sub["rois"][r][v]), "none")
@@ -272,6 +273,10 @@ def run_fmri(cfg, reps_for_subject, representations):
             res[name]["vs_base"] = {r: dict(p_fisher=comb[r], p_bh=float(q),
                                             delta=res[name]["rois"][r] - res["base"]["rois"][r])
                                     for r, q in zip(rois, adj)}
+    for a, b in comparisons(representations):  # paired over voxels within each subject, then the subject mean
+        res[a].setdefault("vs", {}).setdefault("r2", {})[b] = combine_strata(
+            [paired_gain(voxels[t][a] - voxels[t][b], ci=cfg["ci"]) for t in tags], cfg["ci"], "voxels",
+            "paired over voxels within each subject (voxels treated as independent), mean over subjects, t interval")
     res["noise_ceiling"] = 1.0  # R^2 / (nc_singletrial / 100): 1 is the single-trial noise ceiling by definition
     res["alphas"] = dict(min=float(alphas[0]), max=float(alphas[-1]), n=int(len(alphas)), inner_cv=str(inner))
     return res, voxels
@@ -363,24 +368,25 @@ def _pls_predict(Xa, Ya, Xb, k):
     return PLSRegression(n_components=k, scale=False).fit(Xa, Ya).predict(Xb)
 
 
-def candidates(Xtr, Ytr, fold_id, pcas, regressions, alphas, pls_ks):
+def candidates(Xtr, Ytr, fold_id, pcas, regressions, alphas, pls_ks, device="cpu"):
     """CV score of every candidate on training rows: Xtr (n, p) z-scored features, Ytr (n, t) z-scored responses.
 
     Returns a list of dict(pca, regression, hyper, cv_r2) with cv_r2 = 1 - mean over voxels and folds of the
     validation MSE; the PCA of each size is fitted once on all training rows (unsupervised; the test rows
-    are never seen)."""
+    are never seen). device: where kernels.ridge_cv runs (the responses are moved there once)."""
     from sklearn.decomposition import PCA
     out = []
     folds = [np.nonzero(fold_id == f)[0] for f in np.unique(fold_id)]
+    Yt = torch.as_tensor(Ytr, dtype=torch.float64).to(device)
     for n_pc in pcas:
         if n_pc > min(Xtr.shape):
             raise data.DataError(f"--pca {n_pc}: larger than the features ({Xtr.shape[1]} columns) or the "
                                  f"training trials ({Xtr.shape[0]}); pass smaller sizes")
         Z = PCA(n_components=n_pc, random_state=0).fit_transform(Xtr) if n_pc else Xtr
-        Zt = torch.as_tensor(np.ascontiguousarray(Z), dtype=torch.float64)
+        Zt = torch.as_tensor(np.ascontiguousarray(Z), dtype=torch.float64).to(device)
         for reg in regressions:
             if reg == "ridge":
-                fit = kernels.ridge_cv(Zt, torch.as_tensor(Ytr, dtype=torch.float64), alphas, cv=fold_id,
+                fit = kernels.ridge_cv(Zt, Yt, alphas, cv=fold_id,
                                        local_alpha=False)  # one alpha per subject x ROI, the same folds as PLS
                 out.append(dict(pca=n_pc, regression="ridge", hyper=float(fit.best_alphas[0]),
                                 cv_r2=float(1 - fit.cv_scores.mean())))
@@ -393,16 +399,17 @@ def candidates(Xtr, Ytr, fold_id, pcas, regressions, alphas, pls_ks):
     return out
 
 
-def refit_score(Xtr, Ytr, Xte, Yte, best):
+def refit_score(Xtr, Ytr, Xte, Yte, best, device="cpu"):
     """Refit the chosen candidate on all training rows, score the test rows -> (R^2 per voxel, r per voxel)."""
     from sklearn.decomposition import PCA
     if best["pca"]:
         pca = PCA(n_components=best["pca"], random_state=0).fit(Xtr)
         Xtr, Xte = pca.transform(Xtr), pca.transform(Xte)
     if best["regression"] == "ridge":
-        fit = kernels.ridge_cv(torch.as_tensor(Xtr, dtype=torch.float64), torch.as_tensor(Ytr, dtype=torch.float64),
-                               [best["hyper"]], cv=2, local_alpha=False)
-        pred = fit.predict(torch.as_tensor(Xte, dtype=torch.float64)).numpy()
+        f64 = dict(dtype=torch.float64, device=device)
+        fit = kernels.ridge_cv(torch.as_tensor(Xtr, **f64), torch.as_tensor(Ytr, **f64), [best["hyper"]], cv=2,
+                               local_alpha=False)
+        pred = fit.predict(torch.as_tensor(Xte, **f64)).cpu().numpy()
     else:
         pred = _pls_predict(Xtr, Ytr, Xte, best["hyper"])
     pc, yc = pred - pred.mean(0), Yte - Yte.mean(0)
@@ -438,6 +445,7 @@ def run_encsearch(cfg):
         raise data.DataError(f"--alphas {cfg['alphas']!r}: ridge alphas must be > 0")
     pls_ks = data.parse_ints(cfg["pls_components"], "pls-components", 1)
     layers = load_layers(cfg)
+    dev = device(cfg)
     concepts = data.load_concepts(cfg["data"])
     tags = subjects(cfg["data"]) if not cfg["subjects"] else [data.subject_tag(s) for s in cfg["subjects"].split(",")]
     want_rois = [r.strip() for r in cfg["rois"].split(",") if r.strip()]
@@ -469,9 +477,9 @@ def run_encsearch(cfg):
                 Xte = np.stack([X[r[g[0]]] for g in test_groups]).astype(np.float64)
                 mu, sd = Xtr.mean(0), np.where(Xtr.std(0) > 0, Xtr.std(0), 1.0)
                 Xtr, Xte = (Xtr - mu) / sd, (Xte - mu) / sd
-                cands = candidates(Xtr, Ytr_z, fold_id, pcas, regs, alphas, pls_ks)
+                cands = candidates(Xtr, Ytr_z, fold_id, pcas, regs, alphas, pls_ks, dev)
                 best = max(cands, key=lambda c: c["cv_r2"])
-                r2, rr = refit_score(Xtr, Ytr_z, Xte, Yte_z, best)
+                r2, rr = refit_score(Xtr, Ytr_z, Xte, Yte_z, best, dev)
                 rows_out.append(dict(subject=tag, roi=roi, layer=name, n_voxels=int(Y.shape[1]), pca=best["pca"],
                                      regression=best["regression"], hyper=best["hyper"], cv_r2=best["cv_r2"],
                                      test_r2=float(r2.mean()), test_r=float(rr.mean()), candidates=cands))

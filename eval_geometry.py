@@ -13,18 +13,19 @@ import torch
 import data
 import geometry
 import kernels
-from representations import aligned_representations, load_representations, print_table, z_value
+from representations import (aligned_representations, block_jackknife_gains, comparisons, device, jackknife_gain,
+                             load_representations, paired_gain, print_table, put_gains, z_value)
 
 
 # ---------------------------------------------------------------------------------------------------- CKA
 
 def bootstrap_cka(A, B, n_boot, seed, debiased):
     """CKA of bootstrap resamples of rows (concepts), one streaming CKA per resample -> (n_boot,)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same resamples on every device
     A, B = torch.as_tensor(A), torch.as_tensor(B)
     out = np.empty(n_boot)
     for b in range(n_boot):
-        idx = torch.randint(0, A.shape[0], (A.shape[0],), generator=g)
+        idx = torch.randint(0, A.shape[0], (A.shape[0],), generator=g).to(A.device)
         out[b] = kernels.cka(A[idx], B[idx], debiased=debiased).item()
     return out
 
@@ -34,10 +35,10 @@ def jackknife_cka(A, B, debiased=False):
     centred scatter matrices by rank one, S_-i = S - n/(n-1) a_i b_i' (a, b centred rows), so
     |S_-i|_F^2 = |S|^2 - 2c a_i'S b_i + c^2 |a_i|^2 |b_i|^2 with c = n/(n-1): O(n d^2), no loop. The debiased
     estimator has no such downdate and is recomputed per left-out row with kernels.cka."""
-    A, B = torch.as_tensor(np.asarray(A), dtype=torch.float64), torch.as_tensor(np.asarray(B), dtype=torch.float64)
+    A, B = torch.as_tensor(A, dtype=torch.float64), torch.as_tensor(B, dtype=torch.float64, device=A.device)
     n = A.shape[0]
     if debiased:
-        keep = torch.ones(n, dtype=torch.bool)
+        keep = torch.ones(n, dtype=torch.bool, device=A.device)
         out = np.empty(n)
         for i in range(n):
             keep[i] = False
@@ -52,21 +53,25 @@ def jackknife_cka(A, B, debiased=False):
     hxy = downdated(a.T @ b, a, b)
     hxx = downdated(a.T @ a, a, a)
     hyy = downdated(b.T @ b, b, b)
-    return (hxy / torch.sqrt(hxx * hyy)).numpy()
+    return (hxy / torch.sqrt(hxx * hyy)).cpu().numpy()
 
 
 def task_cka(cfg):
     _, reps = load_representations(cfg)
-    target = reps["spose"]
-    res = {}
+    dev = device(cfg)  # every representation and the target moved there once; the values come back as floats
+    target = torch.as_tensor(reps["spose"]).to(dev)
+    res, loos = {}, {}
     lo_q, hi_q = (1 - cfg["ci"]) / 2, 1 - (1 - cfg["ci"]) / 2
     for name, R in reps.items():
-        value = kernels.cka(torch.as_tensor(R), torch.as_tensor(target), debiased=cfg["debiased"]).item()
+        R = torch.as_tensor(R).to(dev)
+        value = kernels.cka(R, target, debiased=cfg["debiased"]).item()
         entry = dict(cka=value, debiased=cfg["debiased"], dims=int(R.shape[1]),
-                     cka_biased=kernels.cka(torch.as_tensor(R), torch.as_tensor(target)).item(),
-                     cka_debiased=kernels.cka(torch.as_tensor(R), torch.as_tensor(target), debiased=True).item())
+                     cka_biased=kernels.cka(R, target).item(),
+                     cka_debiased=kernels.cka(R, target, debiased=True).item())
+        if name != "spose":  # leave-one-concept-out values: the CI (jackknife) and the paired gains
+            loos[name] = jackknife_cka(R, target, cfg["debiased"])
         if name != "spose" and cfg["ci_method"] == "jackknife":
-            loo = jackknife_cka(R, target, cfg["debiased"])
+            loo = loos[name]
             n = len(loo)
             se = float(np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum()))
             half = z_value(cfg["ci"]) * se
@@ -85,11 +90,14 @@ def task_cka(cfg):
         elif name != "spose" and cfg["ci_method"] not in ("jackknife", "bootstrap"):
             raise data.DataError(f"--ci-method {cfg['ci_method']!r}: expected jackknife or bootstrap")
         res[name] = entry
+    put_gains(res, "cka", {(a, b): jackknife_gain(res[a]["cka"] - res[b]["cka"], loos[a] - loos[b], cfg["ci"],
+                                                  "concepts") for a, b in comparisons(reps)})
     dims = _dims(cfg)
     for name, R in reps.items():  # "chosen dims": CKA with a subset of SPoSE dimensions only
         if dims:
-            res[name]["cka_spose_dims"] = kernels.cka(torch.as_tensor(R), torch.as_tensor(target[:, dims]),
+            res[name]["cka_spose_dims"] = kernels.cka(torch.as_tensor(R).to(dev), target[:, dims],
                                                       debiased=cfg["debiased"]).item()
+    target = reps["spose"]
     layers = cka_by_layer(cfg, target, dims)
     if layers:
         for name, per_layer in layers.items():
@@ -203,6 +211,14 @@ def task_rsa(cfg):
                          compare=cfg["rdm_compare"], dims=int(R.shape[1]))
         if dims:
             res[name]["rsa_spose_dims"] = geometry.compare_rdms(rd, target_dims, cfg["rdm_compare"])
+    others = [n for n in reps if n != "spose"]
+
+    def rsa_on(keep):  # the statistic on a subset of concepts, for the block jackknife of the paired gains
+        t = geometry.rdm(reps["spose"][keep], cfg["rdm_metric"])
+        return {n: geometry.compare_rdms(geometry.rdm(reps[n][keep], cfg["rdm_metric"]), t, cfg["rdm_compare"])
+                for n in others}
+    if comparisons(others):
+        put_gains(res, "rsa", block_jackknife_gains(rsa_on, others, len(reps["spose"]), cfg["ci"]))
     res["noise_ceiling"] = res["spose"]["rsa"]
     print_table(f"RSA with SPoSE ({cfg['rdm_metric']} RDMs, {cfg['rdm_compare']})", "rsa",
                 [(k, v["rsa"], None) for k, v in res.items() if isinstance(v, dict)], res["noise_ceiling"])
@@ -221,6 +237,10 @@ def task_class_separation(cfg):
     for name, R in reps.items():
         res[name] = dict(class_separation_coarse=geometry.class_separation(R[rows], labels),
                          n_categories=int(member.any(0).sum()), n_uncategorised=int((~member.any(1)).sum()))
+    if comparisons(reps):  # paired gains in the coarse separation: block jackknife over concepts
+        put_gains(res, "class_separation_coarse", block_jackknife_gains(
+            lambda keep: {n: geometry.class_separation(reps[n][rows[keep[rows]]], labels[keep[rows]]) for n in reps},
+            list(reps), len(concepts), cfg["ci"]))
     res["base"]["class_separation_fine"] = geometry.class_separation(X, fine_labels)
     for name, Z in aligned_representations(cfg, X).items():
         res[name]["class_separation_fine"] = geometry.class_separation(Z, fine_labels)
@@ -290,7 +310,8 @@ def task_similarity(cfg):
             feats.append(X)
         rng = np.random.default_rng(cfg["seed"])
         idx = np.sort(rng.choice(len(ids0), size=min(cfg["max_images"], len(ids0)), replace=False))
-        mats = geometry.similarity_matrices([X[idx] for X in feats], measures)
+        dev = device(cfg)  # each model's subsample moved there once
+        mats = geometry.similarity_matrices([torch.as_tensor(X[idx]).to(dev) for X in feats], measures)
         res["matrices"][ds] = {k: v.tolist() for k, v in mats.items()}
         res["indices"][ds] = idx.tolist()
     res["consistency"] = {m: geometry.consistency([np.array(res["matrices"][d][m]) for d in datasets]).tolist()
@@ -332,15 +353,20 @@ def task_probe(cfg):
         test[m[: max(1, int(0.3 * len(m)))]] = True
     shots = [int(s) for s in cfg["shots"].split(",") if s.strip()]
     seeds = list(range(cfg["seed"], cfg["seed"] + cfg["probe_seeds"]))
-    res = {}
+    res, hits = {}, {}
     for name, R in reps.items():
         entry = {}
         for k in shots + [None]:
-            accs = geometry.few_shot_probe(R[~test], y[~test], R[test], y[test], shots=k, seeds=seeds)
+            accs, hit = geometry.few_shot_probe(R[~test], y[~test], R[test], y[test], shots=k, seeds=seeds,
+                                                return_correct=True)
+            if k is None:
+                hits[name] = hit.mean(0)  # (n_test,) share of seeds that got each test image right
             entry[f"probe_{k}shot" if k else "probe_full"] = float(accs.mean())
             entry[f"probe_{k}shot_sd" if k else "probe_full_sd"] = float(accs.std(ddof=1)) if len(accs) > 1 else 0.0
         entry["n_classes"], entry["chance"] = int(len(np.unique(y))), float(np.bincount(y[test]).max() / test.sum())
         res[name] = entry
+    put_gains(res, "probe_full", {(a, b): paired_gain(hits[a] - hits[b], ci=cfg["ci"], unit="test images")
+                                  for a, b in comparisons(reps)})
     print_table("linear probes on categories (full)", "accuracy", [(k, v["probe_full"], None) for k, v in res.items()],
                 float("nan"))
     return res

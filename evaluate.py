@@ -64,6 +64,14 @@ defaults = dict(
     figures=True,                               # fmri: ROI bar plot + voxel scatter PNGs beside --out
     spose_dims="",                              # cka/rsa: also compare with these SPoSE dims only, e.g. 0,1,2
     ckpt="",                                    # meta checkpoints, comma-separated: encode(features) = aligned, ...
+    controls="base_z,base_white,base_minus_pcs,sae_codes",  # controls beside each --ckpt ('' = none; README
+                                                # "Controls"): fitted on the checkpoint's training pool
+    controls_ckpt="",                           # meta checkpoints of control models (static_linear, --no-embed)
+    pool="",                                    # controls: training pool ('' = the checkpoint's --features)
+    sae="",                                     # sae_codes: SAE checkpoint ('' = the SAE of the checkpoint's codes)
+    remove_pcs=0,                               # base_minus_pcs: principal components removed (0: max(1, round(d/100)))
+    device="auto",                              # fmri, encsearch, cka, similarity, probe, encode: auto (cuda if
+                                                # available, else cpu) | cpu | cuda
     rdm_metric="correlation",                   # rsa: correlation | cosine | euclidean dissimilarity
     rdm_compare="spearman",                     # rsa: pearson | spearman | cosine comparison of RDMs
     categories="",                              # class-separation, tsne, probe: categories ('' -> DIR/categories.tsv)
@@ -84,9 +92,12 @@ defaults = dict(
                                                 # beside --features)
     cat_c="0.01,0.1,1,10,100",                  # category-learning: C grid of the online L2 logistic learner
     reward_lambda="0.01,0.1,1,10,100",          # reward-learning: prior precisions of the online Bayesian regression
+    learner="ours",                             # category/reward learning: ours (online learners, CV choice fits) |
+                                                # paper (the original's sklearn learners, in-sample temperature)
     icl_episodes=256,                           # icl: held-out episodes for the per-position curves
     icl_features="",                            # icl: image pool of the held-out functions ('' -> the checkpoint's eval
                                                 # pool)
+    icl_noise=0.01,                             # icl: label-noise rate of the Bayes identifier over training functions
     tasks="",                                   # all: comma-separated tasks to try ('' -> every task whose data is
                                                 # present)
     warp_runs="",                               # dwarp: result files of train.py --stage warp, comma-separated globs
@@ -171,6 +182,10 @@ def task_report(cfg):
                 lines.append(f"| {task} | {name} | McFadden R^2 (held-out) | {fit['mcfadden_r2']:.3f} | "
                              f"[{fit['r2_ci'][0]:.3f}, "
                              f"{fit['r2_ci'][1]:.3f}] | {r.get('r2_noise_ceiling', float('nan')):.3f} |")
+            for key, label in (("ridge_bound", "online ridge on the features"),
+                               ("identifier", "identifier over the training functions")):
+                if isinstance(v.get(key), dict):  # icl: the reference learners on the same episodes
+                    lines.append(f"| {task} | {name}: {label} | accuracy | {v[key]['accuracy']:.3f} |  | nan |")
     if fmri_rows:
         lines += ["", "THINGS-fMRI, R^2 / noise ceiling by ROI (mean over subjects):", "",
                   "| representation | early (V1-hV4) | high-level | ROIs |", "|---|---|---|---|"] + fmri_rows
@@ -181,6 +196,19 @@ def task_report(cfg):
             for m, C in r["consistency"].items():
                 C = np.array(C)
                 lines.append(f"- {m}: {C[np.triu_indices(len(C), 1)].mean() if len(C) > 1 else float('nan'):.3f}")
+    rows = control_rows(docs)
+    if rows:
+        lines += ["", "## Aligned against base and the controls", "",
+                  "Per task and measure: the aligned representation, base, and the best control (the highest value "
+                  "among the controls of --ckpt: README \"Controls\"); the gain is aligned minus the best control, "
+                  "whatever its sign, with its CI paired over the task's units.", "",
+                  "| task | measure | aligned | base | best control | gain over best control | CI | paired over |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in rows:
+            ci = "" if t["ci"] is None else f"[{t['ci'][0]:.3f}, {t['ci'][1]:.3f}]"
+            lines.append(f"| {t['task']} | {t['measure']} | {t['aligned']:.3f} | {t['base']:.3f} | "
+                         + (f"{t['control']} {t['control_value']:.3f} | {t['gain']:.3f} | {ci} | {t['unit']} |"
+                            if t["control"] else "(no control) |  |  |  |"))
     summary = demo_summary(docs)
     if summary:
         lines += ["", "## What the demo shows", "", summary]
@@ -193,14 +221,54 @@ def task_report(cfg):
     return "\n".join(lines).replace("| nan |", "|  |") + "\n"
 
 
+MEASURES = {"accuracy": "accuracy", "fit.mcfadden_r2": "McFadden R^2 (fit)", "mcfadden_r2": "McFadden R^2",
+            "cka": "CKA with SPoSE", "rsa": "RSA with SPoSE", "r2": "R^2 / noise ceiling (all voxels)",
+            "class_separation_coarse": "class separation (coarse)", "trustworthiness": "t-SNE trustworthiness",
+            "probe_full": "linear probe (full)"}
+
+
+def _value(v, key):
+    """A representation's value of a measure key ('fit.mcfadden_r2' reads v['fit']['mcfadden_r2']); None if absent."""
+    for k in key.split("."):
+        v = v.get(k) if isinstance(v, dict) else None
+    return v if isinstance(v, (int, float)) else None
+
+
+def control_rows(docs):
+    """One row per (task, aligned representation, measure): aligned, base, the best control (highest value among
+    the controls, representations.CONTROLS) and the gain over it with its paired CI (the task's 'vs' entries;
+    tasks with no unit-level resampling, e.g. t-SNE, give the gain without a CI)."""
+    from representations import is_control, kind
+    out = []
+    for f, r in docs.items():
+        task = r.get("config", {}).get("task", f[:-5])
+        for a, v in r.items():
+            if kind(a) != "aligned" or not isinstance(v, dict):
+                continue
+            keys = list(v.get("vs", {})) or [next((m for m in REPORT_METRICS if _value(v, m) is not None), None)]
+            for key in [k for k in keys if k and _value(v, k) is not None and _value(r.get("base"), k) is not None]:
+                ctrl = {n: _value(c, key) for n, c in r.items() if is_control(n) and _value(c, key) is not None}
+                best = max(ctrl, key=ctrl.get) if ctrl else None
+                g = v.get("vs", {}).get(key, {}).get(best) if best else None
+                out.append(dict(task=task + ("" if a == "aligned" else f" ({a})"), measure=MEASURES.get(key, key),
+                                key=key, aligned=_value(v, key), base=_value(r["base"], key), control=best,
+                                control_value=ctrl.get(best), gain=(g["delta"] if g else
+                                                                   (_value(v, key) - ctrl[best] if best else None)),
+                                ci=g["ci"] if g else None, unit=g["unit"] if g else "no CI for this task"))
+    return out
+
+
 README_BEGIN = "<!-- demo summary: generated by make demo from runs/demo/report.md; edit evaluate.demo_summary -->"
 README_END = "<!-- end of demo summary -->"
 
 
 def demo_summary(docs):
-    """'What the demo shows': one paragraph of the report's own numbers (formatted as in its table), from the
-    things-ooo, cka, rsa, category- and reward-learning, fmri and icl results in `docs` ({file: result});
-    '' without things-ooo and cka. make demo copies it into README.md (--readme)."""
+    """'What the demo shows': one paragraph of the report's own numbers (formatted as in its tables), from the
+    things-ooo, cka, rsa, category- and reward-learning, fmri and icl results in `docs` ({file: result}), with
+    every measure where aligned loses to a control; '' without things-ooo and cka. make demo copies it into
+    README.md (--readme)."""
+    from representations import is_control
+
     def get(task, rep, key, sub=None):
         v = docs.get(f"{task}.json", {}).get(rep, {})
         v = v.get(sub, {}) if sub else v
@@ -225,25 +293,43 @@ def demo_summary(docs):
     lines = [h + ".", f"- **Base features.** Odd-one-out accuracy {fmt(get('things-ooo', 'base', 'accuracy'))}, "
              f"CKA with SPoSE {fmt(get('cka', 'base', 'cka'))}."]
     if get("things-ooo", "aligned", "accuracy") is not None:
-        ctrl = get("things-ooo", "base_pca", "accuracy") is not None
-        parts, above, above_ctrl = [], 0, 0
+        parts, above, above_ctrl, n_ctrl = [], 0, 0, 0
         for label, task, key, sub in have:
             a, b = get(task, "aligned", key, sub), get(task, "base", key, sub)
             if a is None:
                 continue
-            c = get(task, "base_pca", key, sub) if ctrl else None
-            parts.append(f"{label} {fmt(a)} vs {fmt(b)}" + (f" vs {fmt(c)}" if c is not None else ""))
+            ctrl = {n: get(task, n, key, sub) for n in docs.get(f"{task}.json", {}) if is_control(n)}
+            ctrl = {n: c for n, c in ctrl.items() if c is not None}
+            best = max(ctrl, key=ctrl.get) if ctrl else None
+            parts.append(f"{label} {fmt(a)} vs {fmt(b)}" + (f" vs {fmt(ctrl[best])} ({best})" if best else ""))
             above += a > b
-            above_ctrl += c is not None and a > c
+            if best:
+                n_ctrl += 1
+                above_ctrl += a > ctrl[best]
         verdict = f"above base on {above} of {len(parts)} measures"
-        if ctrl:
-            verdict += f" and above its control `base_pca` on {above_ctrl} of {len(parts)}"
-        lines.append(f"- **The meta-learned `aligned` representation** (vs base{' vs base_pca' if ctrl else ''}): "
+        if n_ctrl:
+            verdict += f" and above the best control on {above_ctrl} of {n_ctrl}"
+        lines.append("- **The meta-learned `aligned` representation** (vs base" + (" vs the best control" if n_ctrl
+                                                                                    else "") + "): "
                      + "; ".join(parts) + f". It is {verdict}.")
-    icl = docs.get("icl.json", {}).get("model", {}).get("accuracy")
-    if icl is not None:
-        lines.append(f"- **In context**, the meta-learner predicts held-out functions with accuracy {fmt(icl)} "
-                     "(chance 0.5).")
+    rows = [t for t in control_rows(docs) if t["control"]]
+    if rows:
+        lost = [t for t in rows if t["gain"] < 0]
+        ci = lambda t: "" if t["ci"] is None else f" [{fmt(t['ci'][0])}, {fmt(t['ci'][1])}]"  # noqa: E731
+        lines.append("- **Against its controls** (gain = aligned minus the best control, CI paired over the task's "
+                     "units; the report's table \"Aligned against base and the controls\"): it loses on "
+                     f"{len(lost)} of {len(rows)} measures" + (": " + "; ".join(
+                         f"{t['task']}: {t['measure']} {fmt(t['gain'])}{ci(t)} against {t['control']}" for t in lost)
+                         if lost else "") + ".")
+    icl = docs.get("icl.json", {}).get("model", {})
+    if icl.get("accuracy") is not None:
+        line = f"- **In context**, the meta-learner predicts held-out functions with accuracy {fmt(icl['accuracy'])} " \
+               "(chance 0.5)"
+        if isinstance(icl.get("ridge_bound"), dict) and isinstance(icl.get("identifier"), dict):
+            line += (f"; on the same episodes an online ridge learner on the features reaches "
+                     f"{fmt(icl['ridge_bound']['accuracy'])} and a Bayes identifier over the training functions "
+                     f"{fmt(icl['identifier']['accuracy'])}")
+        lines.append(line + ".")
     return "\n".join(lines)
 
 
@@ -299,7 +385,10 @@ def header(cfg, res):
 
 def write_result(path, res, cfg):
     """The result JSON: header first, then the task's keys, config and versions; written atomically."""
-    doc = {"header": header(cfg, res), **res, "config": cfg, "versions": data.versions()}
+    doc = {"header": header(cfg, res), **res, "config": {k: v for k, v in cfg.items() if k != "_controls"},
+           "versions": data.versions()}
+    if cfg.get("_controls"):  # what each control of --ckpt was fitted on (representations.aligned_representations)
+        doc["controls"] = cfg["_controls"]
     with data.atomic_path(path) as tmp, open(tmp, "w") as fh:  # nothing partial is ever left at `path`
         json.dump(doc, fh, indent=2, default=_json_default)
     return doc

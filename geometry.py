@@ -7,6 +7,8 @@
                                      one tiled pass per tile pair over all M models at once
     procrustes_to(A, B)              rotate/scale B's 2-D embedding onto A's (t-SNE panels)
     few_shot_probe(...)              k-shot / full multinomial logistic probes with a validation grid
+    pool_pca, zscore, pca_whiten,    the unsupervised controls of the base features, each fitted on a training
+    remove_top_pcs, top_pcs_rule     pool (never on the evaluated images, never on human data)
 
 Everything heavy is float64-accumulated torch; nothing stores an (n, n) matrix whole.
 """
@@ -214,8 +216,9 @@ def procrustes_to(A, B):
 
 # --------------------------------------------------------------------------------------------------- probes
 
-def few_shot_probe(Xtr, ytr, Xte, yte, shots, seeds, Cs=(0.01, 0.1, 1.0, 10.0), val_frac=0.2):
-    """Multinomial logistic-regression probes on standardised features -> test accuracy per seed (n_seeds,).
+def few_shot_probe(Xtr, ytr, Xte, yte, shots, seeds, Cs=(0.01, 0.1, 1.0, 10.0), val_frac=0.2, return_correct=False):
+    """Multinomial logistic-regression probes on standardised features -> test accuracy per seed (n_seeds,);
+    with return_correct also the per-test-image correctness (n_seeds, n_test) bool (paired comparisons).
 
     shots = k examples per class, or None for the full training set. The regularisation C is chosen from
     Cs on a validation set: for full probes a random val_frac split of the training data, for k-shot probes
@@ -224,7 +227,7 @@ def few_shot_probe(Xtr, ytr, Xte, yte, shots, seeds, Cs=(0.01, 0.1, 1.0, 10.0), 
     from sklearn.preprocessing import StandardScaler
     Xtr, Xte, ytr, yte = map(np.asarray, (Xtr, Xte, ytr, yte))
     classes = np.unique(ytr)
-    accs = []
+    hits = []
     for seed in seeds:
         rng = np.random.default_rng(seed)
         if shots is None:
@@ -246,5 +249,81 @@ def few_shot_probe(Xtr, ytr, Xte, yte, shots, seeds, Cs=(0.01, 0.1, 1.0, 10.0), 
         def fitted(C, rows):
             return LogisticRegression(C=C, max_iter=2000).fit(scaler.transform(Xtr[rows]), ytr[rows])
         best = max(Cs, key=lambda C: fitted(C, fit).score(scaler.transform(Xtr[val]), ytr[val]))
-        accs.append(fitted(best, fit).score(scaler.transform(Xte), yte))
-    return np.array(accs)
+        hits.append(fitted(best, fit).predict(scaler.transform(Xte)) == yte)
+    hits = np.array(hits).reshape(len(hits), len(yte))
+    return (hits.mean(1), hits) if return_correct else hits.mean(1)
+
+
+# ---------------------------------------------------------------------------------- unsupervised controls
+# Transforms of the base features a reviewer would try before crediting meta-learning. Each is fitted on a
+# training pool (the images the meta-learner trained on), never on an evaluated image set and never on human
+# data. Arrays in, float64 arrays out; pools are read in row chunks, so no float64 copy of a large pool is made.
+
+def _pool_moments(pool, chunk=65536):
+    """Mean (d,) and centred scatter matrix (d, d) of a pool (n, d), float64, in one pass of row chunks
+    (shifted by the first row, so the float64 sums do not lose precision when the mean is large)."""
+    P = pool
+    if P.ndim != 2 or len(P) < 2:
+        raise ValueError(f"training pool must be (n >= 2, d), got shape {tuple(P.shape)}")
+    n, d = P.shape
+    x0 = np.asarray(P[0], dtype=np.float64)
+    s, S = np.zeros(d), np.zeros((d, d))
+    for i in range(0, n, chunk):
+        Z = np.asarray(P[i:i + chunk], dtype=np.float64) - x0
+        s += Z.sum(0)
+        S += Z.T @ Z
+    m = s / n
+    return x0 + m, S - n * np.outer(m, m)
+
+
+def pool_pca(pool):
+    """The pool's (n, d) mean (d,), covariance eigenvalues (d,) in descending order (ddof = 1, clipped at 0)
+    and eigenvectors (d, d) as columns, float64: one d x d eigendecomposition (d is a feature width)."""
+    mu, S = _pool_moments(pool)
+    lam, V = np.linalg.eigh(S / (len(pool) - 1))
+    return mu, lam[::-1].clip(min=0), V[:, ::-1]
+
+
+def _check_width(X, pool):
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or pool.ndim != 2 or X.shape[1] != pool.shape[1]:
+        raise ValueError(f"features {X.shape} and training pool {tuple(pool.shape)} must be 2-d with the same width")
+    return X
+
+
+def zscore(X, pool):
+    """(X - pool mean) / pool sd per feature (ddof = 0, StandardScaler's); features constant on the pool map to 0."""
+    X = _check_width(X, pool)
+    mu, S = _pool_moments(pool)
+    sd = np.sqrt(np.diag(S).clip(min=0) / len(pool))
+    return np.where(sd > 0, (X - mu) / np.where(sd > 0, sd, 1.0), 0.0)
+
+
+def pca_whiten(X, pool, rank=None, shrinkage=1e-6, pca=None):
+    """PCA whitening with the pool's covariance: (X - mu) @ V_r / sqrt(lam_r + shrinkage * mean(lam)) on the top
+    `rank` components (None = all d); the shrinkage keeps directions the pool barely spans finite.
+    pca: pool_pca(pool) when already computed (several transforms of one pool)."""
+    X = _check_width(X, pool)
+    mu, lam, V = pool_pca(pool) if pca is None else pca
+    r = X.shape[1] if rank is None else int(rank)
+    if not 1 <= r <= X.shape[1]:
+        raise ValueError(f"whitening rank {rank} must be in 1..{X.shape[1]}")
+    return (X - mu) @ V[:, :r] / np.sqrt(lam[:r] + shrinkage * lam.mean() + 1e-300)
+
+
+def top_pcs_rule(d):
+    """How many principal components remove_top_pcs removes by default: max(1, round(d / 100)), the
+    "all-but-the-top" rule of Mu & Viswanath (2018). It depends on the feature width only, never on human data."""
+    return max(1, int(round(d / 100)))
+
+
+def remove_top_pcs(X, pool, k=None, pca=None):
+    """X minus the pool mean and its projection on the pool's top k principal components (k = top_pcs_rule(d)
+    when None; 0 only centres). pca: pool_pca(pool) when already computed."""
+    X = _check_width(X, pool)
+    k = top_pcs_rule(X.shape[1]) if k is None else int(k)
+    if not 0 <= k < X.shape[1]:
+        raise ValueError(f"number of removed components k = {k} must be in 0..{X.shape[1] - 1}")
+    mu, _, V = pool_pca(pool) if pca is None else pca
+    Xc = X - mu
+    return Xc - (Xc @ V[:, :k]) @ V[:, :k].T

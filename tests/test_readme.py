@@ -40,27 +40,37 @@ def _result(tmp, task, reps, **top):
 
 def test_demo_summary_is_built_from_the_results(tmp_path):
     fit = lambda r2: {"mcfadden_r2": r2, "r2_ci": [r2 - 0.01, r2 + 0.01]}  # noqa: E731
+    gain = lambda d: {"delta": d, "ci": [d - 0.02, d + 0.02], "unit": "u"}  # noqa: E731
     _result(tmp_path, "things-ooo", {"spose": {"accuracy": 0.679, "fit": fit(0.316)},
                                      "base": {"accuracy": 0.453, "fit": fit(0.04)},
-                                     "aligned": {"accuracy": 0.58, "fit": fit(0.167)},
-                                     "base_pca": {"accuracy": 0.486, "fit": fit(0.068)}}, noise_ceiling=0.705)
-    _result(tmp_path, "cka", {"spose": {"cka": 1.0}, "base": {"cka": 0.29}, "aligned": {"cka": 0.78},
-                              "base_pca": {"cka": 0.43}}, noise_ceiling=1.0)
+                                     "aligned": {"accuracy": 0.58, "fit": fit(0.167),
+                                                 "vs": {"accuracy": {"base_z": gain(0.094), "base_pca": gain(0.1)}}},
+                                     "base_pca": {"accuracy": 0.486, "fit": fit(0.068)},
+                                     "base_z": {"accuracy": 0.486 - 0.0001, "fit": fit(0.07)}}, noise_ceiling=0.705)
+    _result(tmp_path, "cka", {"spose": {"cka": 1.0}, "base": {"cka": 0.29},
+                              "aligned": {"cka": 0.78, "vs": {"cka": {"base_minus_pcs": gain(-0.19)}}},
+                              "base_pca": {"cka": 0.43}, "base_minus_pcs": {"cka": 0.97}}, noise_ceiling=1.0)
     _result(tmp_path, "reward-learning", {"base": {"mcfadden_r2": 0.361}, "aligned": {"mcfadden_r2": 0.35},
                                           "base_pca": {"mcfadden_r2": 0.373}})
-    _result(tmp_path, "icl", {"model": {"accuracy": 0.545}})
+    _result(tmp_path, "icl", {"model": {"accuracy": 0.545, "ridge_bound": {"accuracy": 0.62},
+                                        "identifier": {"accuracy": 0.91}}})
     text = evaluate.task_report(dict(evaluate.defaults, results=str(tmp_path)))
     assert text.startswith("# metalign report: synthetic world\n")
     summary = text.split("## What the demo shows\n\n")[1].split("\n\n")[0]
     assert "Odd-one-out accuracy 0.679 (noise ceiling 0.705), McFadden R^2 0.316." in summary
     assert "Odd-one-out accuracy 0.453, CKA with SPoSE 0.290." in summary
-    assert "odd-one-out accuracy 0.580 vs 0.453 vs 0.486" in summary
-    assert "CKA with SPoSE 0.780 vs 0.290 vs 0.430" in summary
-    assert "reward-learning McFadden R^2 0.350 vs 0.361 vs 0.373" in summary
-    assert "It is above base on 3 of 4 measures and above its control `base_pca` on 3 of 4." in summary
-    assert "accuracy 0.545 (chance 0.5)" in summary
+    assert "odd-one-out accuracy 0.580 vs 0.453 vs 0.486 (base_pca)" in summary  # the best control, named
+    assert "CKA with SPoSE 0.780 vs 0.290 vs 0.970 (base_minus_pcs)" in summary
+    assert "reward-learning McFadden R^2 0.350 vs 0.361 vs 0.373 (base_pca)" in summary
+    assert "It is above base on 3 of 4 measures and above the best control on 2 of 4." in summary
+    # where aligned loses to a control, with the paired CI of its gain; a control without one gets none
+    assert "it loses on 2 of 3 measures: cka: CKA with SPoSE -0.190 [-0.210, -0.170] against base_minus_pcs; " \
+           "reward-learning: McFadden R^2 -0.023 against base_pca" in summary
+    assert "accuracy 0.545 (chance 0.5); on the same episodes an online ridge learner on the features reaches " \
+           "0.620 and a Bayes identifier over the training functions 0.910." in summary
     table = text.split("## What the demo shows")[0]
-    assert all(n in table for n in numbers(summary) if n != "0.5")  # every number is also in the report's table
+    assert "| things-ooo | accuracy | 0.580 | 0.453 | base_pca 0.486 | 0.100 | [0.080, 0.120] | u |" in table
+    assert all(n in table for n in numbers(summary) if n != "0.5")  # every number is also in the report's tables
     (tmp_path / "cka.json").unlink()  # the summary needs things-ooo and cka
     assert "What the demo shows" not in evaluate.task_report(dict(evaluate.defaults, results=str(tmp_path)))
 
