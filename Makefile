@@ -123,3 +123,10 @@ bench: build
 
 clean:
 	rm -rf build .cache metalign_ops*.so $(RUN) $(WORLD)
+
+# GPU check (README "GPU check"): wheels/ here where pip works, then on the GPU machine (no venv) make gpu-check PY=python3
+.PHONY: gpu-check gpu-wheels
+gpu-check:
+	$(PY) gpu_check.py --out runs/gpu
+gpu-wheels:
+	$(PY) gpu_check.py --wheels --wheel-dir wheels
