@@ -48,7 +48,8 @@ PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
              "manylinux2014_x86_64"]
 SITE = ROOT / ".cache" / "gpu-site"
 BUDGET_SHARE = {"build": 0.40, "tests": 0.25, "bench": 0.20}  # of the budget; the demo gets what is left
-TARGETS = {"episodes": 1.5, "topk_encode": 1.15, "ridge_cv": 1 / 5, "cka_linear": 1.0, "cka_rbf": 1.0, "fwht": 4.0}
+# the most time ours may take per unit of the baseline's (the issue's GPU targets; CKA: never slower); fwht has none
+TARGETS = {"episodes": 1.5, "topk_encode": 1.15, "ridge_cv": 1 / 5, "cka_linear": 1.0, "cka_rbf": 1.0}
 
 
 def log(msg):
@@ -118,9 +119,10 @@ def _timer(device, tiny=False):
 
 def _row(op, sizes, ours_ms, baseline, base_ms, check, note=""):
     ratio = ours_ms / base_ms if base_ms > 0 else float("nan")
+    target = TARGETS.get(op.split(" ")[0])
     return dict(op=op, sizes=sizes, ours_ms=round(ours_ms, 4), baseline=baseline, baseline_ms=round(base_ms, 4),
-                ratio=round(ratio, 4), target=TARGETS.get(op.split(" ")[0]), meets_target=bool(
-                    ratio <= TARGETS.get(op.split(" ")[0], float("inf"))), value_check=check, note=note)
+                ratio=round(ratio, 4), target=target, meets_target=None if target is None else bool(ratio <= target),
+                value_check=bool(check), note=note)
 
 
 def bench_episodes(dev, timeit, tiny):

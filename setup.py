@@ -22,7 +22,8 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 with_cuda = os.environ.get("FORCE_CUDA") == "1" or (torch.cuda.is_available() and kernels._cuda_home() is not None)
 if with_cuda and not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-    sys.exit('setup.py: FORCE_CUDA=1 without a visible GPU needs TORCH_CUDA_ARCH_LIST, e.g. "8.0;9.0" (A100, H100/H200)')
+    sys.exit('setup.py: FORCE_CUDA=1 without a visible GPU needs TORCH_CUDA_ARCH_LIST, e.g. "8.0;9.0" '
+             '(A100, H100/H200)')
 Ext = CUDAExtension if with_cuda else CppExtension
 sources = kernels.SOURCES + (kernels.CUDA_SOURCES if with_cuda else [])
 

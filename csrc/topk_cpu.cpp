@@ -88,7 +88,8 @@ void load_rows(const at::Tensor& x, int64_t r0, int64_t rows, const C* bp, C* ds
 // only with AVX2 (the baseline x86-64 build leaves it scalar: 2.2-2.7x slower on 512 x 12,288 tiles, which
 // made the scan ~20% of the op), so the function is also compiled for AVX2, picked at load time (GCC ifunc).
 template <typename C>
-__attribute__((target_clones("avx2", "default"))) void update_tile(const C* tile, int64_t ldt, int64_t rows, int64_t cols, int64_t j0, const C* b, C* vals,
+__attribute__((target_clones("avx2", "default")))
+void update_tile(const C* tile, int64_t ldt, int64_t rows, int64_t cols, int64_t j0, const C* b, C* vals,
                  int64_t* idx, int64_t* counts, int64_t k) {
   for (int64_t r = 0; r < rows; ++r) {
     C* rv = vals + r * k;

@@ -93,7 +93,8 @@ def test_median_sq_dist_exact(n, cap, device):
     X[5 % n] = X[0]  # a duplicate point: zero off-diagonal distances too
     D = torch.cdist(X, X) ** 2
     D.fill_diagonal_(0)
-    assert kernels.median_sq_dist(X.to(device), tile=16, cap=cap) == pytest.approx(float(np.median(D.numpy())), rel=1e-10, abs=1e-12)
+    want = float(np.median(D.numpy()))
+    assert kernels.median_sq_dist(X.to(device), tile=16, cap=cap) == pytest.approx(want, rel=1e-10, abs=1e-12)
 
 
 def test_median_sq_dist_many_ties(device):
