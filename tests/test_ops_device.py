@@ -279,3 +279,21 @@ def test_allocations_follow_the_inputs_device():
                     and not any(k.arg == "device" or k.arg is None for k in node.keywords)):
                 bad.append(f"{fn.name}:{node.lineno} torch.{node.func.attr}")
     assert bad == []
+
+
+def test_similarity_matrices_on_device(device):
+    """geometry.similarity_matrices takes tensors on any device and computes there (RBF tiles from the op): the
+    same matrices as from numpy input, to rounding."""
+    import geometry
+    g = torch.Generator().manual_seed(4)
+    shared = torch.randn(90, 3, generator=g, dtype=torch.float64)
+    models = [shared @ torch.randn(3, 5 + m, generator=g, dtype=torch.float64) * (m + 1)
+              + torch.randn(90, 5 + m, generator=g, dtype=torch.float64) for m in range(3)]
+    measures = ("cka_linear", "cka_rbf_1.0", "rsa_correlation")
+    want = geometry.similarity_matrices([m.numpy() for m in models], measures, tile=32)
+    got = geometry.similarity_matrices([m.to(device) for m in models], measures, tile=32)
+    for k in measures:
+        assert got[k].shape == (3, 3)
+        assert abs(got[k] - want[k]).max() < 1e-10, k
+    assert abs(want["cka_linear"][0, 1] - kernels.cka_ref(models[0], models[1]).item()) < 1e-10
+    assert abs(want["cka_rbf_1.0"][0, 2] - kernels.cka_ref(models[0], models[2], kernel="rbf").item()) < 1e-10
