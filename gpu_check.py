@@ -7,7 +7,7 @@ baseline measured in the same run, run `make demo` on cuda, and write a few smal
     make gpu-check PY=python3        # on the GPU machine (torch with CUDA, nvcc; no venv, no network): installs
                                      # wheels/ into .cache/gpu-site with pip --no-index, then the steps below
     python gpu_check.py --dry-run    # anywhere: prints the plan, checks its files, and runs the benchmark code
-                                     # on the CPU at tiny sizes (no build, no tests, no demo)
+                                     # on the CPU at tiny sizes (no build, no tests, no demo) -> runs/gpu-dry-run
 
 Steps, each with a time limit, in this order (later ones get what is left of the budget):
     build  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=<this GPU> python setup.py build_ext --inplace; kernels.py report
@@ -348,6 +348,8 @@ def write_report(out, steps, info):
 
 
 def main(args):
+    if args.dry_run and args.out == defaults["out"]:
+        args.out = "runs/gpu-dry-run"  # tiny CPU numbers never sit where a GPU run's report goes
     out = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
     if args.wheels:
         return download_wheels(ROOT / args.wheel_dir)
