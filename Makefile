@@ -124,7 +124,7 @@ bench: build
 clean:
 	rm -rf build .cache metalign_ops*.so $(RUN) $(WORLD)
 
-# GPU check (README "GPU check"): wheels/ here where pip works, then on the GPU machine (no venv) make gpu-check PY=python3
+# GPU check (README "GPU check"): make gpu-wheels where pip works, then make gpu-check PY=python3 on the GPU machine
 .PHONY: gpu-check gpu-wheels
 gpu-check:
 	$(PY) gpu_check.py --out runs/gpu
