@@ -130,3 +130,10 @@ bench: build
 
 clean:
 	rm -rf build .cache metalign_ops*.so $(RUN) $(WORLD)
+
+# GPU check (README "GPU check"): make gpu-wheels where pip works, then make gpu-check PY=python3 on the GPU machine
+.PHONY: gpu-check gpu-wheels
+gpu-check:
+	$(PY) gpu_check.py --out runs/gpu
+gpu-wheels:
+	$(PY) gpu_check.py --wheels --wheel-dir wheels

@@ -25,10 +25,16 @@ import kernels
 RDM_METRICS = ("correlation", "cosine", "euclidean")
 
 
+def _as_f64(X):
+    """A model's (n, d) features as float64 torch: a torch tensor stays on its device, anything else (numpy,
+    h5py) is read into host memory."""
+    return X.double() if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X), dtype=torch.float64)
+
+
 def _rows_for(X, metric):
     """Rows transformed so that the RDM is a function of inner products: correlation -> z-scored rows,
     cosine -> unit rows, euclidean -> centred rows (distances are translation invariant)."""
-    X = torch.as_tensor(np.asarray(X), dtype=torch.float64)
+    X = _as_f64(X)
     if metric == "correlation":
         X = X - X.mean(1, keepdim=True)
         return X / X.norm(dim=1, keepdim=True).clamp_min(1e-300)
@@ -112,13 +118,13 @@ def _tile_sums(Zs, tile_fn, n, tile):
     D[m, l] = sum_i A_m[i, i] A_l[i, i], u[m] = sum_{i<j} A_m. The pair products are one small GEMM
     of the stacked, flattened tiles per tile pair (M^2 tile^2 flops), so cost is O(M) kernel tiles, not O(M^2)."""
     M = len(Zs)
-    f64 = dict(dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device=Zs[0].device)
     rows, U, D, u = torch.zeros(M, n, **f64), torch.zeros(M, M, **f64), torch.zeros(M, M, **f64), torch.zeros(M, **f64)
     for i0, i1, j0, j1 in kernels.tile_pairs(n, tile):
         T = torch.stack([tile_fn(m, Zs[m], i0, i1, j0, j1) for m in range(M)])  # (M, ti, tj)
         rows[:, i0:i1] += T.sum(2)
         if i0 == j0:
-            iu = torch.triu_indices(i1 - i0, j1 - j0, offset=1)
+            iu = torch.triu_indices(i1 - i0, j1 - j0, offset=1, device=T.device)
             F = T[:, iu[0], iu[1]]
             dg = torch.diagonal(T, dim1=1, dim2=2)
             D += dg @ dg.T
@@ -137,7 +143,7 @@ def _normalise(H, what):
     if bad:
         warnings.warn(f"{what}: model(s) {bad} have a constant representation (0/0): their similarities are NaN")
         d[bad] = float("nan")
-    return (H / torch.outer(d, d)).numpy()
+    return (H / torch.outer(d, d)).cpu().numpy()  # (M, M): the one copy to the host
 
 
 def _cka_from_tile_sums(rows, U, D, n):
@@ -151,11 +157,13 @@ def _pearson_from_tile_sums(U, u, N):
 
 
 def similarity_matrices(models, measures=("cka_linear", "cka_rbf_1.0", "rsa_correlation"), tile=1024):
-    """M x M similarity matrices of models over the same n images (models: list of (n, d_m) arrays).
+    """M x M similarity matrices of models over the same n images (models: list of (n, d_m) arrays or torch
+    tensors; tensors on a GPU are used there, and only the (M, M) results come back as numpy).
 
-    measures: cka_linear, cka_rbf_<sigma_frac> (median heuristic per model, computed once per model),
-    rsa_<metric> (Pearson correlation of condensed RDMs, metric correlation|cosine|euclidean). Each measure
-    is one tiled pass over all models together; memory O(M (n + tile^2))."""
+    measures: cka_linear, cka_rbf_<sigma_frac> (median heuristic per model, computed once per model; kernel
+    tiles from the op kernels.rbf_kernel_tile), rsa_<metric> (Pearson correlation of condensed RDMs, metric
+    correlation|cosine|euclidean). Each measure is one tiled pass over all models together; memory
+    O(M (n + tile^2))."""
     n = models[0].shape[0]
     for m, X in enumerate(models):
         if X.shape[0] != n:
@@ -163,22 +171,19 @@ def similarity_matrices(models, measures=("cka_linear", "cka_rbf_1.0", "rsa_corr
     out = {}
     for meas in measures:
         if meas == "cka_linear":
-            Zs = [kernels.centred(torch.as_tensor(np.asarray(X)).double())[0] for X in models]
+            Zs = [kernels.centred(_as_f64(X))[0] for X in models]
             fn = lambda m, Z, i0, i1, j0, j1: Z[i0:i1] @ Z[j0:j1].T  # noqa: E731
             rows, U, D, _ = _tile_sums(Zs, fn, n, tile)
             out[meas] = _cka_from_tile_sums(rows, U, D, n)
         elif meas.startswith("cka_rbf_"):
             frac = float(meas[len("cka_rbf_"):])
-            cz = [kernels.centred(torch.as_tensor(np.asarray(X)).double()) for X in models]
+            cz = [kernels.centred(_as_f64(X)) for X in models]
             gammas = [1 / (2 * (frac ** 2) * max(kernels.median_sq_dist(Z, tile=tile), 1e-300)) for Z, _ in cz]
             Zs = [Z for Z, _ in cz]
 
             def fn(m, Z, i0, i1, j0, j1, cz=cz, gammas=gammas):
                 nrm = cz[m][1]
-                d2 = (nrm[i0:i1, None] + nrm[None, j0:j1] - 2 * Z[i0:i1] @ Z[j0:j1].T).clamp_min(0)
-                if i0 == j0:
-                    d2.fill_diagonal_(0)
-                return torch.exp(-gammas[m] * d2)
+                return kernels.rbf_kernel_tile(Z[i0:i1] @ Z[j0:j1].T, nrm[i0:i1], nrm[j0:j1], gammas[m], i0 == j0)
             rows, U, D, _ = _tile_sums(Zs, fn, n, tile)
             out[meas] = _cka_from_tile_sums(rows, U, D, n)
         elif meas.startswith("rsa_"):

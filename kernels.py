@@ -1,14 +1,16 @@
 """Custom ops of metalign: one Python entry point per op, the build of csrc/, and the *_ref oracles.
 
     python kernels.py                # build or load the extension, print what was found
-    python kernels.py --nvcc-check   # compile every csrc/*.cu to an object with nvcc (no GPU needed)
+    python kernels.py --nvcc-check   # compile every csrc/*.cu with the real build's nvcc flags for sm_80 and
+                                     # sm_90 (NVCC_ARCHS; no GPU needed)
     python setup.py build_ext --inplace   # ahead-of-time build (make build), preferred when fresh
 
 The extension is JIT-compiled with ninja into .cache/torch_extensions/ (or $TORCH_EXTENSIONS_DIR) the
 first time an op is called (~30 s), then loaded from that cache. Ops live in the `metalign_ops`
 TORCH_LIBRARY namespace (torch.ops.metalign_ops.*), with CPU (C++/OpenMP) kernels always and CUDA kernels
 when torch sees a GPU. Without a compiler you get one warning and the *_ref path; with KERNELS_REQUIRE=1
-(set by `make test`) that is an error instead.
+(set by `make test`) that is an error instead. Every entry point runs on its inputs' device; an op without a
+kernel for that device (a CPU-only build on a GPU node) warns, or raises under KERNELS_REQUIRE=1 (use_op).
 
 Ops and entry points:
     cka(X, Y, kernel="linear", debiased=False)   streaming CKA over row chunks      oracle: cka_ref
@@ -16,6 +18,7 @@ Ops and entry points:
     cka_shift_rows(x, shift)                     shifted rows + squared norms (op) oracle: cka_shift_rows_ref
     cka(X, Y, kernel="rbf", sigma=None)          RBF CKA from Gram tiles             oracle: cka_ref
     cka_rbf_tile(gx, gy, nxi, nxj, nyi, nyj, ...) one tile's kernel sums (op)       oracle: cka_rbf_tile_ref
+    rbf_kernel_tile(g, ni, nj, gamma, diagonal)  one RBF kernel tile (op)          oracle: rbf_kernel_tile_ref
     median_sq_dist(X)                            exact median squared distance (tiles), as np.median
     episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed)
                                                  B meta-learning episodes (op)     oracle: episodes_ref
@@ -39,6 +42,7 @@ import functools
 import logging
 import glob
 import math
+import mmap
 import os
 import shutil
 import subprocess
@@ -60,8 +64,11 @@ CACHE = Path(os.environ.get("TORCH_EXTENSIONS_DIR", ROOT / ".cache" / "torch_ext
 CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr"]
+CUDA_MARKER = b"metalign_ops: built with CUDA kernels"  # csrc/ops_cuda.cu: present only in builds with CUDA kernels
+NVCC_ARCHS = "8.0;9.0"  # what `make nvcc` compiles for: A100 (sm_80) and H100/H200 (sm_90) nodes
 CHUNK_ROWS = 8192  # rows per chunk when streaming: O(chunk * d) memory, large enough to keep BLAS busy
 RBF_TILE = 2048    # Gram tile edge for RBF CKA: two float64 tiles = 64 MiB, whatever n is
+RBF_WHOLE_BYTES = 2 << 30  # RBF CKA keeps whole (n, n) float64 Gram matrices below this (n <= ~9,400), else tiles
 
 
 def cuda_home():
@@ -89,21 +96,57 @@ def _prebuilt():
     return libs[0] if libs else None
 
 
+def library_has_cuda(lib):
+    """Whether a built library holds the CUDA kernels (csrc/ops_cuda.cu's marker string), read without loading
+    it: a library loads once per process, so a CPU-only build must be recognised before it is loaded."""
+    with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        return m.find(CUDA_MARKER) >= 0
+
+
+def _require_or_warn(msg):
+    """KERNELS_REQUIRE=1 (make test, make gpu-check): an error; otherwise one warning."""
+    if os.environ.get("KERNELS_REQUIRE") == "1":
+        raise RuntimeError(msg)
+    warnings.warn(msg, stacklevel=3)
+
+
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA runtime" note is noise here
 if cuda_home():  # before torch.utils.cpp_extension is imported, which reads it once
     os.environ.setdefault("CUDA_HOME", cuda_home())
 
+NO_NVCC_FIX = ("install a CUDA toolkit whose nvcc matches torch.version.cuda, put it on PATH or set CUDA_HOME, "
+               "then run `make build` on this node")
+
 
 @functools.cache
 def _ext():
-    """Build/load the extension once per process; returns where it came from, or False (use *_ref)."""
+    """Build/load the extension once per process; returns where it came from, or False (use *_ref).
+
+    Where torch sees a GPU, CUDA kernels are expected: a prebuilt library without them (built on a node
+    without a GPU) is not loaded; the extension is JIT-built with them instead, or, without nvcc, the CPU
+    library is loaded with a warning (an error under KERNELS_REQUIRE=1) that names the fix."""
     try:
+        gpu = torch.cuda.is_available()
         lib = _prebuilt()
+        if lib and gpu and not library_has_cuda(lib):
+            if cuda_home() is None:
+                _require_or_warn(f"{lib} has no CUDA kernels but torch sees a GPU, and no nvcc was found to build "
+                                 f"them: CUDA tensors will use the slow *_ref paths. Fix: {NO_NVCC_FIX}")
+            else:
+                warnings.warn(f"{lib} has no CUDA kernels (built without a GPU) but torch sees one: JIT-building "
+                              f"the extension with them into {CACHE}. `make build` on this node builds them "
+                              "ahead of time (setup.py compiles CUDA sources where torch sees a GPU, or with "
+                              "FORCE_CUDA=1 and TORCH_CUDA_ARCH_LIST)")
+                lib = None
         if lib:
             torch.ops.load_library(lib)
+            _register_fakes()
             return lib
         from torch.utils import cpp_extension
-        with_cuda = bool(torch.cuda.is_available() and cuda_home())
+        with_cuda = bool(gpu and cuda_home())
+        if gpu and not with_cuda:
+            _require_or_warn(f"torch sees a GPU but no nvcc was found: building the CPU kernels only, CUDA tensors "
+                             f"will use the slow *_ref paths. Fix: {NO_NVCC_FIX}")
         name = "metalign_ops_cuda" if with_cuda else "metalign_ops"
         build = CACHE / name
         build.mkdir(parents=True, exist_ok=True)
@@ -111,6 +154,7 @@ def _ext():
                            extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, extra_cuda_cflags=CUDA_CFLAGS,
                            extra_include_paths=[str(CSRC)], build_directory=str(build),
                            with_cuda=with_cuda, is_python_module=False, verbose=False)
+        _register_fakes()
         return str(build)
     except Exception as e:
         if os.environ.get("KERNELS_REQUIRE") == "1":
@@ -119,9 +163,45 @@ def _ext():
         return False
 
 
+def extension():
+    """Where the loaded extension came from (a path), or False when the *_ref oracles are in use."""
+    return _ext()
+
+
 def has_kernel(op, device="CPU"):
     """True if torch.ops.metalign_ops.<op> has a kernel registered for the dispatch key `device`."""
     return bool(_ext()) and torch._C._dispatch_has_kernel_for_dispatch_key(f"metalign_ops::{op}", device)
+
+
+def _dispatch_key(*ts):
+    """The dispatch key an op call on these tensors goes to: CUDA if any is a CUDA tensor, else CPU."""
+    devs = {t.device.type for t in ts if isinstance(t, torch.Tensor)}
+    return "CUDA" if "cuda" in devs else ("CPU" if devs <= {"cpu"} else sorted(devs - {"cpu"})[0].upper())
+
+
+_NO_KERNEL_WARNED = set()
+
+
+def use_op(op, *ts):
+    """True: call torch.ops.metalign_ops.<op> on these tensors; False: use <op>_ref. False without the extension
+    (_ext already warned), or when the op has no kernel for the tensors' device (a CPU-only build on a GPU node):
+    then a warning once per (op, device), or an error under KERNELS_REQUIRE=1, naming the fix; never silently.
+    Under torch.compile the op itself is traced (its fake kernel): the library was loaded by an eager call."""
+    if torch.compiler.is_compiling():
+        return True
+    if not _ext():
+        return False
+    key = _dispatch_key(*ts)
+    if has_kernel(op, key):
+        return True
+    msg = (f"metalign_ops::{op} has no {key} kernel in {_ext()}: using the torch reference (slow). "
+           + (f"Fix: {NO_NVCC_FIX}" if key == "CUDA" else "Fix: rebuild the extension (make build)"))
+    if os.environ.get("KERNELS_REQUIRE") == "1":
+        raise RuntimeError(msg)
+    if (op, key) not in _NO_KERNEL_WARNED:
+        _NO_KERNEL_WARNED.add((op, key))
+        warnings.warn(msg, stacklevel=3)
+    return False
 
 
 def _compute_dtype(*ts):
@@ -139,7 +219,7 @@ def cka_shift_rows_ref(x, shift):
 
 
 def cka_shift_rows(x, shift):
-    if _ext():
+    if use_op("cka_shift_rows", x, shift):
         return torch.ops.metalign_ops.cka_shift_rows(x, shift)
     return cka_shift_rows_ref(x, shift)
 
@@ -157,14 +237,16 @@ def cka_moments_ref(x, y, shift_x, shift_y):
 
 
 def cka_moments(x, y, shift_x, shift_y):
-    if _ext():
+    if use_op("cka_moments", x, y, shift_x, shift_y):
         return torch.ops.metalign_ops.cka_moments(x, y, shift_x, shift_y)
     return cka_moments_ref(x, y, shift_x, shift_y)
 
 
-def _as_tensor(a):
-    """A row block from a torch tensor, numpy array or h5py dataset slice, as a torch tensor."""
-    return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+def _as_tensor(a, device=None):
+    """A row block from a torch tensor, numpy array or h5py dataset slice, as a torch tensor: on `device` when
+    given, else where it is (host memory for numpy and h5py)."""
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    return t if device is None else t.to(device, non_blocking=True)
 
 
 def _hsic_from_moments(cross, sa, sb, sab, n, debiased):
@@ -196,8 +278,9 @@ def _cka_from_moments(xx, yy, xy, vx, vy, s, debiased):
     return hxy / torch.sqrt(hxx * hyy)
 
 
-def cka(X, Y, kernel="linear", debiased=False, sigma=None, sigma_frac=1.0, chunk_rows=CHUNK_ROWS, tile=RBF_TILE):
-    """Exact CKA between X (n, d1) and Y (n, d2) -> 0-d float64 tensor.
+def cka(X, Y, kernel="linear", debiased=False, sigma=None, sigma_frac=1.0, chunk_rows=CHUNK_ROWS, tile=RBF_TILE,
+        device=None, whole_bytes=RBF_WHOLE_BYTES):
+    """Exact CKA between X (n, d1) and Y (n, d2) -> 0-d float64 tensor, on the inputs' device (or `device`).
 
     kernel="linear": one pass over row chunks (below). kernel="rbf": k(x, y) = exp(-|x - y|^2 / (2 sigma^2));
     a number `sigma` is the bandwidth for both X and Y; sigma=None is the median heuristic per matrix,
@@ -209,6 +292,10 @@ def cka(X, Y, kernel="linear", debiased=False, sigma=None, sigma_frac=1.0, chunk
     Each chunk's moments come from the fused op cka_moments (shift + row norms + weighted column sums in
     one pass, BLAS for the cross-products), accumulated in float64. debiased=True gives the unbiased
     HSIC estimator (Song et al. 2012) as in Kornblith et al. 2019 / Nguyen et al. 2021.
+
+    Every op runs where the data is: CUDA tensors stay on their GPU; `device="cuda"` moves each numpy / h5py
+    chunk there as it is read. The only host reads are the scalar checks (zero variance) and, for RBF, the
+    median heuristic's bandwidths.
     """
     if kernel not in ("linear", "rbf"):
         raise ValueError(f"kernel={kernel!r}: expected 'linear' or 'rbf'")
@@ -219,10 +306,10 @@ def cka(X, Y, kernel="linear", debiased=False, sigma=None, sigma_frac=1.0, chunk
         raise ValueError(f"CKA needs at least {4 if debiased else 2} rows{' when debiased' if debiased else ''}, "
                          f"got {n}")
     if kernel == "rbf":
-        return _cka_rbf(X, Y, sigma, sigma_frac, debiased, tile)
+        return _cka_rbf(X, Y, sigma, sigma_frac, debiased, tile, device, whole_bytes)
     tot, shift_x, shift_y = None, None, None
     for start in range(0, n, chunk_rows):
-        x, y = _as_tensor(X[start:start + chunk_rows]), _as_tensor(Y[start:start + chunk_rows])
+        x, y = _as_tensor(X[start:start + chunk_rows], device), _as_tensor(Y[start:start + chunk_rows], device)
         if shift_x is None:  # the first chunk's means: keeps later moments near-centred (see csrc/cka_kernel.h)
             shift_x, shift_y = x.to(_compute_dtype(x)).mean(0), y.to(_compute_dtype(y)).mean(0)
         m = cka_moments(x, y, shift_x, shift_y)
@@ -244,7 +331,7 @@ def cka_ref(X, Y, kernel="linear", debiased=False, sigma=None, sigma_frac=1.0):
         def rbf(A):
             D = torch.cdist(A, A) ** 2
             D.fill_diagonal_(0)
-            s2 = sigma ** 2 if sigma is not None else sigma_frac ** 2 * float(np.median(D.numpy()))
+            s2 = sigma ** 2 if sigma is not None else sigma_frac ** 2 * float(np.median(D.cpu().numpy()))
             return torch.exp(-D / (2 * s2))
         K, L = rbf(X), rbf(Y)
     else:
@@ -298,15 +385,12 @@ def episodes_ref(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val,
     one episode at a time; same signature and outputs."""
     n, d = features.shape
     F, L = pos_ptr.numel() - 1, length
-    pp, pi, pv = pos_ptr.tolist(), pos_idx.tolist(), pos_val.double().tolist()
+    pp, pi, pv = pos_ptr.tolist(), pos_idx.tolist(), pos_val.double().tolist()  # the oracle: Python integers
     has_neg = neg_ptr.numel() > 0
     if has_neg:
         npp, ni, nv = neg_ptr.tolist(), neg_idx.tolist(), neg_val.double().tolist()
     scale = mag_scale.double().tolist()
-    rows = torch.empty(n_episodes, L, dtype=torch.int64)
-    y = torch.empty(n_episodes, L, dtype=torch.float64)
-    mag = torch.empty(n_episodes, L, dtype=torch.float64)
-    fn = torch.empty(n_episodes, dtype=torch.int64)
+    rows, y, mag, fn = [], [], [], []
     for b in range(n_episodes):
         draw = _ep_draws(seed, b)
         f = (draw(0) * F) >> 64
@@ -336,11 +420,16 @@ def episodes_ref(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val,
             j = (draw(3 + L + (L - 1 - i)) * (i + 1)) >> 64
             for a in (r, yy, mm):
                 a[i], a[j] = a[j], a[i]
-        rows[b], y[b], fn[b] = torch.tensor(r), torch.tensor(yy), f
-        mag[b] = torch.tensor(mm, dtype=torch.float64)
-    dt = features.dtype
-    mag = mag.to(dt)
-    prev = torch.cat([torch.zeros(n_episodes, 1, dtype=dt), mag[:, :-1]], 1)  # previous item's magnitude
+        rows.append(r)
+        y.append(yy)
+        mag.append(mm)
+        fn.append(f)
+    dev, dt = features.device, features.dtype
+    rows = torch.tensor(rows, dtype=torch.int64, device=dev).reshape(n_episodes, L)
+    y = torch.tensor(y, dtype=torch.float64, device=dev).reshape(n_episodes, L)
+    mag = torch.tensor(mag, dtype=torch.float64, device=dev).reshape(n_episodes, L).to(dt)
+    fn = torch.tensor(fn, dtype=torch.int64, device=dev)
+    prev = torch.cat([torch.zeros(n_episodes, 1, dtype=dt, device=dev), mag[:, :-1]], 1)  # previous magnitude
     x = torch.cat([prev[..., None], features[rows]], 2)  # (B, L, 1 + d)
     return x, y.to(dt), mag, fn, rows
 
@@ -355,11 +444,13 @@ def episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag
     Episode b picks f uniformly, n_pos ~ round(N(L/2, L/20)) clamped to [0, L], n_pos positives and L - n_pos
     negatives without replacement, shuffled; x[b, t] = [mag[b, t-1] (0 at t = 0), features[rows[b, t]]],
     y = 1 for positives, mag = magnitude * mag_scale[f]. Every function needs >= L positives and negatives.
-    Deterministic given seed (counter-based RNG, csrc/episodes_kernel.h), whatever the thread count.
+    Deterministic given seed (counter-based RNG, csrc/episodes_kernel.h), whatever the thread count or device:
+    the outputs are on the features' device, where every tensor must be. The op validates the CSR lists on
+    that device before sampling (on CUDA: two small kernels and one 8-byte read of the verdict).
     """
     args = (features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, int(n_episodes), int(length),
             int(seed))
-    if _ext():
+    if use_op("episodes", features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale):
         return torch.ops.metalign_ops.episodes(*args)
     return episodes_ref(*args)
 
@@ -376,15 +467,32 @@ def cka_rbf_tile_ref(gx, gy, nxi, nxj, nyi, nyj, gamma_x, gamma_y, diagonal):
 
 
 def cka_rbf_tile(gx, gy, nxi, nxj, nyi, nyj, gamma_x, gamma_y, diagonal):
-    if _ext():
+    if use_op("cka_rbf_tile", gx, gy, nxi, nxj, nyi, nyj):
         return torch.ops.metalign_ops.cka_rbf_tile(gx, gy, nxi, nxj, nyi, nyj, gamma_x, gamma_y, diagonal)
     return cka_rbf_tile_ref(gx, gy, nxi, nxj, nyi, nyj, gamma_x, gamma_y, diagonal)
 
 
-def centred(X):
-    """(centred rows in the compute dtype, their squared norms in float64): distances are translation
-    invariant, and centring keeps |xi|^2 + |xj|^2 - 2 xi.xj from cancelling catastrophically."""
-    X = _as_tensor(X[:] if not isinstance(X, torch.Tensor) else X)
+def rbf_kernel_tile_ref(g, ni, nj, gamma, diagonal):
+    """One RBF kernel tile (ti, tj) float64 from its Gram tile g = Ai Aj' and squared row norms ni, nj."""
+    d2 = (ni[:, None] + nj[None, :] - 2 * g).clamp_min(0)
+    if diagonal:
+        d2.fill_diagonal_(0)
+    return torch.exp(-gamma * d2)
+
+
+def rbf_kernel_tile(g, ni, nj, gamma, diagonal):
+    """exp(-gamma max(ni + nj - 2 g, 0)) in one pass (the op's rbf_from_gram, as in cka_rbf_tile), 1 on the
+    diagonal of a diagonal tile; g, ni, nj float64 on one device -> (ti, tj) float64 there."""
+    if use_op("rbf_kernel_tile", g, ni, nj):
+        return torch.ops.metalign_ops.rbf_kernel_tile(g, ni, nj, float(gamma), bool(diagonal))
+    return rbf_kernel_tile_ref(g, ni, nj, gamma, diagonal)
+
+
+def centred(X, device=None):
+    """(centred rows in the compute dtype, their squared norms in float64), on X's device (or `device`):
+    distances are translation invariant, and centring keeps |xi|^2 + |xj|^2 - 2 xi.xj from cancelling
+    catastrophically."""
+    X = _as_tensor(X[:] if not isinstance(X, torch.Tensor) else X, device)
     ct = _compute_dtype(X)
     Xd = X.double()
     Xc = Xd - Xd.mean(0)
@@ -411,26 +519,29 @@ def _select_ranks(stream, n_values, ranks, upper, cap=1 << 24, bins=1 << 16):
     holding more than `cap` of them. Histogram passes narrow the search: each level bins the values that
     survived the previous levels by idx = clamp(floor((v - lo) / w), 0, bins - 1), a monotone map, and keeps
     the bins holding the ranks; a value is re-classified through the same chain of levels in every later
-    pass, so counts below and membership never disagree through rounding. Then kthvalue picks the ranks."""
+    pass, so counts below and membership never disagree through rounding. Then kthvalue picks the ranks.
+    Counts stay on the values' device; the host reads a handful of scalars per pass."""
     levels = []  # (lo, w, c0, c1) per level
 
     def classify(d):
-        below = 0
+        below = torch.zeros((), dtype=torch.int64, device=d.device)
         for lo_l, w_l, c0, c1 in levels:
             idx = torch.floor((d - lo_l) / w_l).clamp(0, bins - 1)
-            below += int((idx < c0).sum())
+            below = below + (idx < c0).sum()
             d = d[(idx >= c0) & (idx <= c1)]
         return below, d
 
     lo, w, count_in = 0.0, (float(upper) * (1 + 1e-9) + 1e-300) / bins, n_values
     while count_in > cap:
-        hist, below = torch.zeros(bins, dtype=torch.int64), 0
+        hist, below = None, 0
         for d in stream():
             b, inside = classify(d)
-            below += b
-            hist += torch.bincount(torch.floor((inside - lo) / w).clamp(0, bins - 1).long(), minlength=bins)
+            below = below + b
+            h = torch.bincount(torch.floor((inside - lo) / w).clamp(0, bins - 1).long(), minlength=bins)
+            hist = h if hist is None else hist + h
         cum = below + torch.cumsum(hist, 0)
-        first = [int(torch.searchsorted(cum, torch.tensor(r, dtype=cum.dtype), right=True)) for r in ranks]
+        want = torch.tensor(ranks, dtype=cum.dtype, device=cum.device)
+        first = torch.searchsorted(cum, want, right=True).tolist()  # one host read per pass
         c0, c1 = min(first), min(max(first), bins - 1)
         levels.append((lo, w, c0, c1))
         count_in = int(hist[c0:c1 + 1].sum())
@@ -440,10 +551,24 @@ def _select_ranks(stream, n_values, ranks, upper, cap=1 << 24, bins=1 << 16):
     below, kept = 0, []
     for d in stream():
         b, inside = classify(d)
-        below += b
+        below = below + b
         kept.append(inside)
-    vals = torch.cat(kept)
-    return [float(torch.kthvalue(vals, r - below + 1).values) for r in ranks]
+    vals, below = torch.cat(kept), int(below)
+    return _order_stats(vals, [r - below for r in ranks])
+
+
+def _order_stats(vals, ks):
+    """The ks-th smallest (0-based) of a 1-D tensor, as floats: np.partition on the CPU (one introselect for
+    every k, ~3x faster than torch.kthvalue there), torch.kthvalue elsewhere."""
+    if vals.device.type == "cpu":
+        part = np.partition(vals.numpy(), ks)
+        return [float(part[k]) for k in ks]
+    return [float(torch.kthvalue(vals, k + 1).values) for k in ks]
+
+
+def _median_ranks(n):
+    """The 0-based ranks whose mean is np.median of n values."""
+    return [n // 2 - 1, n // 2] if n % 2 == 0 else [(n - 1) // 2]
 
 
 def median_sq_dist(X, tile=RBF_TILE, cap=1 << 24):
@@ -451,12 +576,17 @@ def median_sq_dist(X, tile=RBF_TILE, cap=1 << 24):
     included, as Kornblith et al.'s reference code), exact, from Gram tiles: memory O(n + tile^2)."""
     Xc, norms = centred(X)
     n = Xc.shape[0]
-    N = n * n
-    ranks = [N // 2 - 1, N // 2] if N % 2 == 0 else [(N - 1) // 2]
-    # sorted full matrix = n zeros (the diagonal), then every off-diagonal value twice
+    return _median_from_offdiag(n, lambda ks: _select_ranks(lambda: _offdiag_sq_dists(Xc, norms, tile),
+                                                            n * (n - 1) // 2, ks, 4 * float(norms.max()), cap=cap))
+
+
+def _median_from_offdiag(n, select):
+    """np.median of a full (n, n) symmetric distance matrix with a zero diagonal, from order statistics of its
+    n (n - 1) / 2 off-diagonal values (select(ks) -> their ks-th smallest): the sorted full matrix is the n
+    zeros of the diagonal, then every off-diagonal value twice."""
+    ranks = _median_ranks(n * n)
     offdiag = sorted({(r - n) // 2 for r in ranks if r >= n})
-    got = dict(zip(offdiag, _select_ranks(lambda: _offdiag_sq_dists(Xc, norms, tile), n * (n - 1) // 2, offdiag,
-                                          4 * float(norms.max()), cap=cap))) if offdiag else {}
+    got = dict(zip(offdiag, select(offdiag))) if offdiag else {}
     return float(np.mean([0.0 if r < n else got[(r - n) // 2] for r in ranks]))
 
 
@@ -465,26 +595,52 @@ def rbf_sigma(X, sigma_frac=1.0, tile=RBF_TILE):
     return sigma_frac * float(np.sqrt(median_sq_dist(X, tile)))
 
 
-def _cka_rbf(X, Y, sigma, sigma_frac, debiased, tile):
+def whole_gram(Xc, norms, median=True):
+    """(the whole (n, n) float64 Gram matrix Xc Xc', np.median of the full squared-distance matrix as
+    median_sq_dist defines it, or None): one GEMM; the median from the off-diagonal values of the upper triangle
+    by one selection (_order_stats) instead of histogram passes over recomputed tiles."""
+    G = (Xc @ Xc.T).double()
+    if not median:
+        return G, None
+    n = G.shape[0]
+    d2 = G.mul(-2).add_(norms[:, None]).add_(norms[None, :]).clamp_min_(0)
+    upper = d2[torch.ones(n, n, dtype=torch.bool, device=G.device).triu_(1)]  # (n (n - 1) / 2,)
+    del d2
+    return G, _median_from_offdiag(n, lambda ks: _order_stats(upper, ks))
+
+
+def _cka_rbf(X, Y, sigma, sigma_frac, debiased, tile, device=None, whole_bytes=RBF_WHOLE_BYTES):
     """RBF CKA from upper-triangle Gram tile pairs: per pair, BLAS gives Xi Xj' and Yi Yj', the op turns
     them into kernel values and reduces them to row/column sums and [sum KL, sum K^2, sum L^2]. With the
     row sums r_K = K1, r_L = L1 (O(n)), HSIC(K, L) = sum KL - 2/n r_K.r_L + (1'r_K)(1'r_L)/n^2 (biased);
     debiased with the zero-diagonal kernels (diag K = 1): tr(K~L~) = sum KL - n, 1'K~1 = 1'r_K - n,
-    1'K~L~1 = (r_K - 1).(r_L - 1) (Song et al. 2012)."""
-    (Xc, nx), (Yc, ny) = centred(X), centred(Y)
+    1'K~L~1 = (r_K - 1).(r_L - 1) (Song et al. 2012).
+
+    Where four (n, n) float64 matrices fit in whole_bytes, the tile is the whole matrix: each Gram matrix is
+    computed once (one GEMM) and serves both the median heuristic (kthvalue on it) and the op, instead of
+    two tiled passes of GEMMs; the values are the same up to rounding."""
+    (Xc, nx), (Yc, ny) = centred(X, device), centred(Y, device)
     n = Xc.shape[0]
-    sx = sigma if sigma is not None else sigma_frac * float(np.sqrt(median_sq_dist(Xc, tile)))
-    sy = sigma if sigma is not None else sigma_frac * float(np.sqrt(median_sq_dist(Yc, tile)))
+    whole = 4 * n * n * 8 <= whole_bytes  # two Gram matrices, one distance buffer, its upper triangle twice
+    if whole:
+        (Gx, mx), (Gy, my) = whole_gram(Xc, nx, sigma is None), whole_gram(Yc, ny, sigma is None)
+    else:
+        mx = median_sq_dist(Xc, tile) if sigma is None else 0.0
+        my = median_sq_dist(Yc, tile) if sigma is None else 0.0
+    sx = sigma if sigma is not None else sigma_frac * float(np.sqrt(mx))
+    sy = sigma if sigma is not None else sigma_frac * float(np.sqrt(my))
     if not (sx > 0 and sy > 0):
         raise ValueError(f"RBF CKA is undefined: bandwidth sigma_x={sx}, sigma_y={sy} (constant representation?)")
     gx_, gy_ = 1 / (2 * sx ** 2), 1 / (2 * sy ** 2)
     f64 = dict(dtype=torch.float64, device=Xc.device)
     rk, rl, S = torch.zeros(n, **f64), torch.zeros(n, **f64), torch.zeros(3, **f64)
-    for i0, i1, j0, j1 in tile_pairs(n, tile):
+    pairs = [(0, n, 0, n)] if whole else tile_pairs(n, tile)
+    for i0, i1, j0, j1 in pairs:
         diag = i0 == j0
-        row_k, col_k, row_l, col_l, sums = cka_rbf_tile(
-            (Xc[i0:i1] @ Xc[j0:j1].T).double(), (Yc[i0:i1] @ Yc[j0:j1].T).double(),
-            nx[i0:i1], nx[j0:j1], ny[i0:i1], ny[j0:j1], gx_, gy_, diag)
+        gx = Gx if whole else (Xc[i0:i1] @ Xc[j0:j1].T).double()
+        gy = Gy if whole else (Yc[i0:i1] @ Yc[j0:j1].T).double()
+        row_k, col_k, row_l, col_l, sums = cka_rbf_tile(gx, gy, nx[i0:i1], nx[j0:j1], ny[i0:i1], ny[j0:j1],
+                                                        gx_, gy_, diag)
         S += sums if diag else 2 * sums  # an off-diagonal tile stands for itself and its transpose
         rk[i0:i1] += row_k
         rl[i0:i1] += row_l
@@ -920,12 +1076,14 @@ def topk_encode(x, W_enc, b_enc, k, b_pre=None):
 
     Fused (csrc/topk_*): per block of rows, BLAS on (rows x latent-tile) tiles kept in cache, bias + ReLU and a
     running per-row top-k; memory O(n k + tile), never the (n, n_latents) pre-activations."""
-    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc), ("b_pre", b_pre)):
-        if t is not None and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"topk_encode: {name} has {int((~torch.isfinite(t)).sum())} NaN/inf values")
+    named = [(name, t) for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc), ("b_pre", b_pre)) if t is not None]
+    bad = torch.stack([(~torch.isfinite(t)).sum() for _, t in named]).tolist()  # one host read for the four checks
+    for (name, _), c in zip(named, bad):
+        if c:
+            raise ValueError(f"topk_encode: {name} has {c} NaN/inf values")
     if W_enc.dim() == 2 and not 1 <= k <= W_enc.shape[1]:
         raise ValueError(f"topk_encode: k = {k} must be in 1..n_latents = {W_enc.shape[1]}")
-    if _ext() and has_kernel("topk_encode", "CUDA" if x.is_cuda else "CPU"):
+    if use_op("topk_encode", x, W_enc, b_enc, b_pre):
         return torch.ops.metalign_ops.topk_encode(x, W_enc, b_enc, k, b_pre)
     return topk_encode_ref(x, W_enc, b_enc, k, b_pre)
 
@@ -958,29 +1116,89 @@ def fwht_ref(x):
     return y.reshape(*lead, D) if D > 1 else x.clone()
 
 
-class _FWHT(torch.autograd.Function):
-    """H is symmetric, so the gradient of y = x H is grad_y H: the backward is the same op."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.ops.metalign_ops.fwht(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.ops.metalign_ops.fwht(g)
-
-
 def fwht(x):
     """Unnormalised fast Walsh-Hadamard transform over the last dimension of x (..., D), D a power of two:
-    x @ scipy.linalg.hadamard(D), batched over the leading dims, O(D log D) per row; differentiable.
+    x @ scipy.linalg.hadamard(D), batched over the leading dims, O(D log D) per row; differentiable (the op's
+    autograd formula, registered in _register_fakes: H is symmetric, so the backward is the same op).
 
     float32/float64 go to the op (csrc/fwht_*: in-cache blocked passes on the CPU, shared-memory levels
     then global passes on CUDA); other dtypes, or no extension, to fwht_ref. Divide by sqrt(D) for the
     orthonormal transform (then it is its own inverse)."""
     _fwht_check(x)
-    if x.dtype in (torch.float32, torch.float64) and _ext() and has_kernel("fwht", "CUDA" if x.is_cuda else "CPU"):
-        return _FWHT.apply(x) if x.requires_grad else torch.ops.metalign_ops.fwht(x)
+    if x.dtype in (torch.float32, torch.float64) and use_op("fwht", x):
+        return torch.ops.metalign_ops.fwht(x)
     return fwht_ref(x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fake (meta) kernels: output shapes and dtypes without running the op, so torch.compile and FakeTensor
+# tracing pass through the ops; and the autograd formula of fwht
+# ---------------------------------------------------------------------------------------------------------
+
+def _fake_cka_shift_rows(x, shift, *threads):
+    ct = _compute_dtype(x, shift)
+    return x.new_empty(x.shape, dtype=ct), x.new_empty(x.shape[:1], dtype=torch.float64)
+
+
+def _fake_cka_moments(x, y, shift_x, shift_y):
+    d1, d2 = x.shape[1], y.shape[1]
+    f = dict(dtype=torch.float64)
+    return (x.new_empty((d1, d1), **f), x.new_empty((d2, d2), **f), x.new_empty((d1, d2), **f),
+            x.new_empty((3, d1), **f), x.new_empty((3, d2), **f), x.new_empty((6,), **f))
+
+
+def _fake_cka_rbf_tile(gx, gy, nxi, nxj, nyi, nyj, gamma_x, gamma_y, diagonal, *block):
+    ti, tj = gx.shape
+    return (gx.new_empty((ti,)), gx.new_empty((tj,)), gx.new_empty((ti,)), gx.new_empty((tj,)), gx.new_empty((3,)))
+
+
+def _fake_rbf_kernel_tile(g, ni, nj, gamma, diagonal):
+    return g.new_empty(g.shape)
+
+
+def _fake_episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length,
+                   seed, *threads):
+    B, L, d = n_episodes, length, features.shape[1]
+    i64 = dict(dtype=torch.int64)
+    return (features.new_empty((B, L, d + 1)), features.new_empty((B, L)), features.new_empty((B, L)),
+            features.new_empty((B,), **i64), features.new_empty((B, L), **i64))
+
+
+def _fake_topk_encode(x, W_enc, b_enc, k, b_pre=None, *grid):
+    ct = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in (x, W_enc, b_enc, b_pre)) \
+        else torch.float32
+    return x.new_empty((x.shape[0], k), dtype=ct), x.new_empty((x.shape[0], k), dtype=torch.int64)
+
+
+def _fake_fwht(x, *grid):
+    return x.new_empty(x.shape)
+
+
+FAKES = {"cka_shift_rows": _fake_cka_shift_rows, "cka_shift_rows_grid": _fake_cka_shift_rows,
+         "cka_moments": _fake_cka_moments, "cka_rbf_tile": _fake_cka_rbf_tile,
+         "cka_rbf_tile_grid": _fake_cka_rbf_tile, "rbf_kernel_tile": _fake_rbf_kernel_tile,
+         "episodes": _fake_episodes, "episodes_grid": _fake_episodes, "topk_encode": _fake_topk_encode,
+         "topk_encode_grid": _fake_topk_encode, "fwht": _fake_fwht, "fwht_grid": _fake_fwht}
+
+
+def _fwht_backward(ctx, grad):
+    return torch.ops.metalign_ops.fwht(grad)  # y = x H with H symmetric: dL/dx = dL/dy H
+
+
+_REGISTERED = []
+
+
+def _register_fakes():
+    """Fake kernels for the ops in FAKES and fwht's autograd formula, once per process, after the library is
+    loaded (the schemas must exist)."""
+    if _REGISTERED:
+        return
+    _REGISTERED.append(True)
+    for op, fn in FAKES.items():
+        if hasattr(torch.ops.metalign_ops, op):
+            torch.library.register_fake(f"metalign_ops::{op}")(fn)
+    if hasattr(torch.ops.metalign_ops, "fwht"):
+        torch.library.register_autograd("metalign_ops::fwht", _fwht_backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -992,8 +1210,10 @@ def report():
     ops = sorted({sc.name.split("::")[1] for sc in torch._C._jit_get_all_schemas()
                   if sc.name.startswith("metalign_ops::")}) if src else []
     keys = {op: [k for k in ("CPU", "CUDA") if has_kernel(op, k)] for op in ops}
+    cuda_lib = (library_has_cuda(src) if src.endswith(".so") else bool(list(Path(src).glob("*.cuda.o")))) if src \
+        else False
     lines = [f"torch {torch.__version__} (CUDA {torch.version.cuda}, GPU visible: {torch.cuda.is_available()})",
-             f"extension: {src or 'NOT BUILT, using *_ref'}",
+             f"extension: {src or 'NOT BUILT, using *_ref'} ({'with' if cuda_lib else 'without'} CUDA kernels)",
              f"cache: {CACHE}",
              f"OpenMP threads: {torch.get_num_threads()} (torch intra-op; set OMP_NUM_THREADS to change)",
              f"nvcc: {cuda_home() or 'not found'}"]
@@ -1001,28 +1221,49 @@ def report():
     return "\n".join(lines)
 
 
-def nvcc_check(out_dir=ROOT / "build" / "nvcc"):
-    """Compile every csrc/*.cu to an object file against torch's headers; raises on the first failure."""
+def nvcc_command(cu, obj, archs=NVCC_ARCHS):
+    """The nvcc command line of the real build for one csrc/*.cu file, compiling to the object `obj`: what
+    torch.utils.cpp_extension's ninja build runs for the JIT load and for setup.py alike (its defines, include
+    paths, COMMON_NVCC_FLAGS, the -gencode flags of TORCH_CUDA_ARCH_LIST = archs, -fPIC, our CUDA_CFLAGS and
+    -std=c++20), plus -c."""
     from torch.utils import cpp_extension
     home = cuda_home()
-    if home is None:
+    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    try:
+        gencode = cpp_extension._get_cuda_arch_flags(list(CUDA_CFLAGS))
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST")
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = old
+    system = cpp_extension.include_paths("cuda") + [sysconfig.get_paths()["include"]]
+    return [str(Path(home, "bin", "nvcc")) if home else "nvcc", "-c", str(cu), "-o", str(obj),
+            "-DTORCH_EXTENSION_NAME=metalign_ops", "-DTORCH_API_INCLUDE_EXTENSION_H", f"-I{CSRC}",
+            *[f for i in system for f in ("-isystem", i)], *cpp_extension.COMMON_NVCC_FLAGS, *gencode,
+            "--compiler-options", "-fPIC", *CUDA_CFLAGS, "-std=c++20"]
+
+
+def nvcc_check(out_dir=ROOT / "build" / "nvcc", archs=NVCC_ARCHS, jobs=2):
+    """Compile every csrc/*.cu to an object file with the real build's nvcc command (nvcc_command) for each
+    architecture in `archs` (sm_80 and sm_90 by default), `jobs` files at a time; raises on the first failure
+    with nvcc's output. Needs nvcc, not a GPU."""
+    if cuda_home() is None:
         print("nvcc not found: skipping the CUDA compile check")
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    incs = cpp_extension.include_paths() + [str(Path(home, "include")), sysconfig.get_paths()["include"], str(CSRC)]
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    objs = []
-    for cu in CUDA_SOURCES:
+
+    def one(cu):
         obj = out_dir / (Path(cu).stem + ".o")
-        cmd = [str(Path(home, "bin", "nvcc")), "-c", cu, "-o", str(obj), "-std=c++20", "-O1",
-               "-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=metalign_ops",
-               "-DTORCH_API_INCLUDE_EXTENSION_H", "-gencode=arch=compute_90,code=sm_90",
-               *cpp_extension.COMMON_NVCC_FLAGS, *[f"-I{i}" for i in incs]]
-        print("nvcc", Path(cu).name, "->", obj)
-        subprocess.run(cmd, check=True)
-        objs.append(obj)
-    return objs
+        r = subprocess.run(nvcc_command(cu, obj, archs), capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {Path(cu).name} ({archs}):\n{r.stdout}{r.stderr}")
+        print(f"nvcc {Path(cu).name} -> {obj} ({archs})", flush=True)
+        return obj
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(one, CUDA_SOURCES))
 
 
 if __name__ == "__main__":

@@ -8,18 +8,57 @@
 #include <omp.h>
 #endif
 
+#include "checks.h"
 #include "cka_kernel.h"
 
 namespace metalign {
-namespace {
 
-void check_pair(const at::Tensor& x, const at::Tensor& shift, const char* xname, const char* sname) {
+void cka_check_pair(const at::Tensor& x, const at::Tensor& shift, const char* xname, const char* sname) {
   TORCH_CHECK(x.dim() == 2, xname, " must be 2-D (n_rows, d), got ", x.sizes());
   TORCH_CHECK(x.is_floating_point(), xname, " must be floating point, got ", x.scalar_type());
   TORCH_CHECK(shift.dim() == 1 && shift.size(0) == x.size(1), sname, " must be 1-D of length ", x.size(1),
               " (the columns of ", xname, "), got ", shift.sizes());
-  TORCH_CHECK(shift.device() == x.device(), sname, " must be on the device of ", xname);
+  TORCH_CHECK(shift.is_floating_point(), sname, " must be floating point, got ", shift.scalar_type());
+  TORCH_CHECK(shift.device() == x.device(), sname, " must be on the device of ", xname, " (", x.device(), "), got ",
+              shift.device());
 }
+
+void cka_check_moments(const at::Tensor& x, const at::Tensor& y, const at::Tensor& shift_x,
+                       const at::Tensor& shift_y) {
+  cka_check_pair(x, shift_x, "x", "shift_x");
+  cka_check_pair(y, shift_y, "y", "shift_y");
+  TORCH_CHECK(x.size(0) == y.size(0), "x and y must have the same number of rows, got ", x.size(0), " and ",
+              y.size(0));
+  TORCH_CHECK(x.device() == y.device(), "x and y must be on the same device, got ", x.device(), " and ",
+              y.device());
+}
+
+void cka_check_rbf_tile(const at::Tensor& gx, const at::Tensor& gy, const at::Tensor& nxi, const at::Tensor& nxj,
+                        const at::Tensor& nyi, const at::Tensor& nyj) {
+  TORCH_CHECK(gx.dim() == 2 && gx.sizes() == gy.sizes(), "gx and gy must be 2-D tiles of one shape, got ",
+              gx.sizes(), " and ", gy.sizes());
+  TORCH_CHECK(gx.scalar_type() == at::kDouble && gy.scalar_type() == at::kDouble, "gx and gy must be float64, got ",
+              gx.scalar_type(), " and ", gy.scalar_type());
+  const int64_t ti = gx.size(0), tj = gx.size(1);
+  for (auto [t, name, len] : {std::tuple{&nxi, "nxi", ti}, {&nxj, "nxj", tj}, {&nyi, "nyi", ti}, {&nyj, "nyj", tj}})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == len && t->scalar_type() == at::kDouble, name,
+                " must be float64 of length ", len, ", got ", t->sizes(), " ", t->scalar_type());
+  for (const at::Tensor* t : {&gy, &nxi, &nxj, &nyi, &nyj})
+    TORCH_CHECK(t->device() == gx.device(), "gx, gy, nxi, nxj, nyi and nyj must be on one device, got ",
+                gx.device(), " and ", t->device());
+}
+
+void rbf_check_kernel_tile(const at::Tensor& g, const at::Tensor& ni, const at::Tensor& nj) {
+  TORCH_CHECK(g.dim() == 2 && g.scalar_type() == at::kDouble, "g must be a 2-D float64 Gram tile, got ",
+              g.sizes(), " ", g.scalar_type());
+  for (auto [t, name, len] : {std::tuple{&ni, "ni", g.size(0)}, {&nj, "nj", g.size(1)}})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == len && t->scalar_type() == at::kDouble, name,
+                " must be float64 of length ", len, ", got ", t->sizes(), " ", t->scalar_type());
+  TORCH_CHECK(ni.device() == g.device() && nj.device() == g.device(), "g, ni and nj must be on one device, got ",
+              g.device(), ", ", ni.device(), " and ", nj.device());
+}
+
+namespace {
 
 at::ScalarType compute_dtype(const at::Tensor& a, const at::Tensor& b) {
   return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
@@ -91,7 +130,7 @@ void weighted_sums(const C* xsp, const C* ysp, const double* pp, const double* q
 }
 
 std::tuple<at::Tensor, at::Tensor> cka_shift_rows_cpu(const at::Tensor& x, const at::Tensor& shift) {
-  check_pair(x, shift, "x", "shift");
+  cka_check_pair(x, shift, "x", "shift");
   const auto ct = compute_dtype(x, shift);
   auto sh = shift.to(ct).contiguous();
   auto xs = at::empty({x.size(0), x.size(1)}, x.options().dtype(ct));
@@ -106,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> cka_shift_rows_cpu(const at::Tensor& x, const
 // threads t = 0..threads-1 each call cka_shift_row_partial, then the same shared-memory tree reduction.
 std::tuple<at::Tensor, at::Tensor> cka_shift_rows_grid_cpu(const at::Tensor& x, const at::Tensor& shift,
                                                            int64_t threads) {
-  check_pair(x, shift, "x", "shift");
+  cka_check_pair(x, shift, "x", "shift");
   TORCH_CHECK(threads > 0 && (threads & (threads - 1)) == 0, "threads must be a power of two, got ", threads);
   const auto ct = compute_dtype(x, shift);
   auto sh = shift.to(ct).contiguous();
@@ -156,11 +195,7 @@ at::Tensor gram_by_panels(const at::Tensor& a) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cka_moments_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& shift_x, const at::Tensor& shift_y) {
-  check_pair(x, shift_x, "x", "shift_x");
-  check_pair(y, shift_y, "y", "shift_y");
-  TORCH_CHECK(x.size(0) == y.size(0), "x and y must have the same number of rows, got ", x.size(0), " and ",
-              y.size(0));
-  TORCH_CHECK(x.device() == y.device(), "x and y must be on the same device");
+  cka_check_moments(x, y, shift_x, shift_y);
   const auto ct = compute_dtype(x, y);
   const int64_t m = x.size(0), d1 = x.size(1), d2 = y.size(1);
   auto f64 = x.options().dtype(at::kDouble);
@@ -185,17 +220,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // ---- RBF CKA: one Gram tile of X and of Y -> kernel values, consumed on the fly --------------------------
-
-void check_rbf_tile(const at::Tensor& gx, const at::Tensor& gy, const at::Tensor& nxi, const at::Tensor& nxj,
-                    const at::Tensor& nyi, const at::Tensor& nyj) {
-  TORCH_CHECK(gx.dim() == 2 && gx.sizes() == gy.sizes(), "gx and gy must be 2-D tiles of one shape, got ",
-              gx.sizes(), " and ", gy.sizes());
-  TORCH_CHECK(gx.scalar_type() == at::kDouble && gy.scalar_type() == at::kDouble, "gx and gy must be float64");
-  const int64_t ti = gx.size(0), tj = gx.size(1);
-  for (auto [t, name, len] : {std::tuple{&nxi, "nxi", ti}, {&nxj, "nxj", tj}, {&nyi, "nyi", ti}, {&nyj, "nyj", tj}})
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == len && t->scalar_type() == at::kDouble, name,
-                " must be float64 of length ", len, ", got ", t->sizes());
-}
 
 template <typename F>
 void rbf_tile_loop(int64_t ti, int64_t tj, F&& element, double* row_k, double* row_l, double* col_k,
@@ -235,27 +259,29 @@ void rbf_tile_loop(int64_t ti, int64_t tj, F&& element, double* row_k, double* r
 // One RBF tile's inputs (made contiguous and kept alive for the raw pointers) and zeroed outputs.
 struct RbfTile {
   at::Tensor gx, gy, nxi, nxj, nyi, nyj, row_k, col_k, row_l, col_l, sums;
+  const double *pgx, *pgy, *pxi, *pxj, *pyi, *pyj;  // raw pointers: data_ptr() per element cost ~3x the op
   int64_t ti, tj;
   double gamma_x, gamma_y;
   bool diagonal;
   RbfTile(const at::Tensor& gx_, const at::Tensor& gy_, const at::Tensor& nxi_, const at::Tensor& nxj_,
           const at::Tensor& nyi_, const at::Tensor& nyj_, double gamma_x_, double gamma_y_, bool diagonal_)
       : gamma_x(gamma_x_), gamma_y(gamma_y_), diagonal(diagonal_) {
-    check_rbf_tile(gx_, gy_, nxi_, nxj_, nyi_, nyj_);
+    cka_check_rbf_tile(gx_, gy_, nxi_, nxj_, nyi_, nyj_);
     gx = gx_.contiguous(); gy = gy_.contiguous();
     nxi = nxi_.contiguous(); nxj = nxj_.contiguous(); nyi = nyi_.contiguous(); nyj = nyj_.contiguous();
     ti = gx.size(0); tj = gx.size(1);
     auto f64 = gx.options();
     row_k = at::zeros({ti}, f64); row_l = at::zeros({ti}, f64);
     col_k = at::zeros({tj}, f64); col_l = at::zeros({tj}, f64); sums = at::zeros({3}, f64);
+    pgx = gx.data_ptr<double>(); pgy = gy.data_ptr<double>();
+    pxi = nxi.data_ptr<double>(); pxj = nxj.data_ptr<double>();
+    pyi = nyi.data_ptr<double>(); pyj = nyj.data_ptr<double>();
   }
   // the kernel values of element (r, c) of the X and the Y tile
   void element(int64_t r, int64_t c, double& k, double& l) const {
     const bool self = diagonal && r == c;
-    k = rbf_from_gram(gx.data_ptr<double>()[r * tj + c], nxi.data_ptr<double>()[r], nxj.data_ptr<double>()[c],
-                      gamma_x, self);
-    l = rbf_from_gram(gy.data_ptr<double>()[r * tj + c], nyi.data_ptr<double>()[r], nyj.data_ptr<double>()[c],
-                      gamma_y, self);
+    k = rbf_from_gram(pgx[r * tj + c], pxi[r], pxj[c], gamma_x, self);
+    l = rbf_from_gram(pgy[r * tj + c], pyi[r], pyj[c], gamma_y, self);
   }
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result() const {
     return {row_k, col_k, row_l, col_l, sums};
@@ -295,6 +321,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cka_rbf_t
   return t.result();
 }
 
+// The kernel values themselves: k = exp(-gamma max(ni + nj - 2 g, 0)) element by element, 1 on the diagonal
+// of a diagonal tile, for callers that combine many kernels' tiles (geometry.similarity_matrices).
+at::Tensor rbf_kernel_tile_cpu(const at::Tensor& g_, const at::Tensor& ni_, const at::Tensor& nj_, double gamma,
+                               bool diagonal) {
+  rbf_check_kernel_tile(g_, ni_, nj_);
+  const auto g = g_.contiguous(), ni = ni_.contiguous(), nj = nj_.contiguous();
+  const int64_t ti = g.size(0), tj = g.size(1);
+  auto k = at::empty({ti, tj}, g.options());
+  const double *gp = g.data_ptr<double>(), *a = ni.data_ptr<double>(), *b = nj.data_ptr<double>();
+  double* kp = k.data_ptr<double>();
+#pragma omp parallel for schedule(static) if (ti * tj > 16384)
+  for (int64_t r = 0; r < ti; ++r)
+    for (int64_t c = 0; c < tj; ++c)
+      kp[r * tj + c] = rbf_from_gram(gp[r * tj + c], a[r], b[c], gamma, diagonal && r == c);
+  return k;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(metalign_ops, m) {
@@ -321,6 +364,9 @@ TORCH_LIBRARY_FRAGMENT(metalign_ops, m) {
   m.def("cka_rbf_tile_grid(Tensor gx, Tensor gy, Tensor nxi, Tensor nxj, Tensor nyi, Tensor nyj, float gamma_x, "
         "float gamma_y, bool diagonal, int block) -> (Tensor row_k, Tensor col_k, Tensor row_l, Tensor col_l, "
         "Tensor sums)");
+  // One RBF kernel tile from its Gram tile g = Ai Aj' (float64, (ti, tj)) and squared row norms ni, nj:
+  // k = exp(-gamma d2), d2 = max(ni + nj - 2 g, 0) (0 on the diagonal of a `diagonal` tile) -> (ti, tj) float64.
+  m.def("rbf_kernel_tile(Tensor g, Tensor ni, Tensor nj, float gamma, bool diagonal) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(metalign_ops, CPU, m) {
@@ -329,6 +375,7 @@ TORCH_LIBRARY_IMPL(metalign_ops, CPU, m) {
   m.impl("cka_shift_rows_grid", &cka_shift_rows_grid_cpu);
   m.impl("cka_rbf_tile", &cka_rbf_tile_cpu);
   m.impl("cka_rbf_tile_grid", &cka_rbf_tile_grid_cpu);
+  m.impl("rbf_kernel_tile", &rbf_kernel_tile_cpu);
 }
 
 }  // namespace metalign

@@ -7,6 +7,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
+#include "checks.h"
 #include "cka_kernel.h"
 
 namespace metalign {
@@ -34,11 +37,8 @@ at::ScalarType compute_dtype(const at::Tensor& a, const at::Tensor& b) {
   return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor> cka_shift_rows_cuda(const at::Tensor& x, const at::Tensor& shift) {
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D (n_rows, d), got ", x.sizes());
-  TORCH_CHECK(x.is_cuda() && shift.is_cuda(), "x and shift must be CUDA tensors");
-  TORCH_CHECK(shift.dim() == 1 && shift.size(0) == x.size(1), "shift must be 1-D of length ", x.size(1),
-              ", got ", shift.sizes());
+// The launch behind cka_shift_rows and the first pass of cka_moments (arguments already checked).
+std::tuple<at::Tensor, at::Tensor> shift_rows_cuda(const at::Tensor& x, const at::Tensor& shift) {
   const at::cuda::CUDAGuard guard(x.device());
   const auto ct = compute_dtype(x, shift);
   auto sh = shift.to(ct).contiguous();
@@ -59,12 +59,17 @@ std::tuple<at::Tensor, at::Tensor> cka_shift_rows_cuda(const at::Tensor& x, cons
   return {xs, sq};
 }
 
+std::tuple<at::Tensor, at::Tensor> cka_shift_rows_cuda(const at::Tensor& x, const at::Tensor& shift) {
+  cka_check_pair(x, shift, "x", "shift");
+  return shift_rows_cuda(x, shift);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cka_moments_cuda(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& shift_x, const at::Tensor& shift_y) {
-  TORCH_CHECK(x.size(0) == y.size(0), "x and y must have the same number of rows, got ", x.size(0), " and ",
-              y.size(0));
-  auto [xs, p] = cka_shift_rows_cuda(x, shift_x);
-  auto [ys, q] = cka_shift_rows_cuda(y, shift_y);
+  cka_check_moments(x, y, shift_x, shift_y);
+  const at::cuda::CUDAGuard guard(x.device());
+  auto [xs, p] = shift_rows_cuda(x, shift_x);
+  auto [ys, q] = shift_rows_cuda(y, shift_y);
   const auto ct = compute_dtype(x, y);
   xs = xs.to(ct);
   ys = ys.to(ct);
@@ -105,8 +110,7 @@ __global__ void cka_rbf_tile_kernel(const double* __restrict__ gx, const double*
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cka_rbf_tile_cuda(
     const at::Tensor& gx, const at::Tensor& gy, const at::Tensor& nxi, const at::Tensor& nxj,
     const at::Tensor& nyi, const at::Tensor& nyj, double gamma_x, double gamma_y, bool diagonal) {
-  TORCH_CHECK(gx.dim() == 2 && gx.sizes() == gy.sizes(), "gx and gy must be 2-D tiles of one shape");
-  TORCH_CHECK(gx.scalar_type() == at::kDouble && gy.scalar_type() == at::kDouble, "gx and gy must be float64");
+  cka_check_rbf_tile(gx, gy, nxi, nxj, nyi, nyj);
   const at::cuda::CUDAGuard guard(gx.device());
   const int64_t ti = gx.size(0), tj = gx.size(1);
   auto f64 = gx.options();
@@ -124,9 +128,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cka_rbf_t
   return {row_k, col_k, row_l, col_l, sums};
 }
 
+// One thread per element of the kernel tile (grid-stride), the same rbf_from_gram as the CPU path.
+__global__ void rbf_kernel_tile_kernel(const double* __restrict__ g, const double* __restrict__ ni,
+                                       const double* __restrict__ nj, double gamma, bool diagonal, int64_t ti,
+                                       int64_t tj, double* __restrict__ k) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < ti * tj; e += stride) {
+    const int64_t r = e / tj, c = e - r * tj;
+    k[e] = rbf_from_gram(g[e], ni[r], nj[c], gamma, diagonal && r == c);
+  }
+}
+
+at::Tensor rbf_kernel_tile_cuda(const at::Tensor& g_, const at::Tensor& ni_, const at::Tensor& nj_, double gamma,
+                                bool diagonal) {
+  rbf_check_kernel_tile(g_, ni_, nj_);
+  const at::cuda::CUDAGuard guard(g_.device());
+  const auto g = g_.contiguous(), ni = ni_.contiguous(), nj = nj_.contiguous();
+  const int64_t ti = g.size(0), tj = g.size(1);
+  auto k = at::empty({ti, tj}, g.options());
+  if (ti * tj == 0) return k;
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>((ti * tj + 255) / 256, 1 << 16));
+  rbf_kernel_tile_kernel<<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      g.data_ptr<double>(), ni.data_ptr<double>(), nj.data_ptr<double>(), gamma, diagonal, ti, tj,
+      k.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return k;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metalign_ops, CUDA, m) {
+  m.impl("rbf_kernel_tile", &rbf_kernel_tile_cuda);
   m.impl("cka_rbf_tile", &cka_rbf_tile_cuda);
   m.impl("cka_moments", &cka_moments_cuda);
   m.impl("cka_shift_rows", &cka_shift_rows_cuda);

@@ -4,18 +4,19 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "checks.h"
 #include "episodes_kernel.h"
 #include "hugepage.h"
 
 namespace metalign {
 
-// Shared by the CPU, CUDA and grid ops: every shape/dtype assumption, and (on CPU tensors) the CSR
-// contents: pointers monotone, indices strictly increasing in [0, n_rows) per function, and at least L
-// positives and L negatives per function.
+// Shared by the CPU, CUDA and grid ops (csrc/checks.h): every shape, dtype and device assumption. The CSR
+// contents are checked by ep_check_* (csrc/episodes_kernel.h) on each device and reported by episodes_csr_raise.
 void episodes_check(const at::Tensor& features, const at::Tensor& pos_ptr, const at::Tensor& pos_idx,
                     const at::Tensor& pos_val, const at::Tensor& neg_ptr, const at::Tensor& neg_idx,
                     const at::Tensor& neg_val, const at::Tensor& mag_scale, int64_t n_episodes, int64_t length) {
@@ -26,11 +27,12 @@ void episodes_check(const at::Tensor& features, const at::Tensor& pos_ptr, const
   TORCH_CHECK(pos_ptr.dim() == 1 && pos_ptr.size(0) >= 2 && pos_ptr.scalar_type() == at::kLong,
               "pos_ptr must be 1-D int64 of length n_functions + 1 >= 2, got ", pos_ptr.sizes(), " ",
               pos_ptr.scalar_type());
-  const int64_t F = pos_ptr.size(0) - 1, n = features.size(0);
+  const int64_t F = pos_ptr.size(0) - 1;
   TORCH_CHECK(pos_idx.dim() == 1 && pos_idx.scalar_type() == at::kLong, "pos_idx must be 1-D int64, got ",
               pos_idx.sizes(), " ", pos_idx.scalar_type());
   TORCH_CHECK(pos_val.dim() == 1 && pos_val.size(0) == pos_idx.size(0), "pos_val must be 1-D of length ",
               pos_idx.size(0), " (pos_idx), got ", pos_val.sizes());
+  TORCH_CHECK(pos_val.is_floating_point(), "pos_val must be floating point, got ", pos_val.scalar_type());
   TORCH_CHECK(mag_scale.dim() == 1 && mag_scale.size(0) == F, "mag_scale must be 1-D of length ", F,
               " (n_functions), got ", mag_scale.sizes());
   TORCH_CHECK(pos_val.scalar_type() == mag_scale.scalar_type(), "pos_val and mag_scale must share a dtype, got ",
@@ -48,40 +50,66 @@ void episodes_check(const at::Tensor& features, const at::Tensor& pos_ptr, const
   for (const at::Tensor* t : {&pos_ptr, &pos_idx, &pos_val, &neg_ptr, &neg_idx, &neg_val, &mag_scale})
     TORCH_CHECK(t->numel() == 0 || t->device() == features.device(),
                 "the function tensors must be on the device of features (", features.device(), ")");
-  if (!features.device().is_cpu()) return;  // contents checked on the host only (no device sync here)
-  // name: "pos" | "neg"; complement: count the rows that are not positives instead of the list itself
-  auto check_csr = [&](const at::Tensor& ptr, const at::Tensor& idx, const char* name, bool complement) {
-    const int64_t* p = ptr.data_ptr<int64_t>();
-    const int64_t* ix = idx.data_ptr<int64_t>();
-    const char* what = complement ? "negatives (rows not positive)" : (name[0] == 'p' ? "positives" : "negatives");
-    TORCH_CHECK(p[0] == 0 && p[F] == idx.size(0), name, "_ptr must start at 0 and end at ", idx.size(0),
-                " (the length of ", name, "_idx), got ", p[0], " .. ", p[F]);
-    for (int64_t f = 0; f < F; ++f) {
-      TORCH_CHECK(p[f + 1] >= p[f], name, "_ptr must be non-decreasing (function ", f, ")");
-      const int64_t cnt = complement ? n - (p[f + 1] - p[f]) : p[f + 1] - p[f];
-      TORCH_CHECK(cnt >= length, "function ", f, " has ", cnt, " ", what, ", fewer than the episode length L = ",
-                  length, "; drop it (raise --min-nonzero) or shorten L");
-    }
-    if (complement) return;
-    bool ok = true;
-    int64_t bad = -1;
-#pragma omp parallel for schedule(static) reduction(&& : ok)
-    for (int64_t f = 0; f < F; ++f) {
-      for (int64_t q = p[f]; q < p[f + 1]; ++q) {
-        const bool good = ix[q] >= 0 && ix[q] < n && (q == p[f] || ix[q] > ix[q - 1]);
-        if (!good) {
-          ok = false;
-#pragma omp critical
-          bad = f;
-        }
-      }
-    }
-    TORCH_CHECK(ok, name, "_idx of function ", bad, " must be strictly increasing row indices in [0, ", n, ")");
-  };
-  check_csr(pos_ptr, pos_idx, "pos", false);
-  if (has_neg) check_csr(neg_ptr, neg_idx, "neg", false);
-  else check_csr(pos_ptr, pos_idx, "pos", true);
 }
+
+void episodes_csr_raise(uint64_t key, const at::Tensor& features, const at::Tensor& pos_ptr,
+                        const at::Tensor& pos_idx, const at::Tensor& neg_ptr, const at::Tensor& neg_idx,
+                        int64_t length) {
+  if (key == kEpValid) return;
+  const int64_t list = static_cast<int64_t>(key >> 62), stage = static_cast<int64_t>((key >> 60) & 3);
+  const int64_t f = static_cast<int64_t>((key & ((uint64_t(1) << 60) - 1)) >> 1), sub = static_cast<int64_t>(key & 1);
+  const bool has_neg = neg_ptr.numel() > 0, complement = list == 1 && !has_neg;
+  const at::Tensor& ptr = list == 1 && has_neg ? neg_ptr : pos_ptr;
+  const at::Tensor& idx = list == 1 && has_neg ? neg_idx : pos_idx;
+  const char* name = list == 1 && has_neg ? "neg" : "pos";
+  auto at_ = [&](int64_t i) { return ptr.select(0, i).item<int64_t>(); };  // any device: error path only
+  const int64_t F = ptr.size(0) - 1, n = features.size(0);
+  TORCH_CHECK(stage != 0, name, "_ptr must start at 0 and end at ", idx.size(0), " (the length of ", name,
+              "_idx), got ", at_(0), " .. ", at_(F));
+  TORCH_CHECK(!(stage == 1 && sub == 0), name, "_ptr must be non-decreasing (function ", f, ")");
+  if (stage == 1) {
+    const int64_t c = at_(f + 1) - at_(f);
+    const char* what = complement ? "negatives (rows not positive)" : (list == 0 ? "positives" : "negatives");
+    TORCH_CHECK(false, "function ", f, " has ", complement ? n - c : c, " ", what,
+                ", fewer than the episode length L = ", length, "; drop it (raise --min-nonzero) or shorten L");
+  }
+  TORCH_CHECK(false, name, "_idx of function ", f, " must be strictly increasing row indices in [0, ", n, ")");
+}
+
+namespace {
+
+// The smallest validation key of one CSR list on the CPU (same checks and keys as the CUDA kernel).
+uint64_t csr_key_cpu(const at::Tensor& ptr_, const at::Tensor& idx_, int64_t n, int64_t L, bool complement,
+                     int64_t list) {
+  const at::Tensor ptr = ptr_.contiguous(), idx = idx_.contiguous();
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const int64_t* ix = idx.data_ptr<int64_t>();
+  const int64_t F = ptr.size(0) - 1;
+  uint64_t key = ep_check_ends(p, F, idx.size(0), list);
+  for (int64_t f = 0; f < F && key == kEpValid; ++f) key = ep_check_function(p, f, n, L, complement, list);
+  if (key != kEpValid || complement) return key;  // pointers bad: the index loop below would leave the list
+#pragma omp parallel for schedule(static) reduction(min : key)
+  for (int64_t f = 0; f < F; ++f)
+    for (int64_t q = p[f]; q < p[f + 1]; ++q)
+      if (!ep_entry_ok(ix, q, p[f], n)) {
+        key = std::min(key, ep_error_key(list, 2, f, 0));
+        break;
+      }
+  return key;
+}
+
+// The CSR contents of CPU tensors, with the messages of csrc/checks.h episodes_csr_raise.
+void episodes_check_csr_cpu(const at::Tensor& features, const at::Tensor& pos_ptr, const at::Tensor& pos_idx,
+                            const at::Tensor& neg_ptr, const at::Tensor& neg_idx, int64_t L) {
+  const int64_t n = features.size(0);
+  const bool has_neg = neg_ptr.numel() > 0;
+  uint64_t key = csr_key_cpu(pos_ptr, pos_idx, n, L, false, 0);
+  if (key == kEpValid)
+    key = has_neg ? csr_key_cpu(neg_ptr, neg_idx, n, L, false, 1) : csr_key_cpu(pos_ptr, pos_idx, n, L, true, 1);
+  episodes_csr_raise(key, features, pos_ptr, pos_idx, neg_ptr, neg_idx, L);
+}
+
+}  // namespace
 
 namespace {
 
@@ -140,6 +168,7 @@ Out episodes_impl(const at::Tensor& features, const at::Tensor& pos_ptr_, const 
                   const at::Tensor& neg_val_, const at::Tensor& mag_scale_, int64_t B, int64_t L, int64_t seed,
                   int64_t grid_threads) {
   episodes_check(features, pos_ptr_, pos_idx_, pos_val_, neg_ptr_, neg_idx_, neg_val_, mag_scale_, B, L);
+  episodes_check_csr_cpu(features, pos_ptr_, pos_idx_, neg_ptr_, neg_idx_, L);
   auto pos_ptr = pos_ptr_.contiguous(), pos_idx = pos_idx_.contiguous(), pos_val = pos_val_.contiguous();
   auto neg_ptr = neg_ptr_.contiguous(), neg_idx = neg_idx_.contiguous(), neg_val = neg_val_.contiguous();
   auto mag_scale = mag_scale_.contiguous();

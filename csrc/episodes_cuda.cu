@@ -8,19 +8,63 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
+#include "checks.h"
 #include "episodes_kernel.h"
 
 namespace metalign {
-
-// Shape/dtype/device checks shared with the CPU op (csrc/episodes_cpu.cpp); the CSR contents are checked
-// there for CPU tensors only (kernels.episodes validates device tensors once on the host).
-void episodes_check(const at::Tensor& features, const at::Tensor& pos_ptr, const at::Tensor& pos_idx,
-                    const at::Tensor& pos_val, const at::Tensor& neg_ptr, const at::Tensor& neg_idx,
-                    const at::Tensor& neg_val, const at::Tensor& mag_scale, int64_t n_episodes, int64_t length);
-
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kCheckBlocks = 1024;  // grid cap of the validation kernel (grid-stride over the rest)
+
+// Validation of one CSR list on the device, the checks of the CPU path (csrc/episodes_kernel.h ep_check_*):
+// global thread t < 1 + F + nnz checks the pointer ends (t = 0), function t - 1 (t <= F), or entry t - 1 - F;
+// each thread keeps its smallest key and the smallest over the grid lands in *key (atomicMin), so the error
+// reported is the one the CPU path reports. Every read stays inside ptr[0..F] and idx[0..nnz).
+__global__ void episodes_csr_check_kernel(const int64_t* __restrict__ ptr, const int64_t* __restrict__ idx,
+                                          int64_t F, int64_t nnz, int64_t n_rows, int64_t L, bool complement,
+                                          int64_t list, unsigned long long* key) {
+  const int64_t total = 1 + F + (complement ? 0 : nnz);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  uint64_t mine = kEpValid;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
+    uint64_t k;
+    if (t == 0) {
+      k = ep_check_ends(ptr, F, nnz, list);
+    } else if (t <= F) {
+      k = ep_check_function(ptr, t - 1, n_rows, L, complement, list);
+    } else {
+      const int64_t q = t - 1 - F, f = ep_function_of(ptr, F, q);
+      k = ep_entry_ok(idx, q, ptr[f], n_rows) ? kEpValid : ep_error_key(list, 2, f, 0);
+    }
+    mine = k < mine ? k : mine;
+  }
+  if (mine != kEpValid) atomicMin(key, static_cast<unsigned long long>(mine));
+}
+
+// Checks the CSR contents on the device and raises the CPU path's message: two small kernels, then one
+// 8-byte device-to-host read of the key (a sync: the price of raising on bad input instead of reading out of
+// bounds in the episode kernel).
+void episodes_check_csr_cuda(const at::Tensor& features, const at::Tensor& pos_ptr, const at::Tensor& pos_idx,
+                             const at::Tensor& neg_ptr, const at::Tensor& neg_idx, int64_t L, cudaStream_t stream) {
+  const int64_t n = features.size(0), F = pos_ptr.size(0) - 1;
+  const bool has_neg = neg_ptr.numel() > 0;
+  auto key = at::full({1}, -1, pos_ptr.options());  // all bits set: kEpValid
+  auto* kp = reinterpret_cast<unsigned long long*>(key.data_ptr<int64_t>());
+  auto launch = [&](const at::Tensor& ptr, const at::Tensor& idx, bool complement, int64_t list) {
+    const int64_t total = 1 + F + (complement ? 0 : idx.size(0));
+    const auto blocks = static_cast<unsigned>(std::min((total + kThreads - 1) / kThreads, kCheckBlocks));
+    episodes_csr_check_kernel<<<blocks, kThreads, 0, stream>>>(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(),
+                                                               F, idx.size(0), n, L, complement, list, kp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  launch(pos_ptr, pos_idx, false, 0);
+  if (has_neg) launch(neg_ptr, neg_idx, false, 1);
+  else launch(pos_ptr, pos_idx, true, 1);
+  episodes_csr_raise(static_cast<uint64_t>(key.item<int64_t>()), features, pos_ptr, pos_idx, neg_ptr, neg_idx, L);
+}
 
 template <typename T, typename V>
 __global__ void episodes_kernel(uint64_t seed, int64_t F, int64_t n, int64_t d, int64_t L, const T* __restrict__ fp,
@@ -42,18 +86,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> episodes_
     const at::Tensor& neg_ptr_, const at::Tensor& neg_idx_, const at::Tensor& neg_val_, const at::Tensor& mag_scale_,
     int64_t B, int64_t L, int64_t seed) {
   episodes_check(features, pos_ptr_, pos_idx_, pos_val_, neg_ptr_, neg_idx_, neg_val_, mag_scale_, B, L);
-  TORCH_CHECK(features.is_cuda(), "features must be a CUDA tensor");
   const at::cuda::CUDAGuard guard(features.device());
   auto pos_ptr = pos_ptr_.contiguous(), pos_idx = pos_idx_.contiguous(), pos_val = pos_val_.contiguous();
   auto neg_ptr = neg_ptr_.contiguous(), neg_idx = neg_idx_.contiguous(), neg_val = neg_val_.contiguous();
   auto mag_scale = mag_scale_.contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  episodes_check_csr_cuda(features, pos_ptr, pos_idx, neg_ptr, neg_idx, L, stream);
   auto o = features.options();
   const int64_t F = pos_ptr.size(0) - 1, n = features.size(0), d = features.size(1);
   auto x = at::empty({B, L, d + 1}, o), y = at::empty({B, L}, o), mag = at::empty({B, L}, o);
   auto fn = at::empty({B}, o.dtype(at::kLong)), rows = at::empty({B, L}, o.dtype(at::kLong));
   if (B == 0) return {x, y, mag, fn, rows};
   const bool has_neg = neg_ptr.numel() > 0;
-  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "episodes_cuda", [&] {
     using T = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pos_val.scalar_type(), "episodes_cuda_val", [&] {

@@ -124,4 +124,49 @@ METALIGN_HD void ep_write(const T* features, int64_t row_stride, int64_t col_str
   }
 }
 
+// ---- validation of the CSR function lists (before any episode reads them) -----------------------------------
+// Every check returns a key, kEpValid when it passes. The smallest key over all checks is the error reported,
+// so the CPU (loops) and the CUDA kernel (one thread per check, atomicMin) report the same error, in the order
+// the checks read: the positives' pointers (both ends, then per function: non-decreasing, then the count), the
+// positives' row indices, then the same for the explicit negatives, or the counts of the complement.
+//   key = list << 62 | stage << 60 | f << 1 | sub   (list 0 positives, 1 negatives; stage 0 ends, 1 per
+//   function (sub 0 decreasing pointers, 1 too few members), 2 row indices)
+// csrc/checks.h episodes_csr_raise turns a key into its message.
+constexpr uint64_t kEpValid = ~uint64_t(0);
+
+METALIGN_HD uint64_t ep_error_key(int64_t list, int64_t stage, int64_t f, int64_t sub) {
+  return (static_cast<uint64_t>(list) << 62) | (static_cast<uint64_t>(stage) << 60) |
+         (static_cast<uint64_t>(f) << 1) | static_cast<uint64_t>(sub);
+}
+
+// ptr[0] == 0 and ptr[F] == nnz (the length of the index list)
+METALIGN_HD uint64_t ep_check_ends(const int64_t* ptr, int64_t F, int64_t nnz, int64_t list) {
+  return ptr[0] == 0 && ptr[F] == nnz ? kEpValid : ep_error_key(list, 0, 0, 0);
+}
+
+// Function f: non-decreasing pointers and at least L members (complement: at least L rows outside its list).
+METALIGN_HD uint64_t ep_check_function(const int64_t* ptr, int64_t f, int64_t n_rows, int64_t L, bool complement,
+                                       int64_t list) {
+  const int64_t c = ptr[f + 1] - ptr[f];
+  if (c < 0) return ep_error_key(list, 1, f, 0);
+  return (complement ? n_rows - c : c) >= L ? kEpValid : ep_error_key(list, 1, f, 1);
+}
+
+// Entry q of the function whose list starts at `first`: a row in [0, n_rows), above the entry before it.
+// (q <= first rather than ==: with invalid pointers, first may exceed q, and idx[q - 1] must not be read.)
+METALIGN_HD bool ep_entry_ok(const int64_t* idx, int64_t q, int64_t first, int64_t n_rows) {
+  return idx[q] >= 0 && idx[q] < n_rows && (q <= first || idx[q] > idx[q - 1]);
+}
+
+// The function holding entry q: the largest f in [0, F) with ptr[f] <= q, by bisection (reads ptr[0..F) only,
+// so it stays in bounds whatever ptr holds; meaningful once the pointer checks pass).
+METALIGN_HD int64_t ep_function_of(const int64_t* ptr, int64_t F, int64_t q) {
+  int64_t lo = 0, hi = F - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (ptr[mid] <= q) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
 }  // namespace metalign

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <vector>
 
+#include "checks.h"
 #include "fwht_kernel.h"
 #include "hugepage.h"
 
@@ -31,7 +32,9 @@ constexpr int64_t kL1Bytes = 1 << 14;     // pass-1 sub-block: 16 KiB, resident 
 constexpr int64_t kPanelBytes = 512;      // pass-2 panel width: eight cache lines (128 bytes was 1.4x slower at 2^24)
 constexpr int64_t kSerialBelow = 1 << 14; // elements below which OpenMP costs more than it saves
 
-int64_t check_fwht(const at::Tensor& x, const char* name) {
+}  // namespace
+
+int64_t fwht_check(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() >= 1, name, ": x must have at least one dimension (the transform runs over the last one), "
               "got a 0-d tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
@@ -41,6 +44,8 @@ int64_t check_fwht(const at::Tensor& x, const char* name) {
               " (shape ", x.sizes(), "); zero-pad it to the next power of two");
   return D;
 }
+
+namespace {
 
 // Levels h = 1, 2, 4 of eight consecutive elements at once (the short inner loops of the generic
 // butterfly loop do not vectorise).
@@ -138,7 +143,7 @@ void fwht_impl(const T* src, T* x, int64_t rows, int64_t D) {
 }
 
 at::Tensor fwht_cpu(const at::Tensor& x) {
-  const int64_t D = check_fwht(x, "fwht");
+  const int64_t D = fwht_check(x, "fwht");
   // any strides in, contiguous out; a strided x is gathered by contiguous() and then transformed in place
   const at::Tensor src = x.detach().contiguous();
   const bool gathered = !src.is_alias_of(x);  // contiguous() made a copy: ours to overwrite
@@ -181,7 +186,7 @@ void fwht_grid_impl(T* x, int64_t rows, int64_t D, int64_t B, int64_t threads, i
 }
 
 at::Tensor fwht_grid_cpu(const at::Tensor& x, int64_t block_elems, int64_t threads, int64_t max_blocks) {
-  const int64_t D = check_fwht(x, "fwht_grid");
+  const int64_t D = fwht_check(x, "fwht_grid");
   TORCH_CHECK(block_elems >= 1 && (block_elems & (block_elems - 1)) == 0,
               "fwht_grid: block_elems must be a power of two, got ", block_elems);
   TORCH_CHECK(threads >= 1 && max_blocks >= 1, "fwht_grid: threads and max_blocks must be >= 1, got ", threads,

@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "fwht_kernel.h"
 
 namespace metalign {
@@ -63,18 +64,15 @@ void launch(T* x, int64_t rows, int64_t D, cudaStream_t stream) {
 }
 
 at::Tensor fwht_cuda(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() >= 1, "fwht: x must have at least one dimension (the transform runs over the last one)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "fwht: x must be float32 or float64, got ", x.scalar_type());
-  const int64_t D = x.size(-1);
-  TORCH_CHECK(D >= 1 && (D & (D - 1)) == 0, "fwht: the last dimension of x must be a power of two, got D = ", D,
-              " (shape ", x.sizes(), ")");
+  const int64_t D = fwht_check(x, "fwht");
   const at::cuda::CUDAGuard guard(x.device());
   auto out = x.detach().clone(at::MemoryFormat::Contiguous);
   if (out.numel() == 0 || D == 1) return out;
   const int64_t rows = out.numel() / D;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fwht_cuda", [&] { launch<scalar_t>(out.data_ptr<scalar_t>(), rows, D, stream); });
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fwht_cuda", [&] {
+    launch<scalar_t>(out.data_ptr<scalar_t>(), rows, D, stream);
+  });
   return out;
 }
 

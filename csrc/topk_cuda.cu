@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "topk_kernel.h"
 
 namespace metalign {
@@ -53,17 +54,7 @@ __global__ void topk_encode_kernel(const C* __restrict__ x, const C* __restrict_
 std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc,
                                                     const at::Tensor& b_enc, int64_t k,
                                                     const c10::optional<at::Tensor>& b_pre) {
-  TORCH_CHECK(x.dim() == 2 && W_enc.dim() == 2, "topk_encode: x (n, d) and W_enc (d, n_latents) must be 2-D, got ",
-              x.sizes(), " and ", W_enc.sizes());
-  TORCH_CHECK(W_enc.size(0) == x.size(1), "topk_encode: W_enc must have d = ", x.size(1), " rows, got ",
-              W_enc.sizes());
-  TORCH_CHECK(b_enc.dim() == 1 && b_enc.size(0) == W_enc.size(1), "topk_encode: b_enc must be 1-D of length ",
-              W_enc.size(1), ", got ", b_enc.sizes());
-  TORCH_CHECK(k >= 1 && k <= W_enc.size(1), "topk_encode: k must be in 1..n_latents = ", W_enc.size(1), ", got ", k);
-  TORCH_CHECK(x.is_cuda() && W_enc.is_cuda() && b_enc.is_cuda() && (!b_pre.has_value() || b_pre->is_cuda()),
-              "topk_encode: x, W_enc, b_enc and b_pre must all be CUDA tensors");
-  TORCH_CHECK(!b_pre.has_value() || (b_pre->dim() == 1 && b_pre->size(0) == x.size(1)),
-              "topk_encode: b_pre must be 1-D of length d = ", x.size(1));
+  topk_check_args(x, W_enc, b_enc, k, b_pre);
   const at::cuda::CUDAGuard guard(x.device());
   const bool dbl = x.scalar_type() == at::kDouble || W_enc.scalar_type() == at::kDouble ||
                    b_enc.scalar_type() == at::kDouble || (b_pre.has_value() && b_pre->scalar_type() == at::kDouble);

@@ -1,5 +1,6 @@
 """The fused episode op: torch.ops.metalign_ops.episodes (and its CUDA-grid emulation) against
-kernels.episodes_ref (same RNG contract, so outputs match exactly), invariants, distributions, bad input."""
+kernels.episodes_ref (same RNG contract, so outputs match exactly), invariants, distributions, bad input; each op
+test on every device of the `device` fixture."""
 import numpy as np
 import pytest
 import torch
@@ -36,29 +37,35 @@ def _functions(n, F, density, seed=0, explicit_neg=False, val_dtype=torch.float3
     return (*pos, *neg, scale.to(val_dtype))
 
 
+def _on(device, fns):
+    return tuple(t.to(device) for t in fns)
+
+
 def _assert_same(a, b):
     for name, u, v in zip(["x", "y", "mag", "fn", "rows"], a, b):
-        assert u.shape == v.shape and u.dtype == v.dtype, (name, u.shape, v.shape, u.dtype, v.dtype)
+        assert u.shape == v.shape and u.dtype == v.dtype and u.device == v.device, (name, u.shape, v.shape, u.dtype,
+                                                                                   v.dtype, u.device, v.device)
         assert torch.equal(u, v), f"{name}: max diff {(u.double() - v.double()).abs().max().item()}"
 
 
 @pytest.mark.parametrize("n,d,F,L,B", [(40, 1, 1, 1, 1), (301, 7, 5, 13, 37), (1000, 129, 3, 120, 9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("explicit_neg", [False, True])
-def test_episodes_matches_ref(n, d, F, L, B, dtype, explicit_neg):
-    X = torch.randn(n, d, dtype=dtype)
-    fns = _functions(n, F, 0.35, seed=n + F, explicit_neg=explicit_neg)
+def test_episodes_matches_ref(n, d, F, L, B, dtype, explicit_neg, device):
+    X = torch.randn(n, d, dtype=dtype, device=device)
+    fns = _on(device, _functions(n, F, 0.35, seed=n + F, explicit_neg=explicit_neg))
     got = OPS.episodes(X, *fns, B, L, 12345)
     _assert_same(got, kernels.episodes_ref(X, *fns, B, L, 12345))
+    _assert_same(kernels.episodes(X, *fns, B, L, 12345), got)
 
 
-def test_episodes_noncontiguous_half_and_negative_seed():
-    X = torch.randn(64, 200)[:, ::3]  # (64, 67), column stride 3
-    fns = _functions(64, 4, 0.5, seed=1)
+def test_episodes_noncontiguous_half_and_negative_seed(device):
+    X = torch.randn(64, 200, device=device)[:, ::3]  # (64, 67), column stride 3
+    fns = _on(device, _functions(64, 4, 0.5, seed=1))
     _assert_same(OPS.episodes(X, *fns, 11, 17, -7), kernels.episodes_ref(X, *fns, 11, 17, -7))
     Xh = X.T.contiguous().T.half()  # column-major, float16 features and outputs
     _assert_same(OPS.episodes(Xh, *fns, 11, 17, 3), kernels.episodes_ref(Xh, *fns, 11, 17, 3))
-    fns64 = _functions(64, 4, 0.5, seed=1, explicit_neg=True, val_dtype=torch.float64)
+    fns64 = _on(device, _functions(64, 4, 0.5, seed=1, explicit_neg=True, val_dtype=torch.float64))
     _assert_same(OPS.episodes(X, *fns64, 5, 9, 0), kernels.episodes_ref(X, *fns64, 5, 9, 0))
 
 
@@ -71,11 +78,11 @@ def test_episodes_grid(threads):
         _assert_same(OPS.episodes_grid(X, *fns, 19, 31, 99, threads), kernels.episodes_ref(X, *fns, 19, 31, 99))
 
 
-def test_episodes_invariants_and_determinism():
+def test_episodes_invariants_and_determinism(device):
     n, d, F, L, B = 500, 10, 7, 40, 300
     X = torch.randn(n, d)
     pp, pi, pv, _, _, _, sc = fns = _functions(n, F, 0.3, seed=5)
-    x, y, mag, fn, rows = OPS.episodes(X, *fns, B, L, 7)
+    x, y, mag, fn, rows = (t.cpu() for t in OPS.episodes(X.to(device), *_on(device, fns), B, L, 7))
     torch.testing.assert_close(x[..., 1:], X[rows], rtol=0, atol=0)  # exact gathers
     assert (x[:, 0, 0] == 0).all() and torch.equal(x[:, 1:, 0], mag[:, :-1])  # previous item's magnitude
     for b in range(B):
@@ -98,12 +105,12 @@ def test_episodes_invariants_and_determinism():
     assert not torch.equal(OPS.episodes(X, *fns, B, L, 8)[4], rows)
 
 
-def test_episodes_distributions():
+def test_episodes_distributions(device):
     """n_pos ~ round(N(L/2, L/20)), functions uniform, positives and negatives uniform within a function."""
     n, F, L, B = 400, 5, 60, 20000
-    X = torch.zeros(n, 1)
-    fns = _functions(n, F, 0.4, seed=2)
-    _, y, _, fn, rows = OPS.episodes(X, *fns, B, L, 2024)
+    X = torch.zeros(n, 1, device=device)
+    fns = _on(device, _functions(n, F, 0.4, seed=2))
+    _, y, _, fn, rows = (t.cpu() for t in OPS.episodes(X, *fns, B, L, 2024))
     npos = y.sum(1).double()
     assert abs(npos.mean().item() - L / 2) < 0.05
     assert abs(npos.std().item() - L / 20) < 0.1  # 3.0, +- rounding (var + 1/12)
@@ -120,7 +127,7 @@ def test_episodes_distributions():
     assert (pos_rate - 0.5).abs().max() < 0.03
 
 
-def test_episodes_from_world_codes(world):
+def test_episodes_from_world_codes(world, device):
     """Functions from the world's h codes (top-3 as SAE codes): every positive really has its dim active."""
     import h5py
     with h5py.File(world["truth"]) as f:
@@ -131,31 +138,46 @@ def test_episodes_from_world_codes(world):
     assert len(fns["latents"]) >= 8
     X = torch.randn(codes.shape[0], 5)
     keys = ["pos_ptr", "pos_idx", "pos_val", "neg_ptr", "neg_idx", "neg_val", "mag_scale"]
-    x, y, mag, fn, rows = OPS.episodes(X, *[fns[k] for k in keys], 64, 50, 0)
+    x, y, mag, fn, rows = (t.cpu() for t in OPS.episodes(X.to(device), *[fns[k].to(device) for k in keys], 64, 50, 0))
     lat = fns["latents"][fn]  # (B,) h dim of each episode
     r = rows.numpy()
     in_topk = torch.from_numpy(((idx[r] == lat.numpy()[:, None, None]) & (val[r] > 0)).any(-1))  # (B, L)
     assert torch.equal(in_topk.float(), y)
     neur = functions_from_neurons(X.numpy())
     assert len(neur["latents"]) == 5 and neur["neg_ptr"].numel() == 6
-    x2, y2, mag2, _, _ = OPS.episodes(X, *[neur[k] for k in keys], 32, 50, 0)
+    x2, y2, mag2, _, _ = OPS.episodes(X.to(device), *[neur[k].to(device) for k in keys], 32, 50, 0)
     assert ((mag2 > 0) == (y2 > 0)).all()  # signed distance from the median: positive exactly for positives
 
 
-def test_episodes_bad_input():
-    X = torch.randn(50, 3)
-    pp, pi, pv, np_, ni, nv, sc = _functions(50, 2, 0.3, seed=0)
-    with pytest.raises(RuntimeError, match="fewer than the episode length L = 40"):
+def test_episodes_bad_input(device):
+    """Bad CSR contents are caught on every device (on CUDA by the validation kernel), with the CPU messages."""
+    X = torch.randn(50, 3, device=device)
+    pp, pi, pv, np_, ni, nv, sc = _on(device, _functions(50, 2, 0.3, seed=0))
+    with pytest.raises(RuntimeError, match="function 0 has [0-9]+ positives, fewer than the episode length L = 40"):
         OPS.episodes(X, pp, pi, pv, np_, ni, nv, sc, 4, 40, 0)
-    with pytest.raises(RuntimeError, match="negatives"):
-        OPS.episodes(X, *_functions(50, 2, 0.95, seed=0), 4, 10, 0)
-    with pytest.raises(RuntimeError, match="strictly increasing"):
+    with pytest.raises(RuntimeError, match="function 0 has [0-9]+ negatives \\(rows not positive\\)"):
+        OPS.episodes(X, *_on(device, _functions(50, 2, 0.95, seed=0)), 4, 10, 0)
+    with pytest.raises(RuntimeError, match="pos_idx of function 0 must be strictly increasing row indices in \\[0, 50"):
         OPS.episodes(X, pp, pi.flip(0), pv, np_, ni, nv, sc, 4, 5, 0)
+    bad = pi.clone()
+    bad[-1] = 50  # one row past the end, in the last function
+    with pytest.raises(RuntimeError, match="pos_idx of function 1 must be strictly increasing row indices"):
+        OPS.episodes(X, pp, bad, pv, np_, ni, nv, sc, 4, 5, 0)
     with pytest.raises(RuntimeError, match="mag_scale must be 1-D of length 2"):
         OPS.episodes(X, pp, pi, pv, np_, ni, nv, sc[:1], 4, 5, 0)
-    with pytest.raises(RuntimeError, match="pos_ptr must start at 0"):
+    with pytest.raises(RuntimeError, match="pos_ptr must start at 0 and end at [0-9]+ \\(the length of pos_idx\\), "
+                                           "got 1 .. "):
         OPS.episodes(X, pp + 1, pi, pv, np_, ni, nv, sc, 4, 5, 0)
+    dec = pp.clone()
+    dec[1] = dec[2] + 1
+    with pytest.raises(RuntimeError, match="pos_ptr must be non-decreasing \\(function 1\\)"):
+        OPS.episodes(X, dec, pi, pv, np_, ni, nv, sc, 4, 5, 0)
     with pytest.raises(RuntimeError, match="features must be 2-D"):
         OPS.episodes(X[0], pp, pi, pv, np_, ni, nv, sc, 4, 5, 0)
+    epp, epi, epv, enp, eni, env, esc = _on(device, _functions(50, 2, 0.3, seed=0, explicit_neg=True))
+    eni = eni.clone()
+    eni[0] = -1
+    with pytest.raises(RuntimeError, match="neg_idx of function 0 must be strictly increasing row indices"):
+        OPS.episodes(X, epp, epi, epv, enp, eni, env, esc, 4, 5, 0)
     with pytest.raises(ValueError, match="no latent is active on >= 120"):
         functions_from_codes(np.zeros((10, 2), np.int64), np.ones((10, 2), np.float32))
