@@ -99,14 +99,13 @@ METALIGN_HD void ridge_loo_basis_block(const T* q_row, int64_t r, int64_t ldq, c
   }
 }
 
-// Generalised CV (Golub, Heath & Wahba 1979) of one target for one alpha from its fitted sum of squares:
-//   fit = sum_j z_j^2 d_j (2 - s_j d_j)  (one (n_alphas, p) x (p, t) product for all alphas and targets),
-//   SSE = |y|^2 - fit,  df = df0 + sum_j s_j d_j,  GCV = (SSE / n) / (1 - df / n)^2.
-METALIGN_HD double ridge_gcv_from_fit(double yy, double fit, double df, double n) {
-  double sse = yy - fit;
-  if (sse < 0.0) sse = 0.0;  // rounding when the fit is (near) exact
-  const double r = 1.0 - df / n;
-  return (sse / n) / (r * r);
+// Generalised CV (Golub, Heath & Wahba 1979) of one target for one alpha, GCV = (SSE / n) / (1 - df / n)^2,
+// from pieces computed without cancellation (ridge_gcv_parts in ridge_cpu.cpp): SSE = sse_in + rest with
+// sse_in = sum_j (a d_j)^2 z_j^2 / s_j (the residual inside the span of X) and rest = |y outside the span|^2,
+// and den = n - df = (n - df0 - rank) + sum_j a d_j. The textbook |y|^2 - fit and n - df lose every digit when
+// p >= n and alpha is small (the fit interpolates: both are O(alpha) differences of O(1) numbers).
+METALIGN_HD double ridge_gcv_score(double sse_in, double rest, double den, double n) {
+  return n * (sse_in + rest) / (den * den);
 }
 
 // Running argmin over alphas: strict <, so ties keep the first (smallest-index) alpha as sklearn does.
