@@ -533,16 +533,33 @@ def ridge_score_kfold_basis(s, z, b, yy, quad, alphas, rows, basis, coef):
     return ridge_score_kfold_basis_ref(s, z, b, yy, quad, alphas, rows, basis, coef)
 
 
+def _ridge_loo_parts_ref(xr, y, s, z, alphas, h0):
+    """The LOO pieces without cancellation (see csrc/ridge_checks.h): y outside the span y_perp (n, t), the leverage
+    outside it base (n,), both exactly 0 when the positive s_j span the n - df0 centred rows (df0 = h0 n), and the
+    residual weights g (n_alphas, p) = a / (s (s + a)) on positive s_j: the LOO residual of alpha a is
+    y_perp + xr (g z), 1 - h = base + xr^2 . g."""
+    n = xr.shape[0]
+    df0 = round(h0 * n) if h0 > 0 else 0
+    a = torch.as_tensor(alphas, dtype=torch.float64, device=s.device)
+    s, xr, y, z = s.double(), xr.double(), y.double(), z.double()
+    pos = s > 0
+    inv_s = torch.where(pos, 1 / s, 0.0)
+    spans = pos.sum() >= n - df0
+    base = torch.where(spans, 0.0, (1 - h0 - (xr ** 2) @ inv_s).clamp_min(0))
+    y_perp = torch.where(spans, 0.0, y - xr @ (inv_s[:, None] * z))
+    g = torch.where(pos, a[:, None] / (s * (s + a[:, None])), 0.0)
+    return y_perp, base, g, inv_s, bool(spans)
+
+
 def ridge_score_loo_ref(xr, y, s, z, alphas, h0, chunk_rows):
     """Exact LOO mean squared error (n_alphas, t) float64 and its first argmin (t,), from the hat-matrix
-    identity r_i = e_i / (1 - h_ii) (Allen 1974), materialising every (alpha, row, target) residual."""
-    a = torch.as_tensor(alphas, dtype=torch.float64, device=s.device)
-    d = 1.0 / (s.double()[None] + a[:, None])                            # (a, p)
-    xr, y, z = xr.double(), y.double(), z.double()
-    h = h0 + (xr ** 2) @ d.T                                             # (n, a)
-    pred = torch.einsum("np,ap,pt->ant", xr, d, z)                       # (a, n, t)
-    e = (y[None] - pred) / (1 - h.T)[:, :, None]
-    scores = (e ** 2).mean(1)
+    identity r_i = e_i / (1 - h_ii) (Allen 1974), materialising every (alpha, row, target) residual; e and 1 - h
+    without cancellation (_ridge_loo_parts_ref), so p >= n scores right."""
+    y_perp, base, g, _, _ = _ridge_loo_parts_ref(xr, y, s, z, alphas, h0)
+    xr, z = xr.double(), z.double()
+    e = y_perp[None] + torch.einsum("np,ap,pt->ant", xr, g, z)          # (a, n, t)
+    q = base[:, None] + (xr ** 2) @ g.T                                  # (n, a): 1 - h
+    scores = ((e / q.T[:, :, None]) ** 2).mean(1)
     return scores, scores.argmin(0)
 
 
@@ -607,12 +624,17 @@ def ridge_alpha_basis(s, alphas, tol=1e-8):
 
 
 def ridge_score_loo_basis_ref(xr, y, s, z, alphas, h0, basis, coef, chunk_rows):
-    """LOO as ridge_score_loo_ref with the fit's spectral weights replaced by coef @ basis.T (exact leverages)."""
+    """LOO as ridge_score_loo_ref with the fit's spectral weights d(a) replaced by coef @ basis.T, or, when the
+    rows are interpolated, the residual weights g(a) = a d(a) / s by that expansion scaled (exact leverages)."""
+    y_perp, base, g, inv_s, spans = _ridge_loo_parts_ref(xr, y, s, z, alphas, h0)
     a = torch.as_tensor(alphas, dtype=torch.float64, device=s.device)
-    xr, y, z = xr.double(), y.double(), z.double()
-    h = h0 + (xr ** 2) @ (1.0 / (s.double()[:, None] + a[None, :]))       # (n, a) exact
-    pred = torch.einsum("np,ap,pt->ant", xr, coef.double() @ basis.double().T, z)
-    scores = (((y[None] - pred) / (1 - h.T)[:, :, None]) ** 2).mean(1)
+    xr, z = xr.double(), z.double()
+    if spans:   # the residual is xr (g z), g expanded as (a coef) (basis / s)'
+        e = torch.einsum("np,ap,pt->ant", xr, (a[:, None] * coef.double()) @ (basis.double() * inv_s[:, None]).T, z)
+    else:       # y minus the fit, d expanded as coef basis'
+        e = y.double()[None] - torch.einsum("np,ap,pt->ant", xr, coef.double() @ basis.double().T, z)
+    q = base[:, None] + (xr ** 2) @ g.T
+    scores = ((e / q.T[:, :, None]) ** 2).mean(1)
     return scores, scores.argmin(0)
 
 
@@ -667,6 +689,14 @@ def _ridge_mode(cv, scoring):
                          f"one of {allowed} (k-fold and groups: 'r2', the default, or 'mse'; LOO scores by its mean "
                          f"squared error; GCV by its own criterion)")
     return mode, scoring
+
+
+def _check_r2_folds(folds, scoring):
+    """R^2 needs a validation variance: a fold of one row would score 0 for every alpha."""
+    sizes = [len(v) for v in folds]
+    if scoring == "r2" and sizes and min(sizes) < 2:
+        raise ValueError(f"scoring='r2': validation fold {sizes.index(min(sizes))} has {min(sizes)} row, and R^2 needs "
+                         f"at least 2; use scoring='mse' (or cv='loo' for leave-one-out)")
 
 
 def _ridge_compute_dtype(dtype, compute_dtype):
@@ -747,6 +777,7 @@ def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_ba
         raise ValueError(f"X has {int((~torch.isfinite(Xt)).sum())} non-finite values")
     mode, scoring = _ridge_mode(cv, scoring)
     folds = [torch.as_tensor(v, device=dev) for v in _ridge_folds(cv, n)] if mode == "folds" else []
+    _check_r2_folds(folds, scoring)
     f64 = torch.float64
     zeros = functools.partial(torch.zeros, dtype=f64, device=dev)
     eps = torch.finfo(ct).eps
@@ -947,8 +978,9 @@ def ridge_cv_ref(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, targe
     training rows X = U S V' with numpy lstsq's rank rule (singular values <= max(n, p) eps s_max dropped),
     w = V S / (S^2 + a) U'y for every fold and alpha, the validation rows scored explicitly (R^2 or MSE); LOO
     and GCV from the hat matrix H = U S^2 / (S^2 + a) U' (+ 1/n with an intercept), its residual (I - H) y
-    written as U (a / (S^2 + a)) U'y plus the part of y outside span(U), and n - tr(H) as
-    (n - df0 - rank) + sum a / (S^2 + a), so nothing cancels when p >= n."""
+    written as U (a / (S^2 + a)) U'y plus the part of y outside span(U), 1 - H_ii as the leverage outside the
+    span plus sum_j U_ij^2 a / (S_j^2 + a), and n - tr(H) as (n - df0 - rank) + sum a / (S^2 + a), the parts
+    outside the span exactly 0 when rank = n - df0: nothing cancels when p >= n."""
     X = _as_tensor(X)
     dev = torch.device(device) if device is not None else X.device
     X = X.to(dev, torch.float64)
@@ -979,18 +1011,20 @@ def ridge_cv_ref(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, targe
         h0, df0 = (1.0 / n, 1.0) if fit_intercept else (0.0, 0.0)
         Yc = centred(Y)
         uy = U.T @ Yc
-        perp = Yc - U @ uy                                               # y outside the span (0 if interpolated)
-        lev0 = (1 - h0 - (U ** 2).sum(1)).clamp_min(0)                   # 1 - leverage of the whole span
+        spans = len(S) >= n - df0                                        # the fit interpolates: nothing outside
+        perp = Yc - U @ uy if not spans else torch.zeros_like(Yc)        # y outside the span
+        lev0 = (1 - h0 - (U ** 2).sum(1)).clamp_min(0) * (not spans)     # 1 - leverage of the whole span
         for k, a in enumerate(alphas):
             f = a / (S ** 2 + a)                                         # 1 - shrinkage per direction
             e = U @ (f[:, None] * uy) + perp                             # (I - H) y
             if mode == "loo":
                 scores[k] = ((e / (lev0 + (U ** 2) @ f)[:, None]) ** 2).mean(0)
             else:
-                scores[k] = (e ** 2).mean(0) / ((n - df0 - len(S) + f.sum()) / n) ** 2
+                scores[k] = (e ** 2).mean(0) / ((max(n - df0 - len(S), 0) + f.sum()) / n) ** 2
         crit = scores
     else:
         folds = _ridge_folds(cv, n)
+        _check_r2_folds(folds, scoring)
         for v in folds:
             tr = torch.as_tensor(np.setdiff1d(np.arange(n), v), device=dev)
             v = torch.as_tensor(v, device=dev)
@@ -999,7 +1033,8 @@ def ridge_cv_ref(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, targe
             for k, a in enumerate(alphas):
                 W, b = fit(X[tr], Y[tr], a, usv)
                 sse = ((Y[v] - X[v] @ W - b) ** 2).sum(0)
-                scores[k] += (sse / len(v) if scoring == "mse" else torch.where(sst > 0, 1 - sse / sst, 0.0)) / len(folds)
+                fold = sse / len(v) if scoring == "mse" else torch.where(sst > 0, 1 - sse / sst, 0.0)
+                scores[k] += fold / len(folds)
         crit = (-scores if scoring == "r2" else scores) - 1e-10 * torch.log(alphas)[:, None]
     chosen = crit.argmin(0) if local_alpha else crit.sum(1).argmin().expand(Y.shape[1])
     W = torch.empty(p, Y.shape[1], dtype=torch.float64, device=dev)

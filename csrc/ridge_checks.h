@@ -36,6 +36,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_gcv_parts(const at::Tensor&
                                                                const at::Tensor& yy, const at::Tensor& alphas,
                                                                double n, double df0);
 
+// LOO without cancellation, on the device of z. With df0 = round(h0 n) (h0 = 1/n with an intercept) and the
+// positive s_j the fitted directions, `spans` (a 0-d bool tensor on the device: no host sync) says whether
+// they span the n - df0 dimensional centred sample space (p >= n: the fit interpolates as alpha -> 0).
+//   base (n,) float64 = 1 - h0 - sum_j xr_j^2 / s_j, the leverage outside the span (exactly 0 if spans), so
+//                       1 - h = base + sum_j xr_j^2 g_j with g_j = a / (s_j (s_j + a)) never cancels;
+//   y_in (n, t)       = y, or exactly 0 if spans; the residual of alpha a is y_in - Xr (v z) with
+//   v (p, n_alphas)   = d = 1 / (s + a), or -g if spans (the residual is then Xr (g z), computed as the small
+//                       number it is instead of y minus a fit that equals y to every digit).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_loo_parts(const at::Tensor& xr, const at::Tensor& y,
+                                                               const at::Tensor& s, double h0);
+
+// (v, g), both (p, n_alphas) float64 on the device of s, as above.
+std::tuple<at::Tensor, at::Tensor> ridge_loo_weights(const at::Tensor& s, const at::Tensor& alphas,
+                                                     const at::Tensor& spans);
+
 // k-fold scores through the alpha basis: ATen calls only, so the same function is the CPU and the CUDA kernel.
 at::Tensor ridge_score_kfold_basis_aten(const at::Tensor& s, const at::Tensor& z, const at::Tensor& b,
                                         const at::Tensor& yy, const at::Tensor& quad, const at::Tensor& alphas,

@@ -6,7 +6,9 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -134,6 +136,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_gcv_parts(const at::Tensor&
   return {sse_in.contiguous(), rest.contiguous(), den.contiguous()};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_loo_parts(const at::Tensor& xr, const at::Tensor& y,
+                                                               const at::Tensor& s, double h0) {
+  const int64_t n = xr.size(0);
+  const double df0 = h0 > 0.0 ? std::round(h0 * static_cast<double>(n)) : 0.0;
+  auto sd = s.to(at::kDouble);
+  auto pos = sd > 0.0;
+  auto inv_s = at::where(pos, at::reciprocal(sd), at::zeros_like(sd));
+  auto spans = pos.sum().to(at::kDouble) >= (static_cast<double>(n) - df0);  // 0-d, on the device
+  auto outside = (1.0 - h0 - at::mv(xr.to(at::kDouble).square(), inv_s)).clamp_min(0.0);
+  auto base = at::where(spans, at::zeros({}, outside.options()), outside).contiguous();
+  auto y_in = at::where(spans, at::zeros({}, y.options()), y).contiguous();
+  return {y_in, base, spans};
+}
+
+std::tuple<at::Tensor, at::Tensor> ridge_loo_weights(const at::Tensor& s, const at::Tensor& alphas,
+                                                     const at::Tensor& spans) {
+  auto sd = s.to(at::kDouble).unsqueeze(1);                                       // (p, 1)
+  auto al = at::tensor(ridge_alpha_values(alphas), sd.options()).unsqueeze(0);    // (1, n_alphas)
+  auto d = at::reciprocal(sd + al);
+  auto g = at::where(sd > 0.0, al * d / sd, at::zeros({}, sd.options()));
+  return {at::where(spans, g.neg(), d).contiguous(), g.contiguous()};
+}
+
 namespace {
 
 constexpr int64_t kBlock = kRidgeBlock;  // targets per CPU work item: the inner loop over targets vectorises
@@ -218,12 +243,13 @@ at::Tensor kfold_impl(const at::Tensor& s_, const at::Tensor& z_, const at::Tens
 }
 
 template <typename scalar_t>
-void loo_typed(const at::Tensor& xr, const at::Tensor& y, const at::Tensor& s, const at::Tensor& z, at::Tensor& prod,
-               at::Tensor& dz, const std::vector<double>& al, double h0, int64_t cr, int64_t threads,
-               at::Tensor& scores, at::Tensor& best) {
-  const int64_t n = xr.size(0), p = z.size(0), t = z.size(1), na = static_cast<int64_t>(al.size());
-  std::vector<double> best_score(t, 0.0), w(n), d(p);
-  const scalar_t* sp = s.data_ptr<scalar_t>();
+void loo_typed(const at::Tensor& xr, const at::Tensor& y, const double* base, const at::Tensor& z,
+               const at::Tensor& v, const at::Tensor& g, at::Tensor& prod, at::Tensor& dz, int64_t cr,
+               int64_t threads, at::Tensor& scores, at::Tensor& best) {
+  const int64_t n = xr.size(0), p = z.size(0), t = z.size(1), na = g.size(1);
+  std::vector<double> best_score(t, 0.0), w(n), ga(p);
+  const double* vp = v.data_ptr<double>();
+  const double* gp = g.data_ptr<double>();
   const scalar_t* zp = z.data_ptr<scalar_t>();
   const scalar_t* xp = xr.data_ptr<scalar_t>();
   const scalar_t* yp = y.data_ptr<scalar_t>();
@@ -231,11 +257,16 @@ void loo_typed(const at::Tensor& xr, const at::Tensor& y, const at::Tensor& s, c
   double* out = scores.data_ptr<double>();
   int64_t* bi = best.data_ptr<int64_t>();
   double* wp = w.data();
-  const double* dp = d.data();
+  const double* gap = ga.data();
   for (int64_t a = 0; a < na; ++a) {
-    spectral_weights<scalar_t>(sp, zp, dzp, d.data(), p, t, al[a]);
+    for (int64_t j = 0; j < p; ++j) ga[j] = gp[j * na + a];
+#pragma omp parallel for schedule(static) if (p * t >= 65536)
+    for (int64_t j = 0; j < p; ++j) {
+      const scalar_t vj = static_cast<scalar_t>(vp[j * na + a]);
+      for (int64_t c = 0; c < t; ++c) dzp[j * t + c] = vj * zp[j * t + c];
+    }
 #pragma omp parallel for schedule(static) if (n * p >= 65536)
-    for (int64_t i = 0; i < n; ++i) wp[i] = ridge_loo_weight<scalar_t>(xp + i * p, dp, p, h0);
+    for (int64_t i = 0; i < n; ++i) wp[i] = ridge_loo_weight<scalar_t>(xp + i * p, gap, p, base[i]);
     double* row = out + a * t;
     for (int64_t r0 = 0; r0 < n; r0 += cr) {
       const int64_t m = std::min(cr, n - r0);
@@ -255,23 +286,26 @@ void loo_typed(const at::Tensor& xr, const at::Tensor& y, const at::Tensor& s, c
   }
 }
 
-// Exact leave-one-out: mean squared LOO error (n_alphas, t) and the running argmin per target. Per alpha:
-// leverages h_i (O(n p)), then per chunk of rows one BLAS product P = Xr[chunk] (d*z) and the fused weighted
-// residual sum; P never exceeds (chunk_rows, t).
+// Exact leave-one-out: mean squared LOO error (n_alphas, t) and the running argmin per target, without
+// cancellation (ridge_loo_parts). Per alpha: leverages (O(n p)), then per chunk of rows one BLAS product
+// P = Xr[chunk] (v z) and the fused weighted residual sum; P never exceeds (chunk_rows, t).
 std::tuple<at::Tensor, at::Tensor> loo_impl(const at::Tensor& xr_, const at::Tensor& y_, const at::Tensor& s_,
                                             const at::Tensor& z_, const at::Tensor& alphas, double h0,
                                             int64_t chunk_rows, int64_t threads) {
   ridge_check_loo(xr_, y_, s_, z_, alphas, chunk_rows);
   const int64_t p = z_.size(0), t = z_.size(1), n = xr_.size(0);
-  auto s = s_.contiguous(), z = z_.contiguous(), xr = xr_.contiguous(), y = y_.contiguous();
-  const auto al = ridge_alpha_values(alphas);
-  auto scores = at::zeros({static_cast<int64_t>(al.size()), t}, z.options().dtype(at::kDouble));
+  auto z = z_.contiguous(), xr = xr_.contiguous();
+  at::Tensor y, base, spans, v, g;
+  std::tie(y, base, spans) = ridge_loo_parts(xr, y_, s_, h0);
+  std::tie(v, g) = ridge_loo_weights(s_, alphas, spans);
+  const int64_t na = g.size(1);
+  auto scores = at::zeros({na, t}, z.options().dtype(at::kDouble));
   auto best = at::zeros({t}, z.options().dtype(at::kLong));
   const int64_t cr = std::min(chunk_rows, n);
   auto dz = at::empty({p, t}, z.options());
   auto prod = at::empty({cr, t}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "ridge_score_loo_cpu", [&] {
-    loo_typed<scalar_t>(xr, y, s, z, prod, dz, al, h0, cr, threads, scores, best);
+    loo_typed<scalar_t>(xr, y, base.data_ptr<double>(), z, v, g, prod, dz, cr, threads, scores, best);
   });
   return {scores, best};
 }
@@ -310,7 +344,8 @@ void loo_basis_typed(const at::Tensor& xr, const at::Tensor& y, const at::Tensor
 }
 
 // LOO through the alpha basis (see ridge_loo_basis_block): exact leverages (one (n, p) x (p, n_alphas) float64
-// product), r GEMMs per tile of targets, and a fused pass over rows x alphas x targets.
+// product), r GEMMs per tile of targets, and a fused pass over rows x alphas x targets; no cancellation
+// (ridge_loo_parts).
 std::tuple<at::Tensor, at::Tensor> loo_basis_impl(const at::Tensor& xr_, const at::Tensor& y_, const at::Tensor& s_,
                                                   const at::Tensor& z_, const at::Tensor& alphas, double h0,
                                                   const at::Tensor& basis_, const at::Tensor& coef_,
@@ -320,15 +355,21 @@ std::tuple<at::Tensor, at::Tensor> loo_basis_impl(const at::Tensor& xr_, const a
   const auto al = ridge_alpha_values(alphas);
   const int64_t na = static_cast<int64_t>(al.size());
   ridge_check_basis(basis_, coef_, z_, na);
-  auto xr = xr_.contiguous(), y = y_.contiguous(), z = z_.contiguous();
-  auto basis = basis_.to(z.scalar_type()).contiguous();
-  auto coef = coef_.to(at::kDouble).contiguous();
-  // exact leverages for every alpha: h = h0 + xr^2 (p, n_alphas) spectral weights, in float64
+  auto xr = xr_.contiguous(), z = z_.contiguous();
+  at::Tensor y, base, spans, v, g;
+  std::tie(y, base, spans) = ridge_loo_parts(xr, y_, s_, h0);
+  std::tie(v, g) = ridge_loo_weights(s_, alphas, spans);
+  // when the rows are interpolated the residual weights are -g(a) = -a d(a) / s: the basis rows scaled by 1/s
+  // and the coefficients by -a (per-entry relative accuracy unchanged); else d(a) itself
   auto sd = s_.to(at::kDouble);
-  auto dmat = at::reciprocal(sd.unsqueeze(1) + alphas.to(sd.device(), at::kDouble).unsqueeze(0));  // (p, n_alphas)
-  auto xd = xr.to(at::kDouble);
-  auto h = at::mm(xd * xd, dmat) + h0;  // (n, n_alphas)
-  auto w = at::where(h < 1.0, at::reciprocal((1.0 - h) * (1.0 - h)), at::full({}, 1.0 / 0.0, h.options())).contiguous();
+  auto inv_s = at::where(sd > 0.0, at::reciprocal(sd), at::zeros_like(sd));
+  auto b64 = basis_.to(at::kDouble), c64 = coef_.to(at::kDouble);
+  auto al_t = at::tensor(al, c64.options()).unsqueeze(1);
+  auto basis = at::where(spans, b64 * inv_s.unsqueeze(1), b64).to(z.scalar_type()).contiguous();
+  auto coef = at::where(spans, (c64 * al_t).neg(), c64).contiguous();
+  // exact leverages for every alpha: 1 - h = base + xr^2 g, in float64
+  auto omh = at::mm(xr.to(at::kDouble).square(), g) + base.unsqueeze(1);  // (n, n_alphas)
+  auto w = at::where(omh > 0.0, at::reciprocal(omh * omh), at::full({}, 1.0 / 0.0, omh.options())).contiguous();
   auto scores = at::zeros({na, t}, z.options().dtype(at::kDouble));
   auto best = at::zeros({t}, z.options().dtype(at::kLong));
   const int64_t cr = std::min(chunk_rows, n), tt = std::min<int64_t>(t, 256);
@@ -463,8 +504,9 @@ std::tuple<at::Tensor, at::Tensor> ridge_score_loo_grid_cpu(const at::Tensor& xr
 }
 std::tuple<at::Tensor, at::Tensor> ridge_score_loo_basis_cpu(const at::Tensor& xr, const at::Tensor& y,
                                                              const at::Tensor& s, const at::Tensor& z,
-                                                             const at::Tensor& alphas, double h0, const at::Tensor& basis,
-                                                             const at::Tensor& coef, int64_t chunk_rows) {
+                                                             const at::Tensor& alphas, double h0,
+                                                             const at::Tensor& basis, const at::Tensor& coef,
+                                                             int64_t chunk_rows) {
   return loo_basis_impl(xr, y, s, z, alphas, h0, basis, coef, chunk_rows, 0);
 }
 std::tuple<at::Tensor, at::Tensor> ridge_score_loo_basis_grid_cpu(const at::Tensor& xr, const at::Tensor& y,
@@ -503,7 +545,9 @@ TORCH_LIBRARY_FRAGMENT(metalign_ops, m) {
   // (n_val, p) (rows=True).
   m.def("ridge_score_kfold(Tensor s, Tensor z, Tensor b, Tensor yy, Tensor quad, Tensor alphas, bool rows) -> Tensor");
   // Exact leave-one-out (sklearn RidgeCV semantics): mean squared LOO error (n_alphas, t) float64 and the
-  // first argmin per target (t,) int64. xr = Xc V (n, p), y (n, t) centred, h0 = 1/n with an intercept.
+  // first argmin per target (t,) int64. xr = Xc V (n, p), y (n, t) centred, h0 = 1/n with an intercept (0
+  // without). Directions with s_j = 0 are outside the fit (xr and z zero there). Computed without
+  // cancellation (ridge_loo_parts), so p >= n (interpolation at small alpha) scores right.
   m.def("ridge_score_loo(Tensor xr, Tensor y, Tensor s, Tensor z, Tensor alphas, float h0, int chunk_rows) -> "
         "(Tensor scores, Tensor best)");
   // LOO with the spectral weights 1/(s + alpha) replaced by basis (p, r) x coef(n_alphas, r)' (a truncated

@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 #include "ridge_checks.h"
@@ -33,11 +34,11 @@ __global__ void ridge_kfold_kernel(const double* __restrict__ d, const T* __rest
 }
 
 template <typename T>
-__global__ void ridge_weight_kernel(const T* __restrict__ xr, const double* __restrict__ d, double* __restrict__ w,
-                                    int64_t n, int64_t p, double h0) {
+__global__ void ridge_weight_kernel(const T* __restrict__ xr, const double* __restrict__ g,
+                                    const double* __restrict__ base, double* __restrict__ w, int64_t n, int64_t p) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  w[i] = ridge_loo_weight<T>(xr + i * p, d, p, h0);
+  w[i] = ridge_loo_weight<T>(xr + i * p, g, p, base[i]);
 }
 
 template <typename T>
@@ -122,9 +123,13 @@ std::tuple<at::Tensor, at::Tensor> ridge_score_loo_cuda(const at::Tensor& xr_, c
   ridge_check_loo(xr_, y_, s_, z_, alphas, chunk_rows);
   const int64_t p = z_.size(0), t = z_.size(1), n = xr_.size(0);
   const at::cuda::CUDAGuard guard(z_.device());
-  auto s = s_.contiguous(), z = z_.contiguous(), xr = xr_.contiguous(), y = y_.contiguous();
-  const auto al = ridge_alpha_values(alphas);
-  const int64_t na = static_cast<int64_t>(al.size()), cr = std::min(chunk_rows, n);
+  auto z = z_.contiguous(), xr = xr_.contiguous();
+  at::Tensor y, base, spans, v, g;
+  std::tie(y, base, spans) = ridge_loo_parts(xr, y_, s_, h0);  // no cancellation: see ridge_checks.h
+  std::tie(v, g) = ridge_loo_weights(s_, alphas, spans);
+  v = v.t().contiguous();                                         // (n_alphas, p): row a is v(a)
+  g = g.t().contiguous();
+  const int64_t na = g.size(0), cr = std::min(chunk_rows, n);
   auto scores = at::zeros({na, t}, z.options().dtype(at::kDouble));
   auto best = at::zeros({t}, z.options().dtype(at::kLong));
   auto best_score = at::zeros({t}, z.options().dtype(at::kDouble));
@@ -135,11 +140,11 @@ std::tuple<at::Tensor, at::Tensor> ridge_score_loo_cuda(const at::Tensor& xr_, c
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "ridge_score_loo_cuda", [&] {
     for (int64_t a = 0; a < na; ++a) {
-      auto d = at::reciprocal(s.to(at::kDouble) + al[a]);  // (p,) float64
+      auto ga = g[a];                                            // (p,) float64
       ridge_weight_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-          xr.data_ptr<scalar_t>(), d.data_ptr<double>(), w.data_ptr<double>(), n, p, h0);
+          xr.data_ptr<scalar_t>(), ga.data_ptr<double>(), base.data_ptr<double>(), w.data_ptr<double>(), n, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      at::mul_out(dz, z, d.to(z.scalar_type()).unsqueeze(1));
+      at::mul_out(dz, z, v[a].to(z.scalar_type()).unsqueeze(1));  // the residual is y - Xr (v z)
       double* out = scores.data_ptr<double>() + a * t;
       for (int64_t r0 = 0; r0 < n; r0 += cr) {
         const int64_t m = std::min(cr, n - r0);
@@ -169,13 +174,19 @@ std::tuple<at::Tensor, at::Tensor> ridge_score_loo_basis_cuda(const at::Tensor& 
   const int64_t na = static_cast<int64_t>(al.size());
   const int64_t r = ridge_check_basis(basis_, coef_, z_, na);
   const at::cuda::CUDAGuard guard(z_.device());
-  auto xr = xr_.contiguous(), y = y_.contiguous(), z = z_.contiguous();
-  auto basis = basis_.to(z.scalar_type()).contiguous();
-  auto coef = coef_.to(at::kDouble).contiguous();
-  auto dmat = at::reciprocal(s_.to(at::kDouble).unsqueeze(1) + alphas.to(z.device(), at::kDouble).unsqueeze(0));
-  auto xd = xr.to(at::kDouble);
-  auto h = at::mm(xd * xd, dmat) + h0;  // (n, n_alphas) exact leverages
-  auto w = at::where(h < 1.0, at::reciprocal((1.0 - h) * (1.0 - h)), at::full({}, 1.0 / 0.0, h.options())).contiguous();
+  auto xr = xr_.contiguous(), z = z_.contiguous();
+  at::Tensor y, base, spans, v, g;
+  std::tie(y, base, spans) = ridge_loo_parts(xr, y_, s_, h0);  // no cancellation: see ridge_checks.h
+  std::tie(v, g) = ridge_loo_weights(s_, alphas, spans);
+  // interpolated rows: the residual weights -g(a) = -a d(a) / s, i.e. basis rows / s and coefficients * -a
+  auto sd = s_.to(at::kDouble);
+  auto inv_s = at::where(sd > 0.0, at::reciprocal(sd), at::zeros_like(sd));
+  auto b64 = basis_.to(at::kDouble), c64 = coef_.to(at::kDouble);
+  auto al_t = at::tensor(al, c64.options()).unsqueeze(1);
+  auto basis = at::where(spans, b64 * inv_s.unsqueeze(1), b64).to(z.scalar_type()).contiguous();
+  auto coef = at::where(spans, (c64 * al_t).neg(), c64).contiguous();
+  auto omh = at::mm(xr.to(at::kDouble).square(), g) + base.unsqueeze(1);  // 1 - h, exact
+  auto w = at::where(omh > 0.0, at::reciprocal(omh * omh), at::full({}, 1.0 / 0.0, omh.options())).contiguous();
   // zcat[j, m * t + c] = basis[j, m] * z[j, c]: the r basis GEMMs as one
   auto zcat = (basis.unsqueeze(2) * z.unsqueeze(1)).reshape({p, r * t}).contiguous();
   auto scores = at::zeros({na, t}, z.options().dtype(at::kDouble));

@@ -32,13 +32,14 @@ def test_ridge_ops_multithreaded():
         for quad, is_rows in [(gram, False), (rows, True)]:
             torch.testing.assert_close(OPS.ridge_score_kfold(s, z, b, yy, quad, ALPHAS, is_rows),
                                        kernels.ridge_score_kfold_ref(s, z, b, yy, quad, ALPHAS, is_rows))
-        got, best = OPS.ridge_score_loo(xr, y, s + 1, z, ALPHAS, 1 / 300, 64)
-        want, wbest = kernels.ridge_score_loo_ref(xr, y, s + 1, z, ALPHAS, 1 / 300, 64)
+        got, best = OPS.ridge_score_loo(xr, y, _lift(s), z, ALPHAS, 1 / 300, 64)
+        want, wbest = kernels.ridge_score_loo_ref(xr, y, _lift(s), z, ALPHAS, 1 / 300, 64)
         torch.testing.assert_close(got, want)
         assert torch.equal(best, wbest)
-        basis, coef, _ = kernels.ridge_alpha_basis(s + 1, ALPHAS)
-        got, best = OPS.ridge_score_loo_basis(xr, y, s + 1, z, ALPHAS, 1 / 300, basis, coef, 64)
-        torch.testing.assert_close(got, kernels.ridge_score_loo_basis_ref(xr, y, s + 1, z, ALPHAS, 1 / 300, basis, coef, 64)[0])
+        basis, coef, _ = kernels.ridge_alpha_basis(_fitted(_lift(s)), ALPHAS)
+        got, best = OPS.ridge_score_loo_basis(xr, y, _lift(s), z, ALPHAS, 1 / 300, basis, coef, 64)
+        want = kernels.ridge_score_loo_basis_ref(xr, y, _lift(s), z, ALPHAS, 1 / 300, basis, coef, 64)[0]
+        torch.testing.assert_close(got, want)
         yy2 = _consistent_yy(s, z, yy)
         got, best = OPS.ridge_score_gcv(s, z, yy2, ALPHAS, 500.0, 1.0)
         torch.testing.assert_close(got, kernels.ridge_score_gcv_ref(s, z, yy2, ALPHAS, 500.0, 1.0)[0])
@@ -60,6 +61,17 @@ def _consistent_yy(s, z, rest):
     sum_j z_j^2 / s_j (positive s) plus `rest` outside the span."""
     s64 = s.double()
     return rest.to(s64.device) + (torch.where(s64 > 0, 1 / s64, 0.0)[:, None] * z.double() ** 2).sum(0)
+
+
+def _lift(s):
+    """The spectrum with every fitted eigenvalue raised by 1 (leverages below 1), the dropped one left at 0."""
+    return torch.where(s > 0, s + 1, s)
+
+
+def _fitted(s):
+    """The spectrum the alpha basis is built on, as ridge_cv builds it: a dropped direction (s = 0, z = 0) gets a
+    harmless eigenvalue instead of widening the basis."""
+    return torch.where(s > 0, s, s.max())
 
 
 def _spectrum(n, p, t, m, dtype, seed=0, device="cpu"):
@@ -101,7 +113,7 @@ def test_ridge_score_kfold(p, t, m, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_ridge_score_loo(n, p, t, chunk, dtype, device):
     s, z, _, _, _, _, xr, y = _spectrum(n, p, t, 1, dtype, device=device)
-    s = s + 1.0  # leverages below 1 for every alpha
+    s = _lift(s)  # leverages below 1 for every alpha
     got, best = OPS.ridge_score_loo(xr, y, s, z, ALPHAS, 1.0 / n, chunk)
     want, wbest = kernels.ridge_score_loo_ref(xr, y, s, z, ALPHAS, 1.0 / n, chunk)
     torch.testing.assert_close(got, want, **TOL[dtype])
@@ -126,9 +138,9 @@ def test_ridge_score_gcv(p, t, dtype, device):
 def test_ridge_score_loo_basis(n, p, t, chunk, dtype, device):
     """The alpha-basis LOO equals its ref for any basis, and with ridge_alpha_basis the exact LOO."""
     s, z, _, _, _, _, xr, y = _spectrum(n, p, t, 1, dtype, device=device)
-    s = s + 1.0
+    s = _lift(s)
     alphas = torch.logspace(-6, 3, 100, dtype=torch.float64)
-    basis, coef, amp = kernels.ridge_alpha_basis(s, alphas, tol=1e-10)
+    basis, coef, amp = kernels.ridge_alpha_basis(_fitted(s), alphas, tol=1e-10)
     assert basis.shape[1] <= 20 and amp < 100  # a few basis functions stand for 100 alphas
     got, best = OPS.ridge_score_loo_basis(xr, y, s, z, alphas, 1.0 / n, basis, coef, chunk)
     want, _ = kernels.ridge_score_loo_basis_ref(xr, y, s, z, alphas, 1.0 / n, basis, coef, chunk)
@@ -152,9 +164,9 @@ def test_ridge_score_kfold_basis(p, t, m, dtype, device):
     """The alpha-basis k-fold scores equal their ref for any basis, and with ridge_alpha_basis the exact scores;
     the Gram and rows forms of the quadratic give the same result (t = 1100 spans several target tiles)."""
     s, z, b, yy, gram, rows, _, _ = _spectrum(5, p, t, m, dtype, device=device)
-    s = s + 1.0
+    s = _lift(s)
     alphas = torch.logspace(-3, 3, 20, dtype=torch.float64)
-    basis, coef, _ = kernels.ridge_alpha_basis(s, alphas, tol=1e-10)
+    basis, coef, _ = kernels.ridge_alpha_basis(_fitted(s), alphas, tol=1e-10)
     exact = kernels.ridge_score_kfold_ref(s, z, b, yy, gram, alphas, False)
     for quad, is_rows in [(gram, False), (rows, True)]:
         got = OPS.ridge_score_kfold_basis(s, z, b, yy, quad, alphas, is_rows, basis.to(dtype), coef)
@@ -166,7 +178,8 @@ def test_ridge_score_kfold_basis(p, t, m, dtype, device):
     b2, c2 = torch.randn(p, 3, generator=g, dtype=torch.float64), torch.randn(20, 3, generator=g, dtype=torch.float64)
     b2, c2 = b2.to(device), c2.to(device)
     torch.testing.assert_close(OPS.ridge_score_kfold_basis(s, z, b, yy, rows, alphas, True, b2.to(dtype), c2),
-                               kernels.ridge_score_kfold_basis_ref(s, z, b, yy, rows, alphas, True, b2, c2), **TOL[dtype])
+                               kernels.ridge_score_kfold_basis_ref(s, z, b, yy, rows, alphas, True, b2, c2),
+                               **TOL[dtype])
     with pytest.raises(RuntimeError, match="coef must be \\(n_alphas, r\\) = \\(20, 3\\)"):
         OPS.ridge_score_kfold_basis(s, z, b, yy, gram, alphas, False, b2.to(dtype), c2[:, :2])
 
@@ -226,14 +239,15 @@ def test_ridge_score_grids(threads):
     s, z, b, yy, gram, rows, xr, y = _spectrum(41, 19, 300, 7, torch.float32)
     for quad, is_rows in [(gram, False), (rows, True)]:
         torch.testing.assert_close(OPS.ridge_score_kfold_grid(s, z, b, yy, quad, ALPHAS, is_rows, threads),
-                                   kernels.ridge_score_kfold_ref(s, z, b, yy, quad, ALPHAS, is_rows), **TOL[torch.float32])
-    basis, coef, _ = kernels.ridge_alpha_basis(s + 1, ALPHAS)
-    got, best = OPS.ridge_score_loo_basis_grid(xr, y, s + 1, z, ALPHAS, 1 / 41, basis, coef, 16, threads)
-    torch.testing.assert_close(got, kernels.ridge_score_loo_basis_ref(xr, y, s + 1, z, ALPHAS, 1 / 41, basis, coef, 16)[0],
-                               **TOL[torch.float32])
+                                   kernels.ridge_score_kfold_ref(s, z, b, yy, quad, ALPHAS, is_rows),
+                                   **TOL[torch.float32])
+    basis, coef, _ = kernels.ridge_alpha_basis(_fitted(_lift(s)), ALPHAS)
+    got, best = OPS.ridge_score_loo_basis_grid(xr, y, _lift(s), z, ALPHAS, 1 / 41, basis, coef, 16, threads)
+    want = kernels.ridge_score_loo_basis_ref(xr, y, _lift(s), z, ALPHAS, 1 / 41, basis, coef, 16)[0]
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
     assert torch.equal(best, got.argmin(0))
-    got, best = OPS.ridge_score_loo_grid(xr, y, s + 1, z, ALPHAS, 1 / 41, 16, threads)
-    want, _ = kernels.ridge_score_loo_ref(xr, y, s + 1, z, ALPHAS, 1 / 41, 16)
+    got, best = OPS.ridge_score_loo_grid(xr, y, _lift(s), z, ALPHAS, 1 / 41, 16, threads)
+    want, _ = kernels.ridge_score_loo_ref(xr, y, _lift(s), z, ALPHAS, 1 / 41, 16)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
     assert torch.equal(best, got.argmin(0))
     yy2 = _consistent_yy(s, z, yy)
@@ -329,7 +343,7 @@ def test_ridge_cv_scoring_rules():
     r2, mse = kernels.ridge_cv(X, Y, al, cv=3), kernels.ridge_cv(X, Y, al, cv=3, scoring="mse")
     assert not torch.equal(r2.best_alphas, mse.best_alphas)
     folds = kernels._ridge_folds(3, 60)
-    explicit = {"r2": torch.zeros(len(al), 40, dtype=torch.float64), "mse": torch.zeros(len(al), 40, dtype=torch.float64)}
+    explicit = {k: torch.zeros(len(al), 40, dtype=torch.float64) for k in ("r2", "mse")}
     for v in folds:  # sklearn Ridge on each training set: an oracle independent of both our paths
         tr = np.setdiff1d(np.arange(60), v)
         for k, a in enumerate(al):
@@ -341,12 +355,18 @@ def test_ridge_cv_scoring_rules():
     for name, r, sign in (("r2", r2, -1), ("mse", mse, 1)):
         crit = sign * explicit[name] - 1e-10 * torch.log(torch.as_tensor(al))[:, None]
         assert torch.equal(r.best_alphas, torch.as_tensor(al)[crit.argmin(0)])
-        torch.testing.assert_close(r.cv_scores, explicit[name].gather(0, crit.argmin(0)[None]).ravel(), rtol=1e-9, atol=0)
+        want = explicit[name].gather(0, crit.argmin(0)[None]).ravel()
+        torch.testing.assert_close(r.cv_scores, want, rtol=1e-9, atol=0)
     for cv in ("loo", "gcv"):
         with pytest.raises(ValueError, match="scoring='r2' with cv="):
             kernels.ridge_cv(X, Y, al, cv=cv, scoring="r2")
     with pytest.raises(ValueError, match="scoring='auc'"):
         kernels.ridge_cv(X, Y, al, cv=3, scoring="auc")
+    groups = np.r_[np.zeros(59), 1]  # a group of one row has no validation variance
+    for fn in (kernels.ridge_cv, kernels.ridge_cv_ref):
+        with pytest.raises(ValueError, match="validation fold 1 has 1 row, and R\\^2 needs at least 2"):
+            fn(X, Y, al, cv=groups)
+        assert fn(X, Y, al, cv=groups, scoring="mse").coef.shape == (6, 40)
 
 
 def test_ridge_cv_compute_dtype():
@@ -361,7 +381,8 @@ def test_ridge_cv_compute_dtype():
     got = kernels.ridge_cv(torch.from_numpy(Xi), Yi, al, cv="loo")
     torch.testing.assert_close(got.coef, want.coef, rtol=1e-12, atol=0)
     torch.testing.assert_close(got.cv_scores, want.cv_scores, rtol=1e-12, atol=0)
-    assert kernels.ridge_cv(torch.from_numpy(Xi), Yi, al, cv="loo", compute_dtype=torch.float32).coef.dtype == torch.float32
+    forced = kernels.ridge_cv(torch.from_numpy(Xi), Yi, al, cv="loo", compute_dtype=torch.float32)
+    assert forced.coef.dtype == torch.float32
     assert kernels.ridge_cv(Xi.astype(np.float32), Yi, al, cv=4, compute_dtype="float64").coef.dtype == torch.float64
     assert kernels.ridge_cv(Xi.astype(np.float16), Yi, al, cv=4).coef.dtype == torch.float32
     with pytest.raises(ValueError, match="compute_dtype=torch.int32: expected float32 or float64"):

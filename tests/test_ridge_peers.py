@@ -322,9 +322,9 @@ def test_himalaya_random_search_one_space(ridge):
 # ------------------------------------------------------------------------------------------ GCV with p >= n
 
 @functools.lru_cache(maxsize=None)
-def _exact_gcv(fit_intercept):
-    """30 x 80 data, 5 targets, alphas 1e-6 .. 1e6 and their GCV scores in 50-digit arithmetic (mpmath), from the
-    n x n form H = K (K + a I)^-1 (+ 11'/n with an intercept, K from the exactly centred X)."""
+def _exact_wide(fit_intercept):
+    """30 x 80 data, 5 targets, alphas 1e-6 .. 1e6, and their GCV and LOO scores in 50-digit arithmetic (mpmath)
+    from the n x n hat matrix H = K (K + a I)^-1 (+ 11'/n with an intercept, K from the exactly centred X)."""
     mpmath = pytest.importorskip("mpmath")
     rng = np.random.RandomState(4)
     n, p, t = 30, 80, 5
@@ -337,7 +337,7 @@ def _exact_gcv(fit_intercept):
         if fit_intercept:
             Xm, Ym = Xm - ones * (ones.T * Xm) / n, Ym - ones * (ones.T * Ym) / n
         K = Xm * Xm.T
-        exact = np.zeros((len(alphas), t))
+        gcv, loo = np.zeros((len(alphas), t)), np.zeros((len(alphas), t))
         for k, a in enumerate(alphas):
             H = K * mpmath.inverse(K + mpmath.mpf(float(a)) * mpmath.eye(n))
             if fit_intercept:
@@ -345,17 +345,25 @@ def _exact_gcv(fit_intercept):
             E = Ym - H * Ym
             den = (1 - sum(H[i, i] for i in range(n)) / n) ** 2
             for j in range(t):
-                exact[k, j] = float(sum(E[i, j] ** 2 for i in range(n)) / n / den)
-    return X, Y, alphas, exact
+                gcv[k, j] = float(sum(E[i, j] ** 2 for i in range(n)) / n / den)
+                loo[k, j] = float(sum((E[i, j] / (1 - H[i, i])) ** 2 for i in range(n)) / n)
+    return X, Y, alphas, {"gcv": gcv, "loo": loo}
 
 
+@pytest.mark.parametrize("cv", ["gcv", "loo"])
 @pytest.mark.parametrize("fit_intercept", [True, False])
-def test_gcv_wide_matches_exact_arithmetic(ridge, fit_intercept):
-    """GCV on 30 x 80 data (p >= n: the fit interpolates at small alpha, where |y|^2 - fit and n - tr(H) both
-    cancel to nothing in float64): the alphas and scores of GCV evaluated in 50-digit arithmetic."""
-    X, Y, alphas, exact = _exact_gcv(fit_intercept)
+def test_wide_matches_exact_arithmetic(ridge, cv, fit_intercept):
+    """GCV and LOO on 30 x 80 data (p >= n: the fit interpolates at small alpha, where |y|^2 - fit, y - X w,
+    n - tr(H) and 1 - h_ii all cancel to nothing in float64): the alphas and scores of the same criteria in
+    50-digit arithmetic (scores to 1e-6 relative). Float32 picks, on every target, an alpha whose exact score is
+    within 1e-4 of the best (alphas whose exact scores differ by less cannot be told apart in float32)."""
+    X, Y, alphas, exact = _exact_wide(fit_intercept)
+    exact = exact[cv]
     best = exact.argmin(0)
     assert len(set(best.tolist())) > 2  # several alphas win, not only the smallest (what cancellation gave)
-    r = ridge(X, Y, alphas, cv="gcv", fit_intercept=fit_intercept)
+    r = ridge(X, Y, alphas, cv=cv, fit_intercept=fit_intercept)
     np.testing.assert_array_equal(r.best_alphas.numpy(), alphas[best])
     np.testing.assert_allclose(r.cv_scores.numpy(), exact[best, np.arange(Y.shape[1])], rtol=1e-6)
+    r32 = ridge(X.astype(np.float32), Y.astype(np.float32), alphas, cv=cv, fit_intercept=fit_intercept)
+    picked = exact[np.searchsorted(alphas, r32.best_alphas.numpy() * (1 - 1e-6)), np.arange(Y.shape[1])]
+    assert np.all(picked <= exact.min(0) * (1 + 1e-4))
