@@ -745,7 +745,9 @@ def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_ba
     of rounding noise divided by alpha.
     cv: an int k (k-fold, contiguous folds as sklearn's KFold and himalaya's RidgeCV), "loo" (exact
         leave-one-out: sklearn RidgeCV semantics, scored by MSE), "gcv" (generalised CV, O(p) per alpha per
-        target, cancellation-free so p >= n works), or a group vector of length n_samples (leave-one-group-out).
+        target), or a group vector of length n_samples (leave-one-group-out). LOO and GCV are computed without
+        cancellation (exact leverages; the residual of an interpolating fit computed directly), so p >= n with
+        small alphas scores as in exact arithmetic.
     scoring (k-fold and groups): "r2" (default) picks per target the alpha with the best mean over folds of R^2
         on the validation rows (sklearn's RidgeCV(cv=K) rule, himalaya's RidgeCV with score_func=r2_score; a fold
         whose targets are constant scores 0, as himalaya); "mse" the smallest mean over folds of the validation
