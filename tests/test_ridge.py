@@ -224,8 +224,9 @@ def test_ridge_cv_kfold_basis_matches_direct_and_himalaya(dtype, scoring, device
     torch.testing.assert_close(r.cv_scores, ref.cv_scores, rtol=1e-4 if dtype == np.float32 else 1e-9, atol=0)
     pred, want = r.predict(Xt.cpu()).double(), ref.predict(X)
     assert ((pred - want).abs().max() / want.abs().max()).item() < 1e-4
-    hm = _himalaya_ridge_cv(Xn, Yn, al, 3, scoring)
-    assert np.mean(np.isclose(r.best_alphas.numpy(), hm.best_alphas_, rtol=1e-5)) >= 0.99
+    if scoring == "mse":  # himalaya's r2_score path takes ~30 s here; the R^2 rule meets himalaya in the test below
+        hm = _himalaya_ridge_cv(Xn, Yn, al, 3, scoring)
+        assert np.mean(np.isclose(r.best_alphas.numpy(), hm.best_alphas_, rtol=1e-5)) >= 0.99
 
 
 def RidgeCVResultCPU(r):
