@@ -124,7 +124,8 @@ def encode(reps, Y, sessions, alphas, inner_cv="loo", device="cpu"):
             sd = torch.where(sd > 0, sd, torch.ones_like(sd))
             Xtr, Xte = (X[tr] - mu) / sd, (X[te] - mu) / sd
             inner = sessions[sessions != s] if inner_cv == "sessions" else inner_cv
-            fit = kernels.ridge_cv(Xtr, Yt[tr], alphas, cv=inner)
+            # inner alpha choice: k-fold / sessions by mean R^2 over folds (sklearn RidgeCV(cv=K)), LOO by its MSE
+            fit = kernels.ridge_cv(Xtr, Yt[tr], alphas, cv=inner, scoring=None if isinstance(inner, str) else "r2")
             pred = fit.predict(Xte).double()
             yte = Yt[te].double()
             r2[k] = data.r2_per_target(pred, yte).cpu().numpy()
@@ -386,8 +387,8 @@ def candidates(Xtr, Ytr, fold_id, pcas, regressions, alphas, pls_ks, device="cpu
         Zt = torch.as_tensor(np.ascontiguousarray(Z), dtype=torch.float64).to(device)
         for reg in regressions:
             if reg == "ridge":
-                fit = kernels.ridge_cv(Zt, Yt, alphas, cv=fold_id,
-                                       local_alpha=False)  # one alpha per subject x ROI, the same folds as PLS
+                # one alpha per subject x ROI, the same folds as PLS, scored by MSE as PLS is (cv_r2 = 1 - MSE)
+                fit = kernels.ridge_cv(Zt, Yt, alphas, cv=fold_id, local_alpha=False, scoring="mse")
                 out.append(dict(pca=n_pc, regression="ridge", hyper=float(fit.best_alphas[0]),
                                 cv_r2=float(1 - fit.cv_scores.mean())))
             else:

@@ -83,7 +83,7 @@ def r2_score(pred, Y):
 def ridge_readout(Xtr, Ytr):
     """Linear read-out of z-scored features by kernels.ridge_cv (alpha per target, 5-fold)
     -> (W (t, p), b (t,), alphas (t,))."""
-    fit = kernels.ridge_cv(Xtr.float(), Ytr.float(), ALPHAS, cv=5)
+    fit = kernels.ridge_cv(Xtr.float(), Ytr.float(), ALPHAS, cv=5, scoring="r2")
     return fit.coef.T.contiguous(), fit.intercept, fit.best_alphas.float()
 
 

@@ -54,27 +54,47 @@ def _rdm_tile(Z, norms, metric, i0, i1, j0, j1):
 
 def rdm(X, metric="correlation"):
     """(n, d) -> (n (n - 1) / 2,) float64 dissimilarities for pairs i < j in scipy.spatial.distance.pdist
-    order: correlation = 1 - Pearson r of rows, cosine = 1 - cosine, euclidean = Euclidean distance."""
-    Z = _rows_for(X, metric)
+    order: correlation = 1 - Pearson r of rows, cosine = 1 - cosine, euclidean = Euclidean distance.
+    It makes a NaN (a missing pair, which compare_rdms skips, as rsatoolbox's calc_rdm marks it) exactly for the
+    pairs of a row with a non-finite value; every other pair is finite. A constant row (correlation) or an
+    all-zero row (cosine) has no correlation to take: it gets dissimilarity 1 to every row (correlation 0),
+    where scipy and rsatoolbox give NaN, so a silent unit or code stays in the comparison, equally far from all."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"rdm: X must be 2-D (n, d), got shape {X.shape}")
+    bad = ~np.isfinite(X).all(1)
+    Z = _rows_for(np.where(bad[:, None], 0.0, X), metric)
     n = Z.shape[0]
     D = _rdm_tile(Z, (Z ** 2).sum(1), metric, 0, n, 0, n)
+    if bad.any():
+        rows = torch.from_numpy(bad)
+        D[rows] = float("nan")
+        D[:, rows] = float("nan")
     return D[tuple(torch.triu_indices(n, n, offset=1))].numpy()
 
 
 def compare_rdms(a, b, method="pearson"):
-    """Similarity of two condensed RDMs: pearson (rsatoolbox 'corr'), spearman, or cosine."""
+    """Similarity of two condensed RDMs: pearson (rsatoolbox 'corr'), spearman, or cosine. NaN marks a pair
+    without a dissimilarity (rdm() above, or rsatoolbox's RDMs, e.g. a pattern sampled twice); as rsatoolbox,
+    such pairs are left out of the comparison and must be the same in both RDMs (else ValueError).
+    nan when fewer than two pairs remain or either side is constant."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"RDMs differ in length: {a.shape} vs {b.shape} (different image sets?)")
+    missing = np.isnan(a)
+    if not np.array_equal(missing, np.isnan(b)):
+        raise ValueError(f"RDMs mark different pairs as missing (NaN): {int(missing.sum())} vs "
+                         f"{int(np.isnan(b).sum())} of {a.size}, {int((missing != np.isnan(b)).sum())} differ")
+    a, b = a[~missing], b[~missing]
     if method == "spearman":
         a, b = rankdata(a), rankdata(b)
         method = "pearson"
     if method == "pearson":
-        a, b = a - a.mean(), b - b.mean()
+        a, b = a - a.mean() if a.size else a, b - b.mean() if b.size else b
     elif method != "cosine":
         raise ValueError(f"RDM comparison {method!r}: expected pearson | spearman | cosine")
     den = np.sqrt((a @ a) * (b @ b))
-    return float(a @ b / den) if den > 0 else float("nan")
+    return float(a @ b / den) if a.size > 1 and den > 0 else float("nan")
 
 
 # --------------------------------------------------------------------------------------- class separation

@@ -658,13 +658,15 @@ def _cka_rbf(X, Y, sigma, sigma_frac, debiased, tile, device=None, whole_bytes=R
 
 
 # ---------------------------------------------------------------------------------------------------------
-# streaming ridge: X'X / X'Y from row blocks, one eigendecomposition per fold, every alpha scored
-# for every target by the fused ops ridge_score_{kfold,loo,gcv} (csrc/ridge_cpu.cpp), refit of the chosen alphas
+# streaming ridge: X'X / X'Y from row blocks, one eigendecomposition per fold, every alpha scored for every
+# target by the fused ops ridge_score_{kfold,loo,gcv} (csrc/ridge_cpu.cpp, csrc/ridge_cuda.cu), refit of the
+# chosen alphas; everything on the device of the inputs
 # ---------------------------------------------------------------------------------------------------------
 
 def ridge_score_kfold_ref(s, z, b, yy, quad, alphas, rows):
     """Validation SSE (n_alphas, t) float64 of one fold from the spectrum (see csrc/ridge_cpu.cpp)."""
-    d = 1.0 / (s.double()[None, :, None] + torch.as_tensor(alphas, dtype=torch.float64)[:, None, None])  # (a, p, 1)
+    a = torch.as_tensor(alphas, dtype=torch.float64, device=s.device)
+    d = 1.0 / (s.double()[None, :, None] + a[:, None, None])                                           # (a, p, 1)
     dz = d * z.double()                                                                                # (a, p, t)
     q = ((quad.double() @ dz) ** 2).sum(1) if rows else (dz * (quad.double() @ dz)).sum(1)
     return yy.double() - 2 * (b.double() * dz).sum(1) + q
@@ -679,7 +681,8 @@ def ridge_score_kfold(s, z, b, yy, quad, alphas, rows):
 def ridge_score_kfold_basis_ref(s, z, b, yy, quad, alphas, rows, basis, coef):
     """ridge_score_kfold_ref with the quadratic form's spectral weights replaced by coef @ basis.T (the linear
     term b'(d z) exact): r GEMMs per fold instead of one per alpha."""
-    d = 1.0 / (s.double()[None, :, None] + torch.as_tensor(alphas, dtype=torch.float64)[:, None, None])  # (a, p, 1)
+    a = torch.as_tensor(alphas, dtype=torch.float64, device=s.device)
+    d = 1.0 / (s.double()[None, :, None] + a[:, None, None])                                           # (a, p, 1)
     qz = (coef.double() @ basis.double().T)[:, :, None] * z.double()                                   # (a, p, t)
     q = ((quad.double() @ qz) ** 2).sum(1) if rows else (qz * (quad.double() @ qz)).sum(1)
     return yy.double() - 2 * (b.double() * d * z.double()).sum(1) + q
@@ -691,16 +694,33 @@ def ridge_score_kfold_basis(s, z, b, yy, quad, alphas, rows, basis, coef):
     return ridge_score_kfold_basis_ref(s, z, b, yy, quad, alphas, rows, basis, coef)
 
 
+def _ridge_loo_parts_ref(xr, y, s, z, alphas, h0):
+    """The LOO pieces without cancellation (see csrc/ridge_checks.h): y outside the span y_perp (n, t), the leverage
+    outside it base (n,), both exactly 0 when the positive s_j span the n - df0 centred rows (df0 = h0 n), and the
+    residual weights g (n_alphas, p) = a / (s (s + a)) on positive s_j: the LOO residual of alpha a is
+    y_perp + xr (g z), 1 - h = base + xr^2 . g."""
+    n = xr.shape[0]
+    df0 = round(h0 * n) if h0 > 0 else 0
+    a = torch.as_tensor(alphas, dtype=torch.float64, device=s.device)
+    s, xr, y, z = s.double(), xr.double(), y.double(), z.double()
+    pos = s > 0
+    inv_s = torch.where(pos, 1 / s, 0.0)
+    spans = pos.sum() >= n - df0
+    base = torch.where(spans, 0.0, (1 - h0 - (xr ** 2) @ inv_s).clamp_min(0))
+    y_perp = torch.where(spans, 0.0, y - xr @ (inv_s[:, None] * z))
+    g = torch.where(pos, a[:, None] / (s * (s + a[:, None])), 0.0)
+    return y_perp, base, g, inv_s, bool(spans)
+
+
 def ridge_score_loo_ref(xr, y, s, z, alphas, h0, chunk_rows):
     """Exact LOO mean squared error (n_alphas, t) float64 and its first argmin (t,), from the hat-matrix
-    identity r_i = e_i / (1 - h_ii) (Allen 1974), materialising every (alpha, row, target) residual."""
-    a = torch.as_tensor(alphas, dtype=torch.float64)
-    d = 1.0 / (s.double()[None] + a[:, None])                            # (a, p)
-    xr, y, z = xr.double(), y.double(), z.double()
-    h = h0 + (xr ** 2) @ d.T                                             # (n, a)
-    pred = torch.einsum("np,ap,pt->ant", xr, d, z)                       # (a, n, t)
-    e = (y[None] - pred) / (1 - h.T)[:, :, None]
-    scores = (e ** 2).mean(1)
+    identity r_i = e_i / (1 - h_ii) (Allen 1974), materialising every (alpha, row, target) residual; e and 1 - h
+    without cancellation (_ridge_loo_parts_ref), so p >= n scores right."""
+    y_perp, base, g, _, _ = _ridge_loo_parts_ref(xr, y, s, z, alphas, h0)
+    xr, z = xr.double(), z.double()
+    e = y_perp[None] + torch.einsum("np,ap,pt->ant", xr, g, z)          # (a, n, t)
+    q = base[:, None] + (xr ** 2) @ g.T                                  # (n, a): 1 - h
+    scores = ((e / q.T[:, :, None]) ** 2).mean(1)
     return scores, scores.argmin(0)
 
 
@@ -711,14 +731,20 @@ def ridge_score_loo(xr, y, s, z, alphas, h0, chunk_rows=1024):
 
 
 def ridge_score_gcv_ref(s, z, yy, alphas, n, df0):
-    """GCV (n_alphas, t) float64 = (SSE/n) / (1 - df/n)^2 from the spectrum, and its first argmin (t,)."""
-    a = torch.as_tensor(alphas, dtype=torch.float64)
-    s, z = s.double(), z.double()
-    d = 1.0 / (s[None] + a[:, None])                                      # (a, p)
-    fit = (d * (2 - s[None] * d)) @ (z ** 2)                              # (a, t)
-    sse = (yy.double()[None] - fit).clamp_min(0)
-    df = df0 + (s[None] * d).sum(1, keepdim=True)
-    scores = (sse / n) / (1 - df / n) ** 2
+    """GCV (n_alphas, t) float64 = (SSE/n) / (1 - df/n)^2 and its first argmin (t,), without cancellation: over
+    the directions with s_j > 0 (s_j = 0 is outside the fit), SSE = sum_j (a d_j)^2 z_j^2 / s_j + |y outside the
+    span|^2, the latter max(yy - sum_j z_j^2 / s_j, 0), or exactly 0 when the positive directions span the
+    n - df0 centred rows (p >= n), and n - df = max(n - df0 - #positive, 0) + sum_j a d_j."""
+    a = torch.as_tensor(alphas, dtype=torch.float64, device=s.device)
+    s, zz = s.double(), z.double() ** 2
+    pos = s > 0
+    inv_s = torch.where(pos, 1 / s, 0.0)
+    ad = pos * (a[:, None] / (s[None] + a[:, None]))                     # (a, p)
+    sse_in = (ad ** 2 * inv_s) @ zz
+    n_pos = pos.sum()
+    rest = torch.where(n_pos >= n - df0, 0.0, (yy.double() - inv_s @ zz).clamp_min(0))
+    den = (n - df0 - n_pos).clamp_min(0) + ad.sum(1)
+    scores = n * (sse_in + rest) / den[:, None] ** 2
     return scores, scores.argmin(0)
 
 
@@ -730,30 +756,46 @@ def ridge_score_gcv(s, z, yy, alphas, n, df0):
 
 def ridge_alpha_basis(s, alphas, tol=1e-8):
     """Truncated SVD of the spectral weights D_ja = 1/(s_j + a) (p, n_alphas), columns scaled to unit norm:
-    -> basis (p, r), coef (n_alphas, r) float64 with D ~ basis @ coef.T to `tol` relative in every entry, r the
-    smallest rank that achieves it, and the amplification max_ja sum_m |basis_jm coef_am| / D_ja (how much
-    rounding in the r basis products is magnified when they are recombined). 1/(s + a) is a Cauchy kernel of
-    positive nodes, so r is small (measured 6-9 at 1e-6, 10-15 at 1e-8 for logspace(-6, 3, 100), p = 768)."""
-    s = torch.as_tensor(s, dtype=torch.float64)
-    a = torch.as_tensor(alphas, dtype=torch.float64)
+    -> basis (p, r), coef (n_alphas, r) float64 on the device of s with D ~ basis @ coef.T to `tol` relative in
+    every entry, r the smallest rank that achieves it, and the amplification max_ja sum_m |basis_jm coef_am| / D_ja
+    (how much rounding in the r basis products is magnified when they are recombined). 1/(s + a) is a Cauchy
+    kernel of positive nodes, so r is small (measured 6-9 at 1e-6, 10-15 at 1e-8 for logspace(-6, 3, 100),
+    p = 768). The ranks are tried 8 at a time on the device, one host sync per 8."""
+    s = _as_tensor(s).double()
+    a = torch.as_tensor(alphas, dtype=torch.float64, device=s.device)
     D = 1.0 / (s[:, None] + a[None, :])
     scale = D.norm(dim=0)
     U, S, Wt = torch.linalg.svd(D / scale, full_matrices=False)
-    for r in range(1, len(S) + 1):
-        coef = Wt[:r].T * S[:r] * scale[:, None]
-        if float(((U[:, :r] @ coef.T - D).abs() / D).max()) <= tol:
-            break
-    amplification = float(((U[:, :r].abs() @ coef.abs().T) / D).max())
-    return U[:, :r].contiguous(), coef.contiguous(), amplification
+    C = Wt.T * S * scale[:, None]                                        # (n_alphas, k): coef of every rank
+    recon, absrec = torch.zeros_like(D), torch.zeros_like(D)
+    k = len(S)
+    for r0 in range(0, k, 8):
+        errs, amps = [], []
+        for m in range(r0, min(k, r0 + 8)):
+            recon += torch.outer(U[:, m], C[:, m])
+            absrec += torch.outer(U[:, m].abs(), C[:, m].abs())
+            errs.append(((recon - D).abs() / D).amax())
+            amps.append((absrec / D).amax())
+        e = torch.stack(errs + amps).tolist()
+        hit = next((i for i, v in enumerate(e[:len(errs)]) if v <= tol), None)
+        if hit is not None or r0 + 8 >= k:
+            hit = len(errs) - 1 if hit is None else hit
+            r = r0 + hit + 1
+            return U[:, :r].contiguous(), C[:, :r].contiguous(), e[len(errs) + hit]
 
 
 def ridge_score_loo_basis_ref(xr, y, s, z, alphas, h0, basis, coef, chunk_rows):
-    """LOO as ridge_score_loo_ref with the fit's spectral weights replaced by coef @ basis.T (exact leverages)."""
-    a = torch.as_tensor(alphas, dtype=torch.float64)
-    xr, y, z = xr.double(), y.double(), z.double()
-    h = h0 + (xr ** 2) @ (1.0 / (s.double()[:, None] + a[None, :]))       # (n, a) exact
-    pred = torch.einsum("np,ap,pt->ant", xr, coef.double() @ basis.double().T, z)
-    scores = (((y[None] - pred) / (1 - h.T)[:, :, None]) ** 2).mean(1)
+    """LOO as ridge_score_loo_ref with the fit's spectral weights d(a) replaced by coef @ basis.T, or, when the
+    rows are interpolated, the residual weights g(a) = a d(a) / s by that expansion scaled (exact leverages)."""
+    y_perp, base, g, inv_s, spans = _ridge_loo_parts_ref(xr, y, s, z, alphas, h0)
+    a = torch.as_tensor(alphas, dtype=torch.float64, device=s.device)
+    xr, z = xr.double(), z.double()
+    if spans:   # the residual is xr (g z), g expanded as (a coef) (basis / s)'
+        e = torch.einsum("np,ap,pt->ant", xr, (a[:, None] * coef.double()) @ (basis.double() * inv_s[:, None]).T, z)
+    else:       # y minus the fit, d expanded as coef basis'
+        e = y.double()[None] - torch.einsum("np,ap,pt->ant", xr, coef.double() @ basis.double().T, z)
+    q = base[:, None] + (xr ** 2) @ g.T
+    scores = ((e / q.T[:, :, None]) ** 2).mean(1)
     return scores, scores.argmin(0)
 
 
@@ -768,10 +810,11 @@ class RidgeCVResult(NamedTuple):
     best_alphas: torch.Tensor   # (n_targets,) float64, the alpha chosen per target (or the shared one)
     coef: torch.Tensor          # (n_features, n_targets), refit on all rows with the chosen alphas
     intercept: torch.Tensor     # (n_targets,), zeros when fit_intercept=False
-    cv_scores: torch.Tensor     # (n_targets,) float64: CV criterion at the chosen alpha (MSE; GCV for gcv)
+    cv_scores: torch.Tensor     # (n_targets,) float64, the CV score at the chosen alpha: the mean over folds of
+    #                             R^2 (scoring="r2", higher is better) or of the MSE ("mse"); LOO's MSE; GCV
 
     def predict(self, X):
-        return _as_tensor(X).to(self.coef.dtype) @ self.coef + self.intercept
+        return _as_tensor(X).to(self.coef.device, self.coef.dtype) @ self.coef + self.intercept
 
 
 def _ridge_folds(cv, n):
@@ -794,10 +837,46 @@ def _ridge_folds(cv, n):
     return [np.nonzero(groups == g)[0] for g in labels]
 
 
-def _read_columns(Y, c0, c1, dtype):
+def _ridge_mode(cv, scoring):
+    """cv -> 'folds' | 'loo' | 'gcv', and the scoring it uses: k-fold / groups 'r2' (default) or 'mse'; LOO its
+    mean squared error ('mse', sklearn's rule); GCV its own criterion ('gcv')."""
+    mode = cv if isinstance(cv, str) else "folds"
+    if mode not in ("loo", "gcv", "folds"):
+        raise ValueError(f"cv={cv!r}: expected an int (k-fold), 'loo', 'gcv' or a group vector")
+    allowed = {"folds": ("r2", "mse"), "loo": ("mse",), "gcv": ("gcv",)}[mode]
+    scoring = allowed[0] if scoring is None else scoring
+    if scoring not in allowed:
+        raise ValueError(f"scoring={scoring!r} with cv={'k-fold/groups' if mode == 'folds' else repr(cv)}: expected "
+                         f"one of {allowed} (k-fold and groups: 'r2', the default, or 'mse'; LOO scores by its mean "
+                         f"squared error; GCV by its own criterion)")
+    return mode, scoring
+
+
+def _check_r2_folds(folds, scoring):
+    """R^2 needs a validation variance: a fold of one row would score 0 for every alpha."""
+    sizes = [len(v) for v in folds]
+    if scoring == "r2" and sizes and min(sizes) < 2:
+        raise ValueError(f"scoring='r2': validation fold {sizes.index(min(sizes))} has {min(sizes)} row, and R^2 needs "
+                         f"at least 2; use scoring='mse' (or cv='loo' for leave-one-out)")
+
+
+def _ridge_compute_dtype(dtype, compute_dtype):
+    """float64 input -> float64, other floating input -> float32, integer and boolean input -> float64 (exact,
+    as sklearn computes it); compute_dtype (float32 | float64, torch, numpy or a name) overrides."""
+    if compute_dtype is None:
+        return dtype if dtype in (torch.float32, torch.float64) else \
+            torch.float32 if dtype.is_floating_point else torch.float64
+    name = (compute_dtype if isinstance(compute_dtype, str) else str(compute_dtype).replace("torch.", "")
+            if isinstance(compute_dtype, torch.dtype) else np.dtype(compute_dtype).name)
+    if name not in ("float32", "float64"):
+        raise ValueError(f"compute_dtype={compute_dtype!r}: expected float32 or float64")
+    return getattr(torch, name)
+
+
+def _read_columns(Y, c0, c1, dtype, device):
     """Columns c0:c1 of Y (n, t): torch tensor, numpy array or h5py dataset (read from disk) -> (n, c1-c0)."""
     block = Y[:, c0:c1]
-    return _as_tensor(block).to(dtype)
+    return _as_tensor(block).to(device, dtype)
 
 
 def _eigh_one_thread(C):
@@ -808,16 +887,32 @@ def _eigh_one_thread(C):
 
 
 def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_batch=4096, chunk_rows=1024,
-             loo_basis=True, kfold_basis=True):
+             loo_basis=True, kfold_basis=True, *, scoring=None, compute_dtype=None, device=None):
     """Ridge regression with the regularisation chosen by cross-validation per target (or shared).
 
     X (n_samples, n_features) in memory; Y (n_samples, n_targets) a torch tensor, numpy array or h5py dataset
     (streamed from disk `target_batch` columns at a time, so memory is O(n p + p^2 + n target_batch)
-    plus the returned coefficients). float64 input computes in float64, anything else in float32; the moments
-    are accumulated and diagonalised in float64 (negative eigenvalues clamped to 0, as himalaya does).
-    cv: an int k (k-fold, contiguous folds: himalaya's RidgeCV/KFold semantics, MSE averaged over folds),
-        "loo" (exact leave-one-out: sklearn RidgeCV semantics), "gcv" (generalised CV, O(p) per alpha per
-        target), or a group vector of length n_samples (leave-one-group-out).
+    plus the returned coefficients). Everything runs on `device` (default: the device of X; a CPU array is
+    moved there), every accumulator is allocated there and no data leaves it; the host only reads scalars that
+    steer the algorithm (input checks, the alpha-basis rank) and the alphas.
+    Compute dtype: float64 input computes in float64, other floating input in float32, integer and boolean
+    input in float64 (as sklearn); compute_dtype=torch.float32|float64 forces one. The moments are accumulated
+    and diagonalised in float64. Float32 contract: the chosen alphas match a float64 solver's (sklearn,
+    himalaya) and the coefficients and predictions agree to ~1e-4 relative, not more (sklearn computes
+    float32 input in float64 inside RidgeCV; pass compute_dtype=torch.float64 for that).
+    Rank: eigen-directions of a (training) Gram with eigenvalue <= p * eps * s_max (numpy.linalg.matrix_rank's
+    tolerance for the p x p Gram, eps of the compute dtype) are dropped, as a pseudo-inverse would: the ridge
+    solution at a tiny alpha is then the minimum-norm least-squares one (sklearn's regularisation limits) instead
+    of rounding noise divided by alpha.
+    cv: an int k (k-fold, contiguous folds as sklearn's KFold and himalaya's RidgeCV), "loo" (exact
+        leave-one-out: sklearn RidgeCV semantics, scored by MSE), "gcv" (generalised CV, O(p) per alpha per
+        target), or a group vector of length n_samples (leave-one-group-out). LOO and GCV are computed without
+        cancellation (exact leverages; the residual of an interpolating fit computed directly), so p >= n with
+        small alphas scores as in exact arithmetic.
+    scoring (k-fold and groups): "r2" (default) picks per target the alpha with the best mean over folds of R^2
+        on the validation rows (sklearn's RidgeCV(cv=K) rule, himalaya's RidgeCV with score_func=r2_score; a fold
+        whose targets are constant scores 0, as himalaya); "mse" the smallest mean over folds of the validation
+        MSE (himalaya's default l2_neg_loss). Equal scores keep the larger alpha (himalaya's tie-break).
     fit_intercept centres X and Y on each training set (sklearn semantics; the intercept is not penalised).
     loo_basis: for cv="loo", expand 1/(s + alpha) in a few alpha-basis functions (ridge_alpha_basis: 1e-6
         relative per entry in float32, 1e-10 in float64) when that needs fewer than half as many GEMMs as
@@ -825,53 +920,68 @@ def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_ba
     kfold_basis: the same expansion for k-fold / groups (ridge_score_kfold_basis: the quadratic form from r
         basis GEMMs per fold, the linear term exact) when r p < 0.75 n_alphas min(n_val, p) and the squared
         amplification keeps rounding below 1e-4; False: one GEMM per alpha per fold.
-    Returns RidgeCVResult(best_alphas, coef, intercept, cv_scores) with .predict(X).
+    Returns RidgeCVResult(best_alphas, coef, intercept, cv_scores) on the device, with .predict(X).
     """
     Xt = _as_tensor(X)
     if Xt.dim() != 2:
         raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {tuple(Xt.shape)}")
-    ct = torch.float64 if Xt.dtype == torch.float64 else torch.float32
+    dev = torch.device(device) if device is not None else Xt.device
+    ct = _ridge_compute_dtype(Xt.dtype, compute_dtype)
+    Xt = Xt.to(dev)
     n, p = Xt.shape
     if len(Y.shape) != 2 or Y.shape[0] != n:
         raise ValueError(f"Y must be 2-D (n_samples={n}, n_targets), got shape {tuple(Y.shape)}")
     t = Y.shape[1]
-    alphas = torch.as_tensor(np.asarray(alphas, dtype=np.float64).ravel())
+    alphas = torch.as_tensor(np.asarray(alphas, dtype=np.float64).ravel(), device="cpu")  # parameters the ops read
     if len(alphas) == 0 or not bool((alphas > 0).all()):
         raise ValueError(f"alphas must be a non-empty list of positive numbers, got {alphas.tolist()}")
+    alphas_d = alphas.to(dev)
     if not bool(torch.isfinite(Xt).all()):
         raise ValueError(f"X has {int((~torch.isfinite(Xt)).sum())} non-finite values")
-    mode = cv if isinstance(cv, str) else "folds"
-    if mode not in ("loo", "gcv", "folds"):
-        raise ValueError(f"cv={cv!r}: expected an int (k-fold), 'loo', 'gcv' or a group vector")
-    folds = _ridge_folds(cv, n) if mode == "folds" else []
+    mode, scoring = _ridge_mode(cv, scoring)
+    folds = [torch.as_tensor(v, device=dev) for v in _ridge_folds(cv, n)] if mode == "folds" else []
+    _check_r2_folds(folds, scoring)
     f64 = torch.float64
+    zeros = functools.partial(torch.zeros, dtype=f64, device=dev)
+    eps = torch.finfo(ct).eps
 
     # X moments, shifted by the global mean so the float64 sums do not lose precision when centred
-    mx_all = Xt.double().mean(0) if fit_intercept else torch.zeros(p, dtype=f64)
+    mx_all = Xt.double().mean(0) if fit_intercept else zeros(p)
     Xs = (Xt.double() - mx_all).to(ct)                                     # (n, p)
 
     def moments(idx):  # (X'X, sum x) of rows idx, accumulated over row chunks in float64
-        G, sx = torch.zeros(p, p, dtype=f64), torch.zeros(p, dtype=f64)
+        G, sx = zeros(p, p), zeros(p)
         for c in range(0, len(idx), chunk_rows):
-            xb = Xs[torch.as_tensor(idx[c:c + chunk_rows])]
+            xb = Xs[idx[c:c + chunk_rows]]
             G += (xb.T @ xb).double()
             sx += xb.double().sum(0)
         return G, sx
 
     def eigs(Cs):
-        # LAPACK syevd on one thread each, the matrices of the folds concurrently (eigh releases the GIL): at
-        # p <= a few thousand one thread is fast either way, and the threaded syevd stalls badly when the cores
-        # are shared (measured 7.2 s vs 0.3 s at p = 768 on 2 busy cores)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(Cs)))) as pool:
-                out = list(pool.map(_eigh_one_thread, Cs))
-        finally:
-            torch.set_num_threads(threads)
-        return [(s.clamp_min(0), V) for s, V in out]                       # float32/rounding: no negative spectrum
+        if dev.type == "cpu":
+            # LAPACK syevd on one thread each, the matrices of the folds concurrently (eigh releases the GIL): at
+            # p <= a few thousand one thread is fast either way, and the threaded syevd stalls badly when the
+            # cores are shared (measured 7.2 s vs 0.3 s at p = 768 on 2 busy cores)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(Cs)))) as pool:
+                    out = list(pool.map(_eigh_one_thread, Cs))
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            s_b, V_b = torch.linalg.eigh(torch.stack(Cs))                  # one batched call on the device
+            out = list(zip(s_b, V_b))
+        spectra = []
+        for s, V in out:
+            # float rounding gives tiny negative and spurious positive eigenvalues where X'X is singular (collinear
+            # columns, n <= p): drop the directions below the rank tolerance (masked, so no shape depends on data)
+            s = s.clamp_min(0)
+            keep = s > p * eps * s.max()
+            spectra.append((torch.where(keep, s, 0.0), V * keep))
+        return spectra
 
-    parts = [moments(v) for v in folds] if folds else [moments(np.arange(n))]
+    parts = [moments(v) for v in folds] if folds else [moments(torch.arange(n, device=dev))]
     G_all, sx_all = sum(P[0] for P in parts), sum(P[1] for P in parts)     # totals = sum of the fold blocks
     centre = (lambda m: m) if fit_intercept else (lambda m: torch.zeros_like(m))
     m_all = centre(sx_all / n)
@@ -880,13 +990,14 @@ def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_ba
                    [(G_all - Gf) - (n - len(v)) * torch.outer(mtr, mtr) for v, (Gf, _), mtr in zip(folds, parts, mtrs)])
     s_all, V_all = spectra[0]
     Vc_all = V_all.to(ct)
-    eps = torch.finfo(ct).eps
     fold_state = []
     for v, (Gf, sxf), mtr, (s_f, V_f) in zip(folds, parts, mtrs, spectra[1:]):
         nf, ntr = len(v), n - len(v)
         kb = None
         if kfold_basis:
-            U, cf, amp = ridge_alpha_basis(s_f, alphas, tol=1e-6 if ct == torch.float32 else 1e-10)
+            # dropped directions (s = 0, z = 0) would only widen the basis: give them a harmless eigenvalue
+            U, cf, amp = ridge_alpha_basis(torch.where(s_f > 0, s_f, s_f.max()), alphas,
+                                           tol=1e-6 if ct == torch.float32 else 1e-10)
             # r GEMMs of p x p x t (the basis path works on the rotated Gram) against one GEMM per alpha of
             # min(n_val, p) x p x t; the quadratic form recombines r^2 products, so rounding grows with the
             # squared amplification
@@ -894,71 +1005,82 @@ def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_ba
                 kb = (U.to(ct), cf)
         rows = nf < p and kb is None  # the cheaper exact quadratic form: validation rows (n_val < p) or the Gram
         if rows:
-            quad = ((Xs[torch.as_tensor(v)].double() - mtr) @ V_f).to(ct)                    # (n_val, p)
+            quad = ((Xs[v].double() - mtr) @ V_f).to(ct)                   # (n_val, p)
         else:
             Gv = Gf - torch.outer(mtr, sxf) - torch.outer(sxf, mtr) + nf * torch.outer(mtr, mtr)
             Vc = V_f.to(ct)
             quad = Vc.T @ Gv.to(ct) @ Vc                                   # (p, p), GEMMs in the compute dtype
-        fold_state.append(dict(idx=torch.as_tensor(v), n=nf, mtr=mtr, s=s_f.to(ct), V=V_f.to(ct), quad=quad,
+        fold_state.append(dict(idx=v, n=nf, mtr=mtr, s=s_f.to(ct), V=V_f.to(ct), quad=quad,
                                rows=rows, basis=kb, Vm=(V_f.T @ mtr).to(ct), Vsx=(V_f.T @ sxf).to(ct)))
     xr = ((Xs.double() - m_all) @ V_all).to(ct) if mode == "loo" else None  # (n, p) rotated centred rows
     basis = None
     if mode == "loo" and loo_basis:
-        *basis, amp = ridge_alpha_basis(s_all, alphas, tol=1e-6 if ct == torch.float32 else 1e-10)
+        *basis, amp = ridge_alpha_basis(torch.where(s_all > 0, s_all, s_all.max()), alphas,
+                                        tol=1e-6 if ct == torch.float32 else 1e-10)
         # too few alphas for the expansion to pay, or its recombination would magnify rounding beyond 1e-4
         # (clamped zero eigenvalues next to tiny alphas): score every alpha directly
         if 2 * basis[0].shape[1] > len(alphas) or amp * eps > 1e-4:
             basis = None
+        else:
+            basis = (basis[0].to(ct), basis[1])
 
-    best_alphas = torch.empty(t, dtype=f64)
-    cv_scores = torch.empty(t, dtype=f64)
-    coef = torch.empty(p, t, dtype=ct)
-    intercept = torch.zeros(t, dtype=ct)
-    shared_total = torch.zeros(len(alphas), dtype=f64)
-    log_slope = 1e-10 * torch.log(alphas)[:, None]  # himalaya's tie-break: equal scores -> the larger alpha
+    best_alphas = torch.empty(t, dtype=f64, device=dev)
+    cv_scores = torch.empty(t, dtype=f64, device=dev)
+    coef = torch.empty(p, t, dtype=ct, device=dev)
+    intercept = torch.zeros(t, dtype=ct, device=dev)
+    shared_total = zeros(len(alphas))
+    log_slope = 1e-10 * torch.log(alphas_d)[:, None]  # himalaya's tie-break: equal scores -> the larger alpha
+    sign = -1.0 if scoring == "r2" else 1.0            # the criterion is minimised: -R^2, MSE, GCV
 
     def batch_moments(c0, c1):
-        Yb = _read_columns(Y, c0, c1, ct)
+        Yb = _read_columns(Y, c0, c1, ct, dev)
         bad = ~torch.isfinite(Yb)
         if bool(bad.any()):
             cols = torch.nonzero(bad.any(0)).ravel()
             raise ValueError(f"Y has non-finite values in {len(cols)} of targets {c0}..{c1 - 1} "
                              f"(first target {c0 + int(cols[0])}, {int(bad[:, cols[0]].sum())} of {n} rows)")
-        my_b = Yb.double().mean(0) if fit_intercept else torch.zeros(c1 - c0, dtype=f64)
+        my_b = Yb.double().mean(0) if fit_intercept else zeros(c1 - c0)
         Ys = (Yb.double() - my_b).to(ct)                                   # (n, tb)
         return Ys, my_b
 
     def fold_cross(Ys, idx):
-        xy = torch.zeros(p, Ys.shape[1], dtype=f64)
-        sy, yy = torch.zeros(Ys.shape[1], dtype=f64), torch.zeros(Ys.shape[1], dtype=f64)
+        """X'Y, the column sums and the centred sums of squares (per-chunk means combined as Chan et al. 1979:
+        exact 0 for a constant column, no |y|^2 - n mean^2 cancellation) of rows idx."""
+        tb = Ys.shape[1]
+        xy, sy, m2 = zeros(p, tb), zeros(tb), zeros(tb)
         for c in range(0, len(idx), chunk_rows):
-            j = torch.as_tensor(idx[c:c + chunk_rows])
+            j = idx[c:c + chunk_rows]
             xb, yb = Xs[j], Ys[j]
             xy += (xb.T @ yb).double()
             yd = yb.double()
-            sy += yd.sum(0)
-            yy += (yd * yd).sum(0)
-        return xy, sy, yy
+            k, cnt = len(j), min(c, len(idx))
+            cs = yd.sum(0)
+            m2 += ((yd - cs / k) ** 2).sum(0)
+            if cnt:
+                m2 += (sy / cnt - cs / k) ** 2 * (cnt * k / (cnt + k))
+            sy += cs
+        return xy, sy, m2
 
     def refit(Ys, my_b, xy_all, sy_all, chosen):  # coef and intercept for the chosen alpha per target
         mys = centre(sy_all / n)
         # the rotations are GEMMs in the compute dtype (their inputs are float64 sums, rounded once)
         zc = (Vc_all.T @ xy_all.to(ct)).addr_((V_all.T @ m_all).to(ct), mys.to(ct), alpha=-n)  # (p, tb)
-        W = Vc_all @ (zc / (s_all[:, None] + alphas[chosen][None, :]).to(ct))  # one GEMM for all chosen alphas
-        icpt = (my_b + mys) - (mx_all + m_all) @ W.double() if fit_intercept else torch.zeros(W.shape[1], dtype=f64)
+        W = Vc_all @ (zc / (s_all[:, None] + alphas_d[chosen][None, :]).to(ct))  # one GEMM for all chosen alphas
+        icpt = (my_b + mys) - (mx_all + m_all) @ W.double() if fit_intercept else zeros(W.shape[1])
         return W, icpt.to(ct)
 
+    everything = torch.arange(n, device=dev)
     stash = []
     for c0 in range(0, t, target_batch):
         c1 = min(t, c0 + target_batch)
         Ys, my_b = batch_moments(c0, c1)
         if folds:
-            cross = [fold_cross(Ys, st["idx"].numpy()) for st in fold_state]
+            cross = [fold_cross(Ys, st["idx"]) for st in fold_state]
             xy_all = sum(c[0] for c in cross)
             sy_all = sum(c[1] for c in cross)
-            total = torch.zeros(len(alphas), c1 - c0, dtype=f64)
+            total = zeros(len(alphas), c1 - c0)
             xa = xy_all.to(ct)
-            for st, (xyf, syf, yyf) in zip(fold_state, cross):
+            for st, (xyf, syf, m2f) in zip(fold_state, cross):
                 nf, ntr, mtr = st["n"], n - st["n"], st["mtr"]
                 my_tr = centre((sy_all - syf) / ntr)
                 # rotate the raw sums (V'X'Y of all rows and of the validation rows, GEMMs in the compute dtype),
@@ -969,16 +1091,19 @@ def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_ba
                 z.addr_(st["Vm"], my_tr.to(ct), alpha=-ntr)
                 b.addr_(st["Vm"], (syf - nf * my_tr).to(ct), alpha=-1)
                 b.addr_(st["Vsx"], my_tr.to(ct), alpha=-1)
-                yy = yyf - 2 * my_tr * syf + nf * my_tr ** 2
+                yy = m2f + (syf - nf * my_tr) ** 2 / nf                    # |y_val - training mean|^2
                 if st["basis"] is not None:
-                    total += ridge_score_kfold_basis(st["s"], z, b, yy, st["quad"], alphas, st["rows"],
-                                                     *st["basis"]) / nf
+                    sse = ridge_score_kfold_basis(st["s"], z, b, yy, st["quad"], alphas, st["rows"], *st["basis"])
                 else:
-                    total += ridge_score_kfold(st["s"], z, b, yy, st["quad"], alphas, st["rows"]) / nf
-            total /= len(fold_state)                                      # mean over folds of the validation MSE
-            crit = total - log_slope
+                    sse = ridge_score_kfold(st["s"], z, b, yy, st["quad"], alphas, st["rows"])
+                if scoring == "mse":
+                    total += sse / nf
+                else:  # R^2 of the fold: 1 - SSE / (validation sum of squares around its own mean); constant: 0
+                    total += torch.where(m2f > 0, 1 - sse / torch.where(m2f > 0, m2f, 1.0), 0.0)
+            total /= len(fold_state)                                      # mean over folds
+            crit = sign * total - log_slope
         else:
-            xy_all, sy_all, _ = fold_cross(Ys, np.arange(n))
+            xy_all, sy_all, m2_all = fold_cross(Ys, everything)
             mys = centre(sy_all / n)
             z = Vc_all.T @ (xy_all - n * torch.outer(m_all, mys)).to(ct)
             if mode == "loo" and basis is not None:
@@ -988,67 +1113,95 @@ def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_ba
                 total, _ = ridge_score_loo(xr, (Ys.double() - mys).to(ct), s_all.to(ct), z, alphas,
                                            1.0 / n if fit_intercept else 0.0, chunk_rows)
             else:
-                yy = ((Ys.double() - mys) ** 2).sum(0)
+                yy = m2_all + (sy_all - n * mys) ** 2 / n                  # |y - mean|^2, or |y|^2 without intercept
                 total, _ = ridge_score_gcv(s_all.to(ct), z, yy, alphas, n, 1.0 if fit_intercept else 0.0)
             crit = total
         if local_alpha:
             chosen = crit.argmin(0)
-            best_alphas[c0:c1] = alphas[chosen]
+            best_alphas[c0:c1] = alphas_d[chosen]
             cv_scores[c0:c1] = total.gather(0, chosen[None]).ravel()
             coef[:, c0:c1], intercept[c0:c1] = refit(Ys, my_b, xy_all, sy_all, chosen)
         else:
             shared_total += crit.sum(1)
             stash.append((c0, c1, total))
     if not local_alpha:  # one alpha for all targets: the best summed criterion, then a second pass to refit
-        a = int(shared_total.argmin())
-        best_alphas[:] = alphas[a]
+        a = shared_total.argmin()
+        best_alphas[:] = alphas_d[a]
         for c0, c1, total in stash:
             cv_scores[c0:c1] = total[a]
             Ys, my_b = batch_moments(c0, c1)
-            xy_all, sy_all, _ = fold_cross(Ys, np.arange(n))
-            coef[:, c0:c1], intercept[c0:c1] = refit(Ys, my_b, xy_all, sy_all,
-                                                      torch.full((c1 - c0,), a, dtype=torch.long))
+            xy_all, sy_all, _ = fold_cross(Ys, everything)
+            coef[:, c0:c1], intercept[c0:c1] = refit(Ys, my_b, xy_all, sy_all, a.expand(c1 - c0))
     return RidgeCVResult(best_alphas, coef, intercept, cv_scores)
 
 
 def ridge_cv_ref(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_batch=4096, chunk_rows=1024,
-                 loo_basis=True, kfold_basis=True):
-    """The oracle: for every fold and alpha, solve (Xtr'Xtr + a I) W = Xtr'Ytr in float64 on explicitly centred
-    training rows and score the validation rows; LOO and GCV from the explicit n x n hat matrix."""
-    X, Y = _as_tensor(X).double(), _as_tensor(np.asarray(Y[:]) if not isinstance(Y, torch.Tensor) else Y).double()
+                 loo_basis=True, kfold_basis=True, *, scoring=None, compute_dtype=None, device=None):
+    """The oracle, float64 on the device of X (or `device`; compute_dtype is ignored): from the SVD of the centred
+    training rows X = U S V' with numpy lstsq's rank rule (singular values <= max(n, p) eps s_max dropped),
+    w = V S / (S^2 + a) U'y for every fold and alpha, the validation rows scored explicitly (R^2 or MSE); LOO
+    and GCV from the hat matrix H = U S^2 / (S^2 + a) U' (+ 1/n with an intercept), its residual (I - H) y
+    written as U (a / (S^2 + a)) U'y plus the part of y outside span(U), 1 - H_ii as the leverage outside the
+    span plus sum_j U_ij^2 a / (S_j^2 + a), and n - tr(H) as (n - df0 - rank) + sum a / (S^2 + a), the parts
+    outside the span exactly 0 when rank = n - df0: nothing cancels when p >= n."""
+    X = _as_tensor(X)
+    dev = torch.device(device) if device is not None else X.device
+    X = X.to(dev, torch.float64)
+    Y = _as_tensor(np.asarray(Y[:]) if not isinstance(Y, torch.Tensor) else Y).to(dev, torch.float64)
     n, p = X.shape
-    alphas = torch.as_tensor(np.asarray(alphas, dtype=np.float64).ravel())
-    eye = torch.eye(p, dtype=torch.float64)
+    mode, scoring = _ridge_mode(cv, scoring)
+    alphas = torch.as_tensor(np.asarray(alphas, dtype=np.float64).ravel(), device=dev)
+    eps = torch.finfo(torch.float64).eps
 
-    def fit(Xa, Ya, a):
-        mx = Xa.mean(0) if fit_intercept else torch.zeros(p, dtype=torch.float64)
-        my = Ya.mean(0) if fit_intercept else torch.zeros(Ya.shape[1], dtype=torch.float64)
-        W = torch.linalg.solve((Xa - mx).T @ (Xa - mx) + a * eye, (Xa - mx).T @ (Ya - my))
+    def svd(Xa):
+        U, S, Vt = torch.linalg.svd(Xa, full_matrices=False)
+        keep = S > max(Xa.shape) * eps * S.max()
+        return U[:, keep], S[keep], Vt[keep]
+
+    def centred(A):
+        return A - A.mean(0) if fit_intercept else A
+
+    def fit(A, B, a, usv=None):  # ridge on rows A -> (W, intercept); usv: the SVD of the centred A
+        U, S, Vt = usv if usv is not None else svd(centred(A))
+        my = B.mean(0) if fit_intercept else torch.zeros(B.shape[1], dtype=torch.float64, device=dev)
+        mx = A.mean(0) if fit_intercept else torch.zeros(p, dtype=torch.float64, device=dev)
+        W = Vt.T @ ((S / (S ** 2 + a))[:, None] * (U.T @ (B - my)))
         return W, my - mx @ W
 
-    scores = torch.zeros(len(alphas), Y.shape[1], dtype=torch.float64)
-    if isinstance(cv, str):
-        Xc = X - X.mean(0) if fit_intercept else X
-        Yc = Y - Y.mean(0) if fit_intercept else Y
+    scores = torch.zeros(len(alphas), Y.shape[1], dtype=torch.float64, device=dev)
+    if mode != "folds":
+        U, S, _ = svd(centred(X))
+        h0, df0 = (1.0 / n, 1.0) if fit_intercept else (0.0, 0.0)
+        Yc = centred(Y)
+        uy = U.T @ Yc
+        spans = len(S) >= n - df0                                        # the fit interpolates: nothing outside
+        perp = Yc - U @ uy if not spans else torch.zeros_like(Yc)        # y outside the span
+        lev0 = (1 - h0 - (U ** 2).sum(1)).clamp_min(0) * (not spans)     # 1 - leverage of the whole span
         for k, a in enumerate(alphas):
-            H = Xc @ torch.linalg.solve(Xc.T @ Xc + a * eye, Xc.T) + (1.0 / n if fit_intercept else 0.0)
-            e = Yc - H @ Yc
-            if cv == "loo":
-                scores[k] = ((e / (1 - torch.diag(H))[:, None]) ** 2).mean(0)
+            f = a / (S ** 2 + a)                                         # 1 - shrinkage per direction
+            e = U @ (f[:, None] * uy) + perp                             # (I - H) y
+            if mode == "loo":
+                scores[k] = ((e / (lev0 + (U ** 2) @ f)[:, None]) ** 2).mean(0)
             else:
-                scores[k] = (e ** 2).mean(0) / (1 - torch.trace(H) / n) ** 2
+                scores[k] = (e ** 2).mean(0) / ((max(n - df0 - len(S), 0) + f.sum()) / n) ** 2
         crit = scores
     else:
         folds = _ridge_folds(cv, n)
+        _check_r2_folds(folds, scoring)
         for v in folds:
-            tr = np.setdiff1d(np.arange(n), v)
+            tr = torch.as_tensor(np.setdiff1d(np.arange(n), v), device=dev)
+            v = torch.as_tensor(v, device=dev)
+            usv = svd(centred(X[tr]))
+            sst = ((Y[v] - Y[v].mean(0)) ** 2).sum(0)
             for k, a in enumerate(alphas):
-                W, b = fit(X[tr], Y[tr], a)
-                scores[k] += ((Y[v] - X[v] @ W - b) ** 2).mean(0) / len(folds)
-        crit = scores - 1e-10 * torch.log(alphas)[:, None]
-    chosen = crit.argmin(0) if local_alpha else torch.full((Y.shape[1],), int(crit.sum(1).argmin()))
-    W = torch.empty(p, Y.shape[1], dtype=torch.float64)
-    b = torch.empty(Y.shape[1], dtype=torch.float64)
+                W, b = fit(X[tr], Y[tr], a, usv)
+                sse = ((Y[v] - X[v] @ W - b) ** 2).sum(0)
+                fold = sse / len(v) if scoring == "mse" else torch.where(sst > 0, 1 - sse / sst, 0.0)
+                scores[k] += fold / len(folds)
+        crit = (-scores if scoring == "r2" else scores) - 1e-10 * torch.log(alphas)[:, None]
+    chosen = crit.argmin(0) if local_alpha else crit.sum(1).argmin().expand(Y.shape[1])
+    W = torch.empty(p, Y.shape[1], dtype=torch.float64, device=dev)
+    b = torch.empty(Y.shape[1], dtype=torch.float64, device=dev)
     for a in torch.unique(chosen):
         sel = chosen == a
         W[:, sel], b[sel] = fit(X, Y[:, sel], alphas[a])

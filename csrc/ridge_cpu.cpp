@@ -6,15 +6,159 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#include "ridge_checks.h"
 #include "ridge_kernel.h"
 
 namespace metalign {
+
+// ---- input checks (declared in ridge_checks.h; the CUDA kernels call the same functions) ----------------------
+
+namespace {
+
+void check_same_device(const at::Tensor& x, const at::Tensor& z, const char* name) {
+  TORCH_CHECK(x.device() == z.device(), name, " must be on the device of z (", z.device(), "), got ", x.device());
+}
+
+void check_spectrum(const at::Tensor& s, const at::Tensor& z) {
+  TORCH_CHECK(s.dim() == 1, "s (eigenvalues) must be 1-D (p,), got ", s.sizes());
+  TORCH_CHECK(z.dim() == 2 && z.size(0) == s.size(0), "z must be 2-D (p, n_targets) with p = ", s.size(0),
+              " (the length of s), got ", z.sizes());
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, "z must be float32 or float64, got ",
+              z.scalar_type());
+  TORCH_CHECK(s.scalar_type() == z.scalar_type(), "s must have the dtype of z (", z.scalar_type(), "), got ",
+              s.scalar_type());
+  check_same_device(s, z, "s");
+}
+
+void check_like_z(const at::Tensor& x, const at::Tensor& z, const char* name) {
+  TORCH_CHECK(x.sizes() == z.sizes(), name, " must have the shape of z ", z.sizes(), ", got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == z.scalar_type(), name, " must have the dtype of z (", z.scalar_type(), "), got ",
+              x.scalar_type());
+  check_same_device(x, z, name);
+}
+
+void check_yy(const at::Tensor& yy, const at::Tensor& z) {
+  TORCH_CHECK(yy.dim() == 1 && yy.size(0) == z.size(1), "yy must be 1-D (n_targets,) of length ", z.size(1),
+              ", got ", yy.sizes());
+  TORCH_CHECK(yy.is_floating_point(), "yy must be a floating-point tensor, got ", yy.scalar_type());
+  check_same_device(yy, z, "yy");
+}
+
+}  // namespace
+
+std::vector<double> ridge_alpha_values(const at::Tensor& alphas) {
+  TORCH_CHECK(alphas.dim() == 1 && alphas.size(0) > 0, "alphas must be 1-D and non-empty, got ", alphas.sizes());
+  auto a = alphas.to(at::kCPU, at::kDouble).contiguous();
+  std::vector<double> out(a.data_ptr<double>(), a.data_ptr<double>() + a.numel());
+  for (double v : out) TORCH_CHECK(v > 0.0, "alphas must be positive, got ", v);
+  return out;
+}
+
+void ridge_check_kfold(const at::Tensor& s, const at::Tensor& z, const at::Tensor& b, const at::Tensor& yy,
+                       const at::Tensor& quad, const at::Tensor& alphas, bool rows) {
+  check_spectrum(s, z);
+  check_like_z(b, z, "b");
+  check_yy(yy, z);
+  const int64_t p = z.size(0);
+  TORCH_CHECK(quad.dim() == 2 && quad.size(1) == p && (rows || quad.size(0) == p),
+              rows ? "quad (rotated validation rows Xv V) must be (n_val, p) with p = "
+                   : "quad (rotated validation Gram V'Xv'XvV) must be (p, p) with p = ",
+              p, ", got ", quad.sizes());
+  TORCH_CHECK(quad.scalar_type() == z.scalar_type(), "quad must have the dtype of z (", z.scalar_type(), "), got ",
+              quad.scalar_type());
+  check_same_device(quad, z, "quad");
+  ridge_alpha_values(alphas);
+}
+
+void ridge_check_loo(const at::Tensor& xr, const at::Tensor& y, const at::Tensor& s, const at::Tensor& z,
+                     const at::Tensor& alphas, int64_t chunk_rows) {
+  check_spectrum(s, z);
+  const int64_t p = z.size(0), t = z.size(1);
+  TORCH_CHECK(xr.dim() == 2 && xr.size(1) == p, "xr (rotated centred rows X V) must be (n, p) with p = ", p,
+              ", got ", xr.sizes());
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == xr.size(0) && y.size(1) == t, "y must be (n, n_targets) = (",
+              xr.size(0), ", ", t, "), got ", y.sizes());
+  TORCH_CHECK(xr.scalar_type() == z.scalar_type() && y.scalar_type() == z.scalar_type(),
+              "xr and y must have the dtype of z (", z.scalar_type(), "), got ", xr.scalar_type(), " and ",
+              y.scalar_type());
+  check_same_device(xr, z, "xr");
+  check_same_device(y, z, "y");
+  TORCH_CHECK(chunk_rows > 0, "chunk_rows must be positive, got ", chunk_rows);
+  TORCH_CHECK(xr.size(0) > 1, "leave-one-out needs at least 2 rows, got ", xr.size(0));
+  ridge_alpha_values(alphas);
+}
+
+int64_t ridge_check_basis(const at::Tensor& basis, const at::Tensor& coef, const at::Tensor& z, int64_t na) {
+  const int64_t p = z.size(0);
+  TORCH_CHECK(basis.dim() == 2 && basis.size(0) == p && basis.size(1) > 0, "basis must be (p, r) with p = ", p,
+              " and r >= 1, got ", basis.sizes());
+  const int64_t r = basis.size(1);
+  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == na && coef.size(1) == r, "coef must be (n_alphas, r) = (", na,
+              ", ", r, "), got ", coef.sizes());
+  TORCH_CHECK(basis.is_floating_point() && coef.is_floating_point(), "basis and coef must be floating point, got ",
+              basis.scalar_type(), " and ", coef.scalar_type());
+  check_same_device(basis, z, "basis");
+  check_same_device(coef, z, "coef");
+  return r;
+}
+
+void ridge_check_gcv(const at::Tensor& s, const at::Tensor& z, const at::Tensor& yy, const at::Tensor& alphas,
+                     double n, double df0) {
+  check_spectrum(s, z);
+  check_yy(yy, z);
+  TORCH_CHECK(df0 >= 0.0 && n > df0, "n (", n, ") must exceed df0 (", df0, ") >= 0");
+  ridge_alpha_values(alphas);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_gcv_parts(const at::Tensor& s_, const at::Tensor& z,
+                                                               const at::Tensor& yy, const at::Tensor& alphas,
+                                                               double n, double df0) {
+  const auto f64 = z.options().dtype(at::kDouble);
+  auto s = s_.to(at::kDouble);
+  auto al = at::tensor(ridge_alpha_values(alphas), f64);
+  auto pos = s > 0.0;                                                            // directions inside the fit
+  auto inv_s = at::where(pos, at::reciprocal(s), at::zeros_like(s));             // (p,)
+  auto ad = pos * (al.unsqueeze(1) / (s.unsqueeze(0) + al.unsqueeze(1)));        // (n_alphas, p): a d_j, 0 off the fit
+  auto zz = z.to(at::kDouble).square();                                          // (p, t)
+  auto sse_in = at::mm(ad.square() * inv_s, zz);                                 // (n_alphas, t): one float64 GEMM
+  auto n_pos = pos.sum().to(at::kDouble);
+  auto spans = n_pos >= (n - df0);                                               // y inside the span: no rest
+  auto rest = at::where(spans, at::zeros({}, f64), (yy.to(at::kDouble) - at::mv(zz.t(), inv_s)).clamp_min(0.0));
+  auto den = ((n - df0) - n_pos).clamp_min(0.0) + ad.sum(1);                     // (n_alphas,)
+  return {sse_in.contiguous(), rest.contiguous(), den.contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_loo_parts(const at::Tensor& xr, const at::Tensor& y,
+                                                               const at::Tensor& s, double h0) {
+  const int64_t n = xr.size(0);
+  const double df0 = h0 > 0.0 ? std::round(h0 * static_cast<double>(n)) : 0.0;
+  auto sd = s.to(at::kDouble);
+  auto pos = sd > 0.0;
+  auto inv_s = at::where(pos, at::reciprocal(sd), at::zeros_like(sd));
+  auto spans = pos.sum().to(at::kDouble) >= (static_cast<double>(n) - df0);  // 0-d, on the device
+  auto outside = (1.0 - h0 - at::mv(xr.to(at::kDouble).square(), inv_s)).clamp_min(0.0);
+  auto base = at::where(spans, at::zeros({}, outside.options()), outside).contiguous();
+  auto y_in = at::where(spans, at::zeros({}, y.options()), y).contiguous();
+  return {y_in, base, spans};
+}
+
+std::tuple<at::Tensor, at::Tensor> ridge_loo_weights(const at::Tensor& s, const at::Tensor& alphas,
+                                                     const at::Tensor& spans) {
+  auto sd = s.to(at::kDouble).unsqueeze(1);                                       // (p, 1)
+  auto al = at::tensor(ridge_alpha_values(alphas), sd.options()).unsqueeze(0);    // (1, n_alphas)
+  auto d = at::reciprocal(sd + al);
+  auto g = at::where(sd > 0.0, al * d / sd, at::zeros({}, sd.options()));
+  return {at::where(spans, g.neg(), d).contiguous(), g.contiguous()};
+}
+
 namespace {
 
 constexpr int64_t kBlock = kRidgeBlock;  // targets per CPU work item: the inner loop over targets vectorises
@@ -40,45 +184,6 @@ void for_each_block(int64_t t, int64_t threads, const F& fn) {
 
 void check_threads(int64_t threads) {
   TORCH_CHECK(threads > 0 && threads <= 1024, "threads must be in 1..1024 (a CUDA block), got ", threads);
-}
-
-void check_spectrum(const at::Tensor& s, const at::Tensor& z, const at::Tensor& alphas) {
-  TORCH_CHECK(s.dim() == 1, "s (eigenvalues) must be 1-D (p,), got ", s.sizes());
-  TORCH_CHECK(z.dim() == 2 && z.size(0) == s.size(0), "z must be 2-D (p, n_targets) with p = ", s.size(0),
-              " (the length of s), got ", z.sizes());
-  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, "z must be float32 or float64, got ",
-              z.scalar_type());
-  TORCH_CHECK(s.scalar_type() == z.scalar_type(), "s must have the dtype of z (", z.scalar_type(), "), got ",
-              s.scalar_type());
-  TORCH_CHECK(alphas.dim() == 1 && alphas.size(0) > 0, "alphas must be 1-D and non-empty, got ", alphas.sizes());
-  TORCH_CHECK(s.device() == z.device(), "s and z must be on the same device");
-}
-
-void check_like_z(const at::Tensor& x, const at::Tensor& z, const char* name) {
-  TORCH_CHECK(x.sizes() == z.sizes(), name, " must have the shape of z ", z.sizes(), ", got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == z.scalar_type(), name, " must have the dtype of z (", z.scalar_type(), "), got ",
-              x.scalar_type());
-}
-
-void check_yy(const at::Tensor& yy, int64_t t) {
-  TORCH_CHECK(yy.dim() == 1 && yy.size(0) == t, "yy must be 1-D (n_targets,) of length ", t, ", got ", yy.sizes());
-}
-
-std::vector<double> alpha_vector(const at::Tensor& alphas) {
-  auto a = alphas.to(at::kCPU, at::kDouble).contiguous();
-  std::vector<double> out(a.data_ptr<double>(), a.data_ptr<double>() + a.numel());
-  for (double v : out) TORCH_CHECK(v > 0.0, "alphas must be positive, got ", v);
-  return out;
-}
-
-// The alpha basis of the LOO and k-fold scorers: basis (p, r), r >= 1, and coef (n_alphas, r) -> r.
-int64_t check_alpha_basis(const at::Tensor& basis, const at::Tensor& coef, int64_t p, int64_t na) {
-  TORCH_CHECK(basis.dim() == 2 && basis.size(0) == p && basis.size(1) > 0, "basis must be (p, r) with p = ", p,
-              " and r >= 1, got ", basis.sizes());
-  const int64_t r = basis.size(1);
-  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == na && coef.size(1) == r, "coef must be (n_alphas, r) = (", na,
-              ", ", r, "), got ", coef.sizes());
-  return r;
 }
 
 // d_j = 1 / (s_j + alpha) in double, and dz = d * z row by row (p, t) in the compute dtype (the GEMM input).
@@ -118,30 +223,16 @@ void kfold_typed(const at::Tensor& s, const at::Tensor& z, const at::Tensor& b, 
   }
 }
 
-// The inputs both k-fold scorers share: spectrum, cross-products, per-target sums and the validation quad.
-void check_kfold_inputs(const at::Tensor& s_, const at::Tensor& z_, const at::Tensor& b_, const at::Tensor& yy_,
-                        const at::Tensor& quad_, const at::Tensor& alphas, bool rows) {
-  check_spectrum(s_, z_, alphas);
-  check_like_z(b_, z_, "b");
-  const int64_t p = z_.size(0);
-  check_yy(yy_, z_.size(1));
-  TORCH_CHECK(quad_.dim() == 2 && quad_.size(1) == p && (rows || quad_.size(0) == p),
-              rows ? "quad (rotated validation rows Xv V) must be (n_val, p) with p = "
-                   : "quad (rotated validation Gram V'Xv'XvV) must be (p, p) with p = ",
-              p, ", got ", quad_.sizes());
-  TORCH_CHECK(quad_.scalar_type() == z_.scalar_type(), "quad must have the dtype of z");
-}
-
 // k-fold / group scores: SSE(a, t) of one validation fold for every alpha and target. Per alpha one BLAS
 // product (gram: G (d*z), p x p x t; rows: (Xv V)(d*z), n_val x p x t), then the fused per-target reduction;
 // no (n_alphas, p, t) intermediate exists, only one (p|n_val, t) buffer reused across alphas.
 at::Tensor kfold_impl(const at::Tensor& s_, const at::Tensor& z_, const at::Tensor& b_, const at::Tensor& yy_,
                       const at::Tensor& quad_, const at::Tensor& alphas, bool rows, int64_t threads) {
-  check_kfold_inputs(s_, z_, b_, yy_, quad_, alphas, rows);
+  ridge_check_kfold(s_, z_, b_, yy_, quad_, alphas, rows);
   const int64_t p = z_.size(0), t = z_.size(1);
   auto s = s_.contiguous(), z = z_.contiguous(), b = b_.contiguous(), quad = quad_.contiguous();
   auto yy = yy_.to(at::kDouble).contiguous();
-  const auto al = alpha_vector(alphas);
+  const auto al = ridge_alpha_values(alphas);
   auto scores = at::empty({static_cast<int64_t>(al.size()), t}, z.options().dtype(at::kDouble));
   auto dz = at::empty({p, t}, z.options());
   auto prod = at::empty({quad.size(0), t}, z.options());
@@ -152,12 +243,13 @@ at::Tensor kfold_impl(const at::Tensor& s_, const at::Tensor& z_, const at::Tens
 }
 
 template <typename scalar_t>
-void loo_typed(const at::Tensor& xr, const at::Tensor& y, const at::Tensor& s, const at::Tensor& z, at::Tensor& prod,
-               at::Tensor& dz, const std::vector<double>& al, double h0, int64_t cr, int64_t threads,
-               at::Tensor& scores, at::Tensor& best) {
-  const int64_t n = xr.size(0), p = z.size(0), t = z.size(1), na = static_cast<int64_t>(al.size());
-  std::vector<double> best_score(t, 0.0), w(n), d(p);
-  const scalar_t* sp = s.data_ptr<scalar_t>();
+void loo_typed(const at::Tensor& xr, const at::Tensor& y, const double* base, const at::Tensor& z,
+               const at::Tensor& v, const at::Tensor& g, at::Tensor& prod, at::Tensor& dz, int64_t cr,
+               int64_t threads, at::Tensor& scores, at::Tensor& best) {
+  const int64_t n = xr.size(0), p = z.size(0), t = z.size(1), na = g.size(1);
+  std::vector<double> best_score(t, 0.0), w(n), ga(p);
+  const double* vp = v.data_ptr<double>();
+  const double* gp = g.data_ptr<double>();
   const scalar_t* zp = z.data_ptr<scalar_t>();
   const scalar_t* xp = xr.data_ptr<scalar_t>();
   const scalar_t* yp = y.data_ptr<scalar_t>();
@@ -165,11 +257,16 @@ void loo_typed(const at::Tensor& xr, const at::Tensor& y, const at::Tensor& s, c
   double* out = scores.data_ptr<double>();
   int64_t* bi = best.data_ptr<int64_t>();
   double* wp = w.data();
-  const double* dp = d.data();
+  const double* gap = ga.data();
   for (int64_t a = 0; a < na; ++a) {
-    spectral_weights<scalar_t>(sp, zp, dzp, d.data(), p, t, al[a]);
+    for (int64_t j = 0; j < p; ++j) ga[j] = gp[j * na + a];
+#pragma omp parallel for schedule(static) if (p * t >= 65536)
+    for (int64_t j = 0; j < p; ++j) {
+      const scalar_t vj = static_cast<scalar_t>(vp[j * na + a]);
+      for (int64_t c = 0; c < t; ++c) dzp[j * t + c] = vj * zp[j * t + c];
+    }
 #pragma omp parallel for schedule(static) if (n * p >= 65536)
-    for (int64_t i = 0; i < n; ++i) wp[i] = ridge_loo_weight<scalar_t>(xp + i * p, dp, p, h0);
+    for (int64_t i = 0; i < n; ++i) wp[i] = ridge_loo_weight<scalar_t>(xp + i * p, gap, p, base[i]);
     double* row = out + a * t;
     for (int64_t r0 = 0; r0 < n; r0 += cr) {
       const int64_t m = std::min(cr, n - r0);
@@ -189,32 +286,26 @@ void loo_typed(const at::Tensor& xr, const at::Tensor& y, const at::Tensor& s, c
   }
 }
 
-// Exact leave-one-out: mean squared LOO error (n_alphas, t) and the running argmin per target. Per alpha:
-// leverages h_i (O(n p)), then per chunk of rows one BLAS product P = Xr[chunk] (d*z) and the fused weighted
-// residual sum; P never exceeds (chunk_rows, t).
+// Exact leave-one-out: mean squared LOO error (n_alphas, t) and the running argmin per target, without
+// cancellation (ridge_loo_parts). Per alpha: leverages (O(n p)), then per chunk of rows one BLAS product
+// P = Xr[chunk] (v z) and the fused weighted residual sum; P never exceeds (chunk_rows, t).
 std::tuple<at::Tensor, at::Tensor> loo_impl(const at::Tensor& xr_, const at::Tensor& y_, const at::Tensor& s_,
                                             const at::Tensor& z_, const at::Tensor& alphas, double h0,
                                             int64_t chunk_rows, int64_t threads) {
-  check_spectrum(s_, z_, alphas);
-  const int64_t p = z_.size(0), t = z_.size(1);
-  TORCH_CHECK(xr_.dim() == 2 && xr_.size(1) == p, "xr (rotated centred rows X V) must be (n, p) with p = ", p,
-              ", got ", xr_.sizes());
-  TORCH_CHECK(y_.dim() == 2 && y_.size(0) == xr_.size(0) && y_.size(1) == t, "y must be (n, n_targets) = (",
-              xr_.size(0), ", ", t, "), got ", y_.sizes());
-  TORCH_CHECK(xr_.scalar_type() == z_.scalar_type() && y_.scalar_type() == z_.scalar_type(),
-              "xr and y must have the dtype of z (", z_.scalar_type(), ")");
-  TORCH_CHECK(chunk_rows > 0, "chunk_rows must be positive, got ", chunk_rows);
-  const int64_t n = xr_.size(0);
-  TORCH_CHECK(n > 1, "leave-one-out needs at least 2 rows, got ", n);
-  auto s = s_.contiguous(), z = z_.contiguous(), xr = xr_.contiguous(), y = y_.contiguous();
-  const auto al = alpha_vector(alphas);
-  auto scores = at::zeros({static_cast<int64_t>(al.size()), t}, z.options().dtype(at::kDouble));
+  ridge_check_loo(xr_, y_, s_, z_, alphas, chunk_rows);
+  const int64_t p = z_.size(0), t = z_.size(1), n = xr_.size(0);
+  auto z = z_.contiguous(), xr = xr_.contiguous();
+  at::Tensor y, base, spans, v, g;
+  std::tie(y, base, spans) = ridge_loo_parts(xr, y_, s_, h0);
+  std::tie(v, g) = ridge_loo_weights(s_, alphas, spans);
+  const int64_t na = g.size(1);
+  auto scores = at::zeros({na, t}, z.options().dtype(at::kDouble));
   auto best = at::zeros({t}, z.options().dtype(at::kLong));
   const int64_t cr = std::min(chunk_rows, n);
   auto dz = at::empty({p, t}, z.options());
   auto prod = at::empty({cr, t}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "ridge_score_loo_cpu", [&] {
-    loo_typed<scalar_t>(xr, y, s, z, prod, dz, al, h0, cr, threads, scores, best);
+    loo_typed<scalar_t>(xr, y, base.data_ptr<double>(), z, v, g, prod, dz, cr, threads, scores, best);
   });
   return {scores, best};
 }
@@ -253,32 +344,32 @@ void loo_basis_typed(const at::Tensor& xr, const at::Tensor& y, const at::Tensor
 }
 
 // LOO through the alpha basis (see ridge_loo_basis_block): exact leverages (one (n, p) x (p, n_alphas) float64
-// product), r GEMMs per tile of targets, and a fused pass over rows x alphas x targets.
+// product), r GEMMs per tile of targets, and a fused pass over rows x alphas x targets; no cancellation
+// (ridge_loo_parts).
 std::tuple<at::Tensor, at::Tensor> loo_basis_impl(const at::Tensor& xr_, const at::Tensor& y_, const at::Tensor& s_,
                                                   const at::Tensor& z_, const at::Tensor& alphas, double h0,
                                                   const at::Tensor& basis_, const at::Tensor& coef_,
                                                   int64_t chunk_rows, int64_t threads) {
-  check_spectrum(s_, z_, alphas);
-  const int64_t p = z_.size(0), t = z_.size(1), n = xr_.size(0);
-  TORCH_CHECK(xr_.dim() == 2 && xr_.size(1) == p, "xr (rotated centred rows X V) must be (n, p) with p = ", p,
-              ", got ", xr_.sizes());
-  TORCH_CHECK(y_.dim() == 2 && y_.size(0) == n && y_.size(1) == t, "y must be (n, n_targets) = (", n, ", ", t,
-              "), got ", y_.sizes());
-  TORCH_CHECK(xr_.scalar_type() == z_.scalar_type() && y_.scalar_type() == z_.scalar_type(),
-              "xr and y must have the dtype of z (", z_.scalar_type(), ")");
-  const auto al = alpha_vector(alphas);
-  const int64_t r = check_alpha_basis(basis_, coef_, p, static_cast<int64_t>(al.size()));
+  ridge_check_loo(xr_, y_, s_, z_, alphas, chunk_rows);
+  const int64_t t = z_.size(1), n = xr_.size(0);
+  const auto al = ridge_alpha_values(alphas);
   const int64_t na = static_cast<int64_t>(al.size());
-  TORCH_CHECK(chunk_rows > 0 && n > 1, "chunk_rows must be positive and n > 1");
-  auto xr = xr_.contiguous(), y = y_.contiguous(), z = z_.contiguous();
-  auto basis = basis_.to(z.scalar_type()).contiguous();
-  auto coef = coef_.to(at::kDouble).contiguous();
-  // exact leverages for every alpha: h = h0 + xr^2 (p, n_alphas) spectral weights, in float64
+  ridge_check_basis(basis_, coef_, z_, na);
+  auto xr = xr_.contiguous(), z = z_.contiguous();
+  at::Tensor y, base, spans, v, g;
+  std::tie(y, base, spans) = ridge_loo_parts(xr, y_, s_, h0);
+  std::tie(v, g) = ridge_loo_weights(s_, alphas, spans);
+  // when the rows are interpolated the residual weights are -g(a) = -a d(a) / s: the basis rows scaled by 1/s
+  // and the coefficients by -a (per-entry relative accuracy unchanged); else d(a) itself
   auto sd = s_.to(at::kDouble);
-  auto dmat = at::reciprocal(sd.unsqueeze(1) + alphas.to(sd.device(), at::kDouble).unsqueeze(0));  // (p, n_alphas)
-  auto xd = xr.to(at::kDouble);
-  auto h = at::mm(xd * xd, dmat) + h0;  // (n, n_alphas)
-  auto w = at::where(h < 1.0, at::reciprocal((1.0 - h) * (1.0 - h)), at::full({}, 1.0 / 0.0, h.options())).contiguous();
+  auto inv_s = at::where(sd > 0.0, at::reciprocal(sd), at::zeros_like(sd));
+  auto b64 = basis_.to(at::kDouble), c64 = coef_.to(at::kDouble);
+  auto al_t = at::tensor(al, c64.options()).unsqueeze(1);
+  auto basis = at::where(spans, b64 * inv_s.unsqueeze(1), b64).to(z.scalar_type()).contiguous();
+  auto coef = at::where(spans, (c64 * al_t).neg(), c64).contiguous();
+  // exact leverages for every alpha: 1 - h = base + xr^2 g, in float64
+  auto omh = at::mm(xr.to(at::kDouble).square(), g) + base.unsqueeze(1);  // (n, n_alphas)
+  auto w = at::where(omh > 0.0, at::reciprocal(omh * omh), at::full({}, 1.0 / 0.0, omh.options())).contiguous();
   auto scores = at::zeros({na, t}, z.options().dtype(at::kDouble));
   auto best = at::zeros({t}, z.options().dtype(at::kLong));
   const int64_t cr = std::min(chunk_rows, n), tt = std::min<int64_t>(t, 256);
@@ -302,41 +393,26 @@ std::tuple<at::Tensor, at::Tensor> loo_basis_impl(const at::Tensor& xr_, const a
   return {scores, best};
 }
 
-// Generalised CV for every alpha and target: the fitted sums of squares of all alphas are one float64
-// product C (n_alphas, p) x z^2 (p, t), C_aj = d_j (2 - s_j d_j); then the fused GCV ratio and argmin.
+// Generalised CV for every alpha and target from ridge_gcv_parts (two float64 products, no cancellation: see
+// ridge_checks.h), then the fused per-target ratio and argmin.
 std::tuple<at::Tensor, at::Tensor> gcv_impl(const at::Tensor& s_, const at::Tensor& z_, const at::Tensor& yy_,
                                             const at::Tensor& alphas, double n, double df0, int64_t threads) {
-  check_spectrum(s_, z_, alphas);
-  const int64_t p = z_.size(0), t = z_.size(1);
-  check_yy(yy_, t);
-  TORCH_CHECK(n > df0, "n (", n, ") must exceed df0 (", df0, ")");
-  auto s = s_.to(at::kDouble).contiguous();
-  auto yy = yy_.to(at::kDouble).contiguous();
-  const auto al = alpha_vector(alphas);
-  const int64_t na = static_cast<int64_t>(al.size());
-  auto C = at::empty({na, p}, s.options());
-  std::vector<double> df(na, df0);
-  const double* sp = s.data_ptr<double>();
-  double* cp = C.data_ptr<double>();
-  for (int64_t a = 0; a < na; ++a)
-    for (int64_t j = 0; j < p; ++j) {
-      const double d = 1.0 / (sp[j] + al[a]);
-      cp[a * p + j] = d * (2.0 - sp[j] * d);
-      df[a] += sp[j] * d;
-    }
-  auto zd = z_.to(at::kDouble);
-  auto fit = at::mm(C, zd * zd).contiguous();  // (n_alphas, t)
-  auto scores = at::empty({na, t}, fit.options());
+  ridge_check_gcv(s_, z_, yy_, alphas, n, df0);
+  const int64_t t = z_.size(1);
+  auto [sse_in, rest, den] = ridge_gcv_parts(s_, z_, yy_, alphas, n, df0);
+  const int64_t na = sse_in.size(0);
+  auto scores = at::empty({na, t}, sse_in.options());
   auto best = at::zeros({t}, z_.options().dtype(at::kLong));
-  const double* fp = fit.data_ptr<double>();
-  const double* yyp = yy.data_ptr<double>();
+  const double* sp = sse_in.data_ptr<double>();
+  const double* rp = rest.data_ptr<double>();
+  const double* dp = den.data_ptr<double>();
   double* out = scores.data_ptr<double>();
   int64_t* bi = best.data_ptr<int64_t>();
   for_each_block(t, threads, [&](int64_t col0, int64_t nc) {
     for (int64_t c = col0; c < col0 + nc; ++c) {
       double bs = 0.0;
       for (int64_t a = 0; a < na; ++a) {
-        const double g = ridge_gcv_from_fit(yyp[c], fp[a * t + c], df[a], n);
+        const double g = ridge_gcv_score(sp[a * t + c], rp[c], dp[a], n);
         out[a * t + c] = g;
         ridge_argmin_update(g, a, &bs, &bi[c]);
       }
@@ -356,11 +432,11 @@ std::tuple<at::Tensor, at::Tensor> gcv_impl(const at::Tensor& s_, const at::Tens
 at::Tensor kfold_basis_impl(const at::Tensor& s_, const at::Tensor& z_, const at::Tensor& b_, const at::Tensor& yy_,
                             const at::Tensor& quad_, const at::Tensor& alphas, bool rows, const at::Tensor& basis_,
                             const at::Tensor& coef_) {
-  check_kfold_inputs(s_, z_, b_, yy_, quad_, alphas, rows);
+  ridge_check_kfold(s_, z_, b_, yy_, quad_, alphas, rows);
   const int64_t p = z_.size(0), t = z_.size(1);
-  const auto al = alpha_vector(alphas);
-  const int64_t r = check_alpha_basis(basis_, coef_, p, static_cast<int64_t>(al.size()));
+  const auto al = ridge_alpha_values(alphas);
   const int64_t na = static_cast<int64_t>(al.size());
+  const int64_t r = ridge_check_basis(basis_, coef_, z_, na);
   const auto f64 = z_.options().dtype(at::kDouble);
   auto z = z_.contiguous(), b = b_.contiguous();
   auto G = rows ? at::mm(quad_.t(), quad_) : quad_.contiguous();  // (p, p): the form the U' fold needs
@@ -428,8 +504,9 @@ std::tuple<at::Tensor, at::Tensor> ridge_score_loo_grid_cpu(const at::Tensor& xr
 }
 std::tuple<at::Tensor, at::Tensor> ridge_score_loo_basis_cpu(const at::Tensor& xr, const at::Tensor& y,
                                                              const at::Tensor& s, const at::Tensor& z,
-                                                             const at::Tensor& alphas, double h0, const at::Tensor& basis,
-                                                             const at::Tensor& coef, int64_t chunk_rows) {
+                                                             const at::Tensor& alphas, double h0,
+                                                             const at::Tensor& basis, const at::Tensor& coef,
+                                                             int64_t chunk_rows) {
   return loo_basis_impl(xr, y, s, z, alphas, h0, basis, coef, chunk_rows, 0);
 }
 std::tuple<at::Tensor, at::Tensor> ridge_score_loo_basis_grid_cpu(const at::Tensor& xr, const at::Tensor& y,
@@ -453,7 +530,7 @@ std::tuple<at::Tensor, at::Tensor> ridge_score_gcv_grid_cpu(const at::Tensor& s,
 
 }  // namespace
 
-// ATen calls only: the same function is the CPU and the CUDA kernel (declared again in ridge_cuda.cu)
+// ATen calls only: the same function is the CPU and the CUDA kernel (declared in ridge_checks.h)
 at::Tensor ridge_score_kfold_basis_aten(const at::Tensor& s, const at::Tensor& z, const at::Tensor& b,
                                         const at::Tensor& yy, const at::Tensor& quad, const at::Tensor& alphas,
                                         bool rows, const at::Tensor& basis, const at::Tensor& coef) {
@@ -468,7 +545,9 @@ TORCH_LIBRARY_FRAGMENT(metalign_ops, m) {
   // (n_val, p) (rows=True).
   m.def("ridge_score_kfold(Tensor s, Tensor z, Tensor b, Tensor yy, Tensor quad, Tensor alphas, bool rows) -> Tensor");
   // Exact leave-one-out (sklearn RidgeCV semantics): mean squared LOO error (n_alphas, t) float64 and the
-  // first argmin per target (t,) int64. xr = Xc V (n, p), y (n, t) centred, h0 = 1/n with an intercept.
+  // first argmin per target (t,) int64. xr = Xc V (n, p), y (n, t) centred, h0 = 1/n with an intercept (0
+  // without). Directions with s_j = 0 are outside the fit (xr and z zero there). Computed without
+  // cancellation (ridge_loo_parts), so p >= n (interpolation at small alpha) scores right.
   m.def("ridge_score_loo(Tensor xr, Tensor y, Tensor s, Tensor z, Tensor alphas, float h0, int chunk_rows) -> "
         "(Tensor scores, Tensor best)");
   // LOO with the spectral weights 1/(s + alpha) replaced by basis (p, r) x coef(n_alphas, r)' (a truncated
@@ -477,7 +556,10 @@ TORCH_LIBRARY_FRAGMENT(metalign_ops, m) {
         "Tensor coef, int chunk_rows) -> (Tensor scores, Tensor best)");
   m.def("ridge_score_loo_basis_grid(Tensor xr, Tensor y, Tensor s, Tensor z, Tensor alphas, float h0, Tensor basis, "
         "Tensor coef, int chunk_rows, int threads) -> (Tensor scores, Tensor best)");
-  // Generalised CV (n_alphas, t) float64 and its argmin (t,) int64; yy = |y|^2, df0 = 1 with an intercept.
+  // Generalised CV (n_alphas, t) float64 and its argmin (t,) int64; yy = |y|^2 (y centred when df0 = 1, with an
+  // intercept). Directions with s_j = 0 are outside the fit (their z must be 0): ridge_cv zeroes the directions
+  // below its rank tolerance. Computed without cancellation (ridge_gcv_parts), so p >= n (interpolation at small
+  // alpha) scores right.
   m.def("ridge_score_gcv(Tensor s, Tensor z, Tensor yy, Tensor alphas, float n, float df0) -> "
         "(Tensor scores, Tensor best)");
   // k-fold scores with the quadratic form through the alpha basis (basis (p, r), coef (n_alphas, r) from

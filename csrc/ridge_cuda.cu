@@ -1,6 +1,8 @@
 // CUDA implementation of the streaming-ridge scoring ops: cuBLAS (through ATen) for the one GEMM per alpha,
 // then one thread per target running the same per-target functions as the CPU path (ridge_kernel.h). The
 // CPU ops ridge_score_*_grid execute these launch grids on the CPU, so their indexing is tested without a GPU.
+// Inputs go through the CPU path's checks (ridge_checks.h: same messages, plus every tensor on z's device);
+// alphas are a parameter list read on the host, so they may live on either device.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -8,17 +10,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
+#include "ridge_checks.h"
 #include "ridge_kernel.h"
 
 namespace metalign {
-
-// k-fold scores through the alpha basis: ATen calls only (cuBLAS GEMMs here), defined in ridge_cpu.cpp
-at::Tensor ridge_score_kfold_basis_aten(const at::Tensor& s, const at::Tensor& z, const at::Tensor& b,
-                                        const at::Tensor& yy, const at::Tensor& quad, const at::Tensor& alphas,
-                                        bool rows, const at::Tensor& basis, const at::Tensor& coef);
-
 namespace {
 
 constexpr int kThreads = 256;  // threads per block: one target (or one row) per thread
@@ -36,11 +34,11 @@ __global__ void ridge_kfold_kernel(const double* __restrict__ d, const T* __rest
 }
 
 template <typename T>
-__global__ void ridge_weight_kernel(const T* __restrict__ xr, const double* __restrict__ d, double* __restrict__ w,
-                                    int64_t n, int64_t p, double h0) {
+__global__ void ridge_weight_kernel(const T* __restrict__ xr, const double* __restrict__ g,
+                                    const double* __restrict__ base, double* __restrict__ w, int64_t n, int64_t p) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  w[i] = ridge_loo_weight<T>(xr + i * p, d, p, h0);
+  w[i] = ridge_loo_weight<T>(xr + i * p, g, p, base[i]);
 }
 
 template <typename T>
@@ -59,15 +57,15 @@ __global__ void ridge_argmin_kernel(double* __restrict__ out, double* __restrict
   ridge_argmin_update(out[col], a, best_score + col, best + col);
 }
 
-__global__ void ridge_gcv_kernel(const double* __restrict__ fit, const double* __restrict__ yy,
-                                 const double* __restrict__ df, double* __restrict__ out, int64_t* __restrict__ best,
+__global__ void ridge_gcv_kernel(const double* __restrict__ sse_in, const double* __restrict__ rest,
+                                 const double* __restrict__ den, double* __restrict__ out, int64_t* __restrict__ best,
                                  int64_t t, int64_t na, double n) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (col >= t) return;
   double bs = 0.0;
   int64_t bi = 0;
   for (int64_t a = 0; a < na; ++a) {
-    const double g = ridge_gcv_from_fit(yy[col], fit[a * t + col], df[a], n);
+    const double g = ridge_gcv_score(sse_in[a * t + col], rest[col], den[a], n);
     out[a * t + col] = g;
     ridge_argmin_update(g, a, &bs, &bi);
   }
@@ -87,35 +85,17 @@ __global__ void ridge_loo_basis_kernel(const T* __restrict__ q, const double* __
 
 int64_t blocks_for(int64_t count) { return (count + kThreads - 1) / kThreads; }
 
-std::vector<double> host_alphas(const at::Tensor& alphas) {
-  TORCH_CHECK(alphas.dim() == 1 && alphas.size(0) > 0, "alphas must be 1-D and non-empty, got ", alphas.sizes());
-  auto a = alphas.to(at::kCPU, at::kDouble).contiguous();
-  std::vector<double> out(a.data_ptr<double>(), a.data_ptr<double>() + a.numel());
-  for (double v : out) TORCH_CHECK(v > 0.0, "alphas must be positive, got ", v);
-  return out;
-}
-
-void check_cuda_spectrum(const at::Tensor& s, const at::Tensor& z) {
-  TORCH_CHECK(s.is_cuda() && z.is_cuda(), "s and z must be CUDA tensors");
-  TORCH_CHECK(s.dim() == 1 && z.dim() == 2 && z.size(0) == s.size(0), "z must be (p, n_targets) with p = len(s), got ",
-              z.sizes(), " and ", s.sizes());
-  TORCH_CHECK(s.scalar_type() == z.scalar_type() &&
-                  (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble),
-              "s and z must share a dtype, float32 or float64");
-}
+void check_cuda(const at::Tensor& z) { TORCH_CHECK(z.is_cuda(), "z must be a CUDA tensor, got ", z.device()); }
 
 at::Tensor ridge_score_kfold_cuda(const at::Tensor& s_, const at::Tensor& z_, const at::Tensor& b_,
                                   const at::Tensor& yy_, const at::Tensor& quad_, const at::Tensor& alphas, bool rows) {
-  check_cuda_spectrum(s_, z_);
-  TORCH_CHECK(b_.sizes() == z_.sizes() && b_.scalar_type() == z_.scalar_type(), "b must match z in shape and dtype");
+  check_cuda(z_);
+  ridge_check_kfold(s_, z_, b_, yy_, quad_, alphas, rows);
   const int64_t p = z_.size(0), t = z_.size(1);
-  TORCH_CHECK(yy_.dim() == 1 && yy_.size(0) == t, "yy must be (n_targets,) = (", t, ",), got ", yy_.sizes());
-  TORCH_CHECK(quad_.dim() == 2 && quad_.size(1) == p && (rows || quad_.size(0) == p), "quad must be (",
-              rows ? "n_val" : "p", ", p) with p = ", p, ", got ", quad_.sizes());
   const at::cuda::CUDAGuard guard(z_.device());
-  auto s = s_.contiguous(), z = z_.contiguous(), b = b_.contiguous(), quad = quad_.to(z_.scalar_type()).contiguous();
+  auto s = s_.contiguous(), z = z_.contiguous(), b = b_.contiguous(), quad = quad_.contiguous();
   auto yy = yy_.to(at::kDouble).contiguous();
-  const auto al = host_alphas(alphas);
+  const auto al = ridge_alpha_values(alphas);
   const int64_t na = static_cast<int64_t>(al.size()), m = quad.size(0);
   auto scores = at::empty({na, t}, z.options().dtype(at::kDouble));
   if (t == 0) return scores;
@@ -139,16 +119,17 @@ at::Tensor ridge_score_kfold_cuda(const at::Tensor& s_, const at::Tensor& z_, co
 std::tuple<at::Tensor, at::Tensor> ridge_score_loo_cuda(const at::Tensor& xr_, const at::Tensor& y_,
                                                         const at::Tensor& s_, const at::Tensor& z_,
                                                         const at::Tensor& alphas, double h0, int64_t chunk_rows) {
-  check_cuda_spectrum(s_, z_);
+  check_cuda(z_);
+  ridge_check_loo(xr_, y_, s_, z_, alphas, chunk_rows);
   const int64_t p = z_.size(0), t = z_.size(1), n = xr_.size(0);
-  TORCH_CHECK(xr_.dim() == 2 && xr_.size(1) == p, "xr must be (n, p) with p = ", p, ", got ", xr_.sizes());
-  TORCH_CHECK(y_.dim() == 2 && y_.size(0) == n && y_.size(1) == t, "y must be (", n, ", ", t, "), got ", y_.sizes());
-  TORCH_CHECK(chunk_rows > 0 && n > 1, "chunk_rows must be positive and n > 1");
   const at::cuda::CUDAGuard guard(z_.device());
-  auto s = s_.contiguous(), z = z_.contiguous(), xr = xr_.to(z_.scalar_type()).contiguous(),
-       y = y_.to(z_.scalar_type()).contiguous();
-  const auto al = host_alphas(alphas);
-  const int64_t na = static_cast<int64_t>(al.size()), cr = std::min(chunk_rows, n);
+  auto z = z_.contiguous(), xr = xr_.contiguous();
+  at::Tensor y, base, spans, v, g;
+  std::tie(y, base, spans) = ridge_loo_parts(xr, y_, s_, h0);  // no cancellation: see ridge_checks.h
+  std::tie(v, g) = ridge_loo_weights(s_, alphas, spans);
+  v = v.t().contiguous();                                         // (n_alphas, p): row a is v(a)
+  g = g.t().contiguous();
+  const int64_t na = g.size(0), cr = std::min(chunk_rows, n);
   auto scores = at::zeros({na, t}, z.options().dtype(at::kDouble));
   auto best = at::zeros({t}, z.options().dtype(at::kLong));
   auto best_score = at::zeros({t}, z.options().dtype(at::kDouble));
@@ -159,11 +140,11 @@ std::tuple<at::Tensor, at::Tensor> ridge_score_loo_cuda(const at::Tensor& xr_, c
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "ridge_score_loo_cuda", [&] {
     for (int64_t a = 0; a < na; ++a) {
-      auto d = at::reciprocal(s.to(at::kDouble) + al[a]);  // (p,) float64
+      auto ga = g[a];                                            // (p,) float64
       ridge_weight_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-          xr.data_ptr<scalar_t>(), d.data_ptr<double>(), w.data_ptr<double>(), n, p, h0);
+          xr.data_ptr<scalar_t>(), ga.data_ptr<double>(), base.data_ptr<double>(), w.data_ptr<double>(), n, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      at::mul_out(dz, z, d.to(z.scalar_type()).unsqueeze(1));
+      at::mul_out(dz, z, v[a].to(z.scalar_type()).unsqueeze(1));  // the residual is y - Xr (v z)
       double* out = scores.data_ptr<double>() + a * t;
       for (int64_t r0 = 0; r0 < n; r0 += cr) {
         const int64_t m = std::min(cr, n - r0);
@@ -186,24 +167,26 @@ std::tuple<at::Tensor, at::Tensor> ridge_score_loo_basis_cuda(const at::Tensor& 
                                                               const at::Tensor& alphas, double h0,
                                                               const at::Tensor& basis_, const at::Tensor& coef_,
                                                               int64_t chunk_rows) {
-  check_cuda_spectrum(s_, z_);
+  check_cuda(z_);
+  ridge_check_loo(xr_, y_, s_, z_, alphas, chunk_rows);
   const int64_t p = z_.size(0), t = z_.size(1), n = xr_.size(0);
-  TORCH_CHECK(xr_.dim() == 2 && xr_.size(1) == p, "xr must be (n, p) with p = ", p, ", got ", xr_.sizes());
-  TORCH_CHECK(y_.dim() == 2 && y_.size(0) == n && y_.size(1) == t, "y must be (", n, ", ", t, "), got ", y_.sizes());
-  TORCH_CHECK(basis_.dim() == 2 && basis_.size(0) == p, "basis must be (p, r) with p = ", p, ", got ", basis_.sizes());
-  const auto al = host_alphas(alphas);
-  const int64_t na = static_cast<int64_t>(al.size()), r = basis_.size(1);
-  TORCH_CHECK(coef_.dim() == 2 && coef_.size(0) == na && coef_.size(1) == r, "coef must be (n_alphas, r) = (", na,
-              ", ", r, "), got ", coef_.sizes());
-  TORCH_CHECK(chunk_rows > 0 && n > 1, "chunk_rows must be positive and n > 1");
+  const auto al = ridge_alpha_values(alphas);
+  const int64_t na = static_cast<int64_t>(al.size());
+  const int64_t r = ridge_check_basis(basis_, coef_, z_, na);
   const at::cuda::CUDAGuard guard(z_.device());
-  auto xr = xr_.to(z_.scalar_type()).contiguous(), y = y_.to(z_.scalar_type()).contiguous(), z = z_.contiguous();
-  auto basis = basis_.to(z.device(), z.scalar_type());
-  auto coef = coef_.to(z.device(), at::kDouble).contiguous();
-  auto dmat = at::reciprocal(s_.to(at::kDouble).unsqueeze(1) + alphas.to(z.device(), at::kDouble).unsqueeze(0));
-  auto xd = xr.to(at::kDouble);
-  auto h = at::mm(xd * xd, dmat) + h0;  // (n, n_alphas) exact leverages
-  auto w = at::where(h < 1.0, at::reciprocal((1.0 - h) * (1.0 - h)), at::full({}, 1.0 / 0.0, h.options())).contiguous();
+  auto xr = xr_.contiguous(), z = z_.contiguous();
+  at::Tensor y, base, spans, v, g;
+  std::tie(y, base, spans) = ridge_loo_parts(xr, y_, s_, h0);  // no cancellation: see ridge_checks.h
+  std::tie(v, g) = ridge_loo_weights(s_, alphas, spans);
+  // interpolated rows: the residual weights -g(a) = -a d(a) / s, i.e. basis rows / s and coefficients * -a
+  auto sd = s_.to(at::kDouble);
+  auto inv_s = at::where(sd > 0.0, at::reciprocal(sd), at::zeros_like(sd));
+  auto b64 = basis_.to(at::kDouble), c64 = coef_.to(at::kDouble);
+  auto al_t = at::tensor(al, c64.options()).unsqueeze(1);
+  auto basis = at::where(spans, b64 * inv_s.unsqueeze(1), b64).to(z.scalar_type()).contiguous();
+  auto coef = at::where(spans, (c64 * al_t).neg(), c64).contiguous();
+  auto omh = at::mm(xr.to(at::kDouble).square(), g) + base.unsqueeze(1);  // 1 - h, exact
+  auto w = at::where(omh > 0.0, at::reciprocal(omh * omh), at::full({}, 1.0 / 0.0, omh.options())).contiguous();
   // zcat[j, m * t + c] = basis[j, m] * z[j, c]: the r basis GEMMs as one
   auto zcat = (basis.unsqueeze(2) * z.unsqueeze(1)).reshape({p, r * t}).contiguous();
   auto scores = at::zeros({na, t}, z.options().dtype(at::kDouble));
@@ -236,26 +219,18 @@ std::tuple<at::Tensor, at::Tensor> ridge_score_loo_basis_cuda(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> ridge_score_gcv_cuda(const at::Tensor& s_, const at::Tensor& z_,
                                                         const at::Tensor& yy_, const at::Tensor& alphas, double n,
                                                         double df0) {
-  check_cuda_spectrum(s_, z_);
+  check_cuda(z_);
+  ridge_check_gcv(s_, z_, yy_, alphas, n, df0);
   const int64_t t = z_.size(1);
-  TORCH_CHECK(yy_.dim() == 1 && yy_.size(0) == t, "yy must be (n_targets,) = (", t, ",), got ", yy_.sizes());
-  TORCH_CHECK(n > df0, "n must exceed df0");
   const at::cuda::CUDAGuard guard(z_.device());
-  host_alphas(alphas);  // validates
-  auto s = s_.to(at::kDouble), zd = z_.to(at::kDouble);
-  auto yy = yy_.to(at::kDouble).contiguous();
-  auto al = alphas.to(z_.device(), at::kDouble);
-  auto d = at::reciprocal(s.unsqueeze(0) + al.unsqueeze(1));      // (n_alphas, p)
-  auto C = d * (2.0 - s.unsqueeze(0) * d);
-  auto df = ((s.unsqueeze(0) * d).sum(1) + df0).contiguous();      // (n_alphas,)
-  auto fit = at::mm(C, zd * zd).contiguous();                      // (n_alphas, t): cuBLAS, float64
-  const int64_t na = al.size(0);
-  auto scores = at::empty({na, t}, fit.options());
+  auto [sse_in, rest, den] = ridge_gcv_parts(s_, z_, yy_, alphas, n, df0);  // cuBLAS float64, on the device
+  const int64_t na = sse_in.size(0);
+  auto scores = at::empty({na, t}, sse_in.options());
   auto best = at::zeros({t}, z_.options().dtype(at::kLong));
   if (t == 0) return {scores, best};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  ridge_gcv_kernel<<<blocks_for(t), kThreads, 0, stream>>>(fit.data_ptr<double>(), yy.data_ptr<double>(),
-                                                          df.data_ptr<double>(), scores.data_ptr<double>(),
+  ridge_gcv_kernel<<<blocks_for(t), kThreads, 0, stream>>>(sse_in.data_ptr<double>(), rest.data_ptr<double>(),
+                                                          den.data_ptr<double>(), scores.data_ptr<double>(),
                                                           best.data_ptr<int64_t>(), t, na, n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {scores, best};

@@ -49,21 +49,24 @@ METALIGN_HD void ridge_sumsq_block(const T* pred, int64_t m, int64_t ld, int64_t
   }
 }
 
-// Leverage of one row for one alpha: h = h0 + sum_j xr_j^2 d_j (h0 = 1/n with an intercept), returned as
-// the LOO weight 1 / (1 - h)^2; h >= 1 (a row interpolated exactly, alpha -> 0 with p >= n) has no LOO
-// error: an infinite weight makes that alpha lose unless every alpha does.
+// LOO weight of one row for one alpha, 1 / (1 - h)^2, with 1 - h = base + sum_j xr_j^2 g_j written without
+// cancellation: g_j = a / (s_j (s_j + a)) (0 off the fit) and base = 1 - h0 - sum_j xr_j^2 / s_j, the leverage
+// left outside the span (exactly 0 when the rows are interpolated: p >= n). 1 - h <= 0 (a row interpolated
+// exactly) has no LOO error: an infinite weight makes that alpha lose unless every alpha does.
 template <typename T>
-METALIGN_HD double ridge_loo_weight(const T* xr_row, const double* d, int64_t p, double h0) {
-  double h = h0;
+METALIGN_HD double ridge_loo_weight(const T* xr_row, const double* g, int64_t p, double base) {
+  double q = base;
   for (int64_t j = 0; j < p; ++j) {
     const double x = static_cast<double>(xr_row[j]);
-    h += x * x * d[j];
+    q += x * x * g[j];
   }
-  return h < 1.0 ? 1.0 / ((1.0 - h) * (1.0 - h)) : 1.0 / 0.0;
+  return q > 0.0 ? 1.0 / (q * q) : 1.0 / 0.0;
 }
 
 // Exact leave-one-out squared errors over rows [0, m) of a chunk (Allen 1974; the identity sklearn RidgeCV
-// uses): r_i = (y_i - P_i) / (1 - h_i), P = Xr (d z) the full-data fit, w_i = 1 / (1 - h_i)^2.
+// uses): r_i = e_i / (1 - h_i) with w_i = 1 / (1 - h_i)^2, e = y - P. When the rows are interpolated (p >= n)
+// the caller passes y = 0 and P = -Xr (g z) (ridge_loo_parts), so e = Xr (g z) is computed as the small
+// number it is, not as y minus a fit equal to y in every digit; otherwise y and P = Xr (d z).
 template <typename T>
 METALIGN_HD void ridge_loo_block(const T* y, const T* pred, const double* w, int64_t m, int64_t ld_y, int64_t ld_p,
                                  int64_t col0, int64_t ncols, double* acc) {
@@ -80,9 +83,11 @@ METALIGN_HD void ridge_loo_block(const T* y, const T* pred, const double* w, int
 
 // LOO with the spectral weights expanded in a few alpha-basis functions: d(a) = 1/(s + a) ~ sum_m U_m coef_am
 // (a truncated SVD of the (p, n_alphas) matrix of spectral weights; its rank is ~5-10 at 1e-10 because
-// 1/(s_j + a) is a smooth Cauchy kernel). The fit of every alpha is then P(a) = sum_m coef_am Q_m with
-// Q_m = Xr (U_m * z), r GEMMs in all instead of one per alpha. For one row i, one alpha a and a block of
-// targets: acc_c += w_i(a) (y_ic - sum_m coef_am Q_m,ic)^2 (w from the exact leverages).
+// 1/(s_j + a) is a smooth Cauchy kernel), so the fit of every alpha is P(a) = sum_m coef_am Q_m with
+// Q_m = Xr (U_m * z): r GEMMs in all instead of one per alpha. When the rows are interpolated the residual
+// weights -g_j(a) = -a d_j(a) / s_j take the same expansion with rows scaled by 1/s_j and coefficients by -a
+// (per-entry relative accuracy unchanged) and y = 0 (see ridge_loo_block). For one row i, one alpha a and a
+// block of targets: acc_c += w_i(a) (y_ic - sum_m coef_am Q_m,ic)^2 (w from the exact leverages).
 template <typename T>
 METALIGN_HD void ridge_loo_basis_block(const T* q_row, int64_t r, int64_t ldq, const double* coef_a, const T* y_row,
                                        double w, int64_t col0, int64_t ncols, double* acc) {
@@ -99,14 +104,13 @@ METALIGN_HD void ridge_loo_basis_block(const T* q_row, int64_t r, int64_t ldq, c
   }
 }
 
-// Generalised CV (Golub, Heath & Wahba 1979) of one target for one alpha from its fitted sum of squares:
-//   fit = sum_j z_j^2 d_j (2 - s_j d_j)  (one (n_alphas, p) x (p, t) product for all alphas and targets),
-//   SSE = |y|^2 - fit,  df = df0 + sum_j s_j d_j,  GCV = (SSE / n) / (1 - df / n)^2.
-METALIGN_HD double ridge_gcv_from_fit(double yy, double fit, double df, double n) {
-  double sse = yy - fit;
-  if (sse < 0.0) sse = 0.0;  // rounding when the fit is (near) exact
-  const double r = 1.0 - df / n;
-  return (sse / n) / (r * r);
+// Generalised CV (Golub, Heath & Wahba 1979) of one target for one alpha, GCV = (SSE / n) / (1 - df / n)^2,
+// from pieces computed without cancellation (ridge_gcv_parts in ridge_cpu.cpp): SSE = sse_in + rest with
+// sse_in = sum_j (a d_j)^2 z_j^2 / s_j (the residual inside the span of X) and rest = |y outside the span|^2,
+// and den = n - df = (n - df0 - rank) + sum_j a d_j. The textbook |y|^2 - fit and n - df lose every digit when
+// p >= n and alpha is small (the fit interpolates: both are O(alpha) differences of O(1) numbers).
+METALIGN_HD double ridge_gcv_score(double sse_in, double rest, double den, double n) {
+  return n * (sse_in + rest) / (den * den);
 }
 
 // Running argmin over alphas: strict <, so ties keep the first (smallest-index) alpha as sklearn does.

@@ -1,5 +1,6 @@
 """Streaming ridge: the scoring ops against their *_ref oracles (and the CUDA grids run on the CPU), ridge_cv
-against the float64 explicit-solve oracle, sklearn RidgeCV (exact LOO) and himalaya RidgeCV (k-fold)."""
+against the float64 SVD oracle, sklearn RidgeCV (exact LOO) and himalaya RidgeCV (k-fold), on every device of
+the `device` fixture (cpu; cuda where present). The peers' own test cases are ported in test_ridge_peers.py."""
 import warnings
 
 import h5py
@@ -31,15 +32,15 @@ def test_ridge_ops_multithreaded():
         for quad, is_rows in [(gram, False), (rows, True)]:
             torch.testing.assert_close(OPS.ridge_score_kfold(s, z, b, yy, quad, ALPHAS, is_rows),
                                        kernels.ridge_score_kfold_ref(s, z, b, yy, quad, ALPHAS, is_rows))
-        got, best = OPS.ridge_score_loo(xr, y, s + 1, z, ALPHAS, 1 / 300, 64)
-        want, wbest = kernels.ridge_score_loo_ref(xr, y, s + 1, z, ALPHAS, 1 / 300, 64)
+        got, best = OPS.ridge_score_loo(xr, y, _lift(s), z, ALPHAS, 1 / 300, 64)
+        want, wbest = kernels.ridge_score_loo_ref(xr, y, _lift(s), z, ALPHAS, 1 / 300, 64)
         torch.testing.assert_close(got, want)
         assert torch.equal(best, wbest)
-        basis, coef, _ = kernels.ridge_alpha_basis(s + 1, ALPHAS)
-        got, best = OPS.ridge_score_loo_basis(xr, y, s + 1, z, ALPHAS, 1 / 300, basis, coef, 64)
-        torch.testing.assert_close(got, kernels.ridge_score_loo_basis_ref(xr, y, s + 1, z, ALPHAS, 1 / 300, basis,
-                                                                          coef, 64)[0])
-        yy2 = yy + (z ** 2).sum(0)
+        basis, coef, _ = kernels.ridge_alpha_basis(_fitted(_lift(s)), ALPHAS)
+        got, best = OPS.ridge_score_loo_basis(xr, y, _lift(s), z, ALPHAS, 1 / 300, basis, coef, 64)
+        want = kernels.ridge_score_loo_basis_ref(xr, y, _lift(s), z, ALPHAS, 1 / 300, basis, coef, 64)[0]
+        torch.testing.assert_close(got, want)
+        yy2 = _consistent_yy(s, z, yy)
         got, best = OPS.ridge_score_gcv(s, z, yy2, ALPHAS, 500.0, 1.0)
         torch.testing.assert_close(got, kernels.ridge_score_gcv_ref(s, z, yy2, ALPHAS, 500.0, 1.0)[0])
     finally:
@@ -55,8 +56,27 @@ def _problem(n, p, t, dtype=torch.float64, seed=0, noise=(0.5, 20.0)):
     return torch.from_numpy(X).to(dtype), torch.from_numpy(Y).to(dtype)
 
 
-def _spectrum(n, p, t, m, dtype, seed=0):
-    """Random inputs of the scoring ops: a PSD spectrum (with a clamped zero), z, b, yy, a Gram and rows."""
+def _consistent_yy(s, z, rest):
+    """|y|^2 of a target whose fit has eigenvalues s and rotated cross-products z: the fitted part
+    sum_j z_j^2 / s_j (positive s) plus `rest` outside the span."""
+    s64 = s.double()
+    return rest.to(s64.device) + (torch.where(s64 > 0, 1 / s64, 0.0)[:, None] * z.double() ** 2).sum(0)
+
+
+def _lift(s):
+    """The spectrum with every fitted eigenvalue raised by 1 (leverages below 1), the dropped one left at 0."""
+    return torch.where(s > 0, s + 1, s)
+
+
+def _fitted(s):
+    """The spectrum the alpha basis is built on, as ridge_cv builds it: a dropped direction (s = 0, z = 0) gets a
+    harmless eigenvalue instead of widening the basis."""
+    return torch.where(s > 0, s, s.max())
+
+
+def _spectrum(n, p, t, m, dtype, seed=0, device="cpu"):
+    """Random inputs of the scoring ops on `device`: a PSD spectrum (with a dropped zero direction, z = b = 0
+    there), z, b, yy, a Gram and rows."""
     g = torch.Generator().manual_seed(seed)
     s = torch.rand(p, generator=g, dtype=torch.float64) * 50
     s[0] = 0.0
@@ -66,8 +86,9 @@ def _spectrum(n, p, t, m, dtype, seed=0):
     yy = torch.rand(t, generator=g, dtype=torch.float64) * 100 + 1
     xr = torch.randn(n, p, generator=g, dtype=torch.float64) / np.sqrt(n)
     y = torch.randn(n, t, generator=g, dtype=torch.float64)
-    cast = lambda a: a.to(dtype)  # noqa: E731
-    return cast(s), cast(z), cast(b), yy, cast(rows.T @ rows), cast(rows), cast(xr), cast(y)
+    z[0], b[0], xr[:, 0] = 0.0, 0.0, 0.0  # the dropped direction: ridge_cv zeroes its eigenvector
+    cast = lambda a: a.to(device, dtype)  # noqa: E731
+    return cast(s), cast(z), cast(b), yy.to(device), cast(rows.T @ rows), cast(rows), cast(xr), cast(y)
 
 
 ALPHAS = torch.logspace(-3, 3, 7, dtype=torch.float64)
@@ -76,8 +97,8 @@ TOL = {torch.float64: dict(rtol=1e-10, atol=1e-8), torch.float32: dict(rtol=2e-4
 
 @pytest.mark.parametrize("p,t,m", [(1, 1, 1), (7, 3, 5), (33, 129, 9), (65, 300, 100)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ridge_score_kfold(p, t, m, dtype):
-    s, z, b, yy, gram, rows, _, _ = _spectrum(5, p, t, m, dtype)
+def test_ridge_score_kfold(p, t, m, dtype, device):
+    s, z, b, yy, gram, rows, _, _ = _spectrum(5, p, t, m, dtype, device=device)
     for quad, is_rows in [(gram, False), (rows, True)]:
         got = OPS.ridge_score_kfold(s, z, b, yy, quad, ALPHAS, is_rows)
         want = kernels.ridge_score_kfold_ref(s, z, b, yy, quad, ALPHAS, is_rows)
@@ -90,9 +111,9 @@ def test_ridge_score_kfold(p, t, m, dtype):
 
 @pytest.mark.parametrize("n,p,t,chunk", [(2, 1, 1, 1), (7, 3, 5, 3), (129, 17, 300, 50), (300, 40, 33, 4096)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ridge_score_loo(n, p, t, chunk, dtype):
-    s, z, _, _, _, _, xr, y = _spectrum(n, p, t, 1, dtype)
-    s = s + 1.0  # leverages below 1 for every alpha
+def test_ridge_score_loo(n, p, t, chunk, dtype, device):
+    s, z, _, _, _, _, xr, y = _spectrum(n, p, t, 1, dtype, device=device)
+    s = _lift(s)  # leverages below 1 for every alpha
     got, best = OPS.ridge_score_loo(xr, y, s, z, ALPHAS, 1.0 / n, chunk)
     want, wbest = kernels.ridge_score_loo_ref(xr, y, s, z, ALPHAS, 1.0 / n, chunk)
     torch.testing.assert_close(got, want, **TOL[dtype])
@@ -102,9 +123,9 @@ def test_ridge_score_loo(n, p, t, chunk, dtype):
 
 @pytest.mark.parametrize("p,t", [(1, 1), (7, 3), (65, 1000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ridge_score_gcv(p, t, dtype):
-    s, z, _, yy, _, _, _, _ = _spectrum(5, p, t, 1, dtype)
-    yy = yy + (z.double() ** 2).sum(0)  # a consistent |y|^2 >= the fitted part
+def test_ridge_score_gcv(p, t, dtype, device):
+    s, z, _, yy, _, _, _, _ = _spectrum(5, p, t, 1, dtype, device=device)
+    yy = _consistent_yy(s, z, yy)
     got, best = OPS.ridge_score_gcv(s, z, yy, ALPHAS, 500.0, 1.0)
     want, wbest = kernels.ridge_score_gcv_ref(s, z, yy, ALPHAS, 500.0, 1.0)
     torch.testing.assert_close(got, want, **TOL[dtype])
@@ -114,12 +135,12 @@ def test_ridge_score_gcv(p, t, dtype):
 
 @pytest.mark.parametrize("n,p,t,chunk", [(2, 1, 1, 1), (7, 3, 5, 3), (129, 17, 300, 50), (300, 40, 517, 4096)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ridge_score_loo_basis(n, p, t, chunk, dtype):
+def test_ridge_score_loo_basis(n, p, t, chunk, dtype, device):
     """The alpha-basis LOO equals its ref for any basis, and with ridge_alpha_basis the exact LOO."""
-    s, z, _, _, _, _, xr, y = _spectrum(n, p, t, 1, dtype)
-    s = s + 1.0
+    s, z, _, _, _, _, xr, y = _spectrum(n, p, t, 1, dtype, device=device)
+    s = _lift(s)
     alphas = torch.logspace(-6, 3, 100, dtype=torch.float64)
-    basis, coef, amp = kernels.ridge_alpha_basis(s, alphas, tol=1e-10)
+    basis, coef, amp = kernels.ridge_alpha_basis(_fitted(s), alphas, tol=1e-10)
     assert basis.shape[1] <= 20 and amp < 100  # a few basis functions stand for 100 alphas
     got, best = OPS.ridge_score_loo_basis(xr, y, s, z, alphas, 1.0 / n, basis, coef, chunk)
     want, _ = kernels.ridge_score_loo_basis_ref(xr, y, s, z, alphas, 1.0 / n, basis, coef, chunk)
@@ -131,6 +152,7 @@ def test_ridge_score_loo_basis(n, p, t, chunk, dtype):
         assert (best == ebest).float().mean() >= 0.999
     g = torch.Generator().manual_seed(1)  # any basis: the op is exact for the weights it is given
     b2, c2 = torch.randn(p, 3, generator=g, dtype=torch.float64), torch.randn(100, 3, generator=g, dtype=torch.float64)
+    b2, c2 = b2.to(device), c2.to(device)
     torch.testing.assert_close(OPS.ridge_score_loo_basis(xr, y, s, z, alphas, 0.0, b2, c2, chunk)[0],
                                kernels.ridge_score_loo_basis_ref(xr, y, s, z, alphas, 0.0, b2, c2, chunk)[0],
                                **TOL[dtype])
@@ -138,13 +160,13 @@ def test_ridge_score_loo_basis(n, p, t, chunk, dtype):
 
 @pytest.mark.parametrize("p,t,m", [(1, 1, 1), (7, 3, 5), (33, 129, 9), (65, 300, 100), (40, 1100, 60)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ridge_score_kfold_basis(p, t, m, dtype):
+def test_ridge_score_kfold_basis(p, t, m, dtype, device):
     """The alpha-basis k-fold scores equal their ref for any basis, and with ridge_alpha_basis the exact scores;
     the Gram and rows forms of the quadratic give the same result (t = 1100 spans several target tiles)."""
-    s, z, b, yy, gram, rows, _, _ = _spectrum(5, p, t, m, dtype)
-    s = s + 1.0
+    s, z, b, yy, gram, rows, _, _ = _spectrum(5, p, t, m, dtype, device=device)
+    s = _lift(s)
     alphas = torch.logspace(-3, 3, 20, dtype=torch.float64)
-    basis, coef, _ = kernels.ridge_alpha_basis(s, alphas, tol=1e-10)
+    basis, coef, _ = kernels.ridge_alpha_basis(_fitted(s), alphas, tol=1e-10)
     exact = kernels.ridge_score_kfold_ref(s, z, b, yy, gram, alphas, False)
     for quad, is_rows in [(gram, False), (rows, True)]:
         got = OPS.ridge_score_kfold_basis(s, z, b, yy, quad, alphas, is_rows, basis.to(dtype), coef)
@@ -154,15 +176,31 @@ def test_ridge_score_kfold_basis(p, t, m, dtype):
         torch.testing.assert_close(got, exact, **TOL[dtype])
     g = torch.Generator().manual_seed(2)  # any basis: the op is exact for the weights it is given
     b2, c2 = torch.randn(p, 3, generator=g, dtype=torch.float64), torch.randn(20, 3, generator=g, dtype=torch.float64)
+    b2, c2 = b2.to(device), c2.to(device)
     torch.testing.assert_close(OPS.ridge_score_kfold_basis(s, z, b, yy, rows, alphas, True, b2.to(dtype), c2),
-                               kernels.ridge_score_kfold_basis_ref(s, z, b, yy, rows, alphas, True, b2,
-                                                                   c2), **TOL[dtype])
+                               kernels.ridge_score_kfold_basis_ref(s, z, b, yy, rows, alphas, True, b2, c2),
+                               **TOL[dtype])
     with pytest.raises(RuntimeError, match="coef must be \\(n_alphas, r\\) = \\(20, 3\\)"):
         OPS.ridge_score_kfold_basis(s, z, b, yy, gram, alphas, False, b2.to(dtype), c2[:, :2])
 
 
+def _himalaya_ridge_cv(X, Y, alphas, cv, scoring):
+    """himalaya RidgeCV (numpy backend): its default scores folds by MSE (l2_neg_loss); 'r2' passes its
+    r2_score, as himalaya's own test against sklearn RidgeCV(cv=K) does."""
+    pytest.importorskip("himalaya")
+    from himalaya.backend import set_backend
+    from himalaya.ridge import RidgeCV as HimalayaRidgeCV
+    from himalaya.scoring import r2_score
+    set_backend("numpy", on_error="warn")
+    params = dict(score_func=r2_score) if scoring == "r2" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return HimalayaRidgeCV(alphas=alphas, cv=cv, fit_intercept=True, solver_params=params).fit(X, Y)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_ridge_cv_kfold_basis_matches_direct_and_himalaya(dtype, monkeypatch):
+@pytest.mark.parametrize("scoring", ["r2", "mse"])
+def test_ridge_cv_kfold_basis_matches_direct_and_himalaya(dtype, scoring, device, monkeypatch):
     """Sizes where ridge_cv takes the alpha-basis path (p large enough that r basis GEMMs beat one per alpha):
     the same alphas and predictions as one GEMM per alpha, as the float64 oracle and as himalaya."""
     rng = np.random.default_rng(7)  # evenly scaled features (a narrow spectrum, like himalaya's benchmark)
@@ -171,27 +209,29 @@ def test_ridge_cv_kfold_basis_matches_direct_and_himalaya(dtype, monkeypatch):
         + torch.from_numpy(rng.normal(size=(600, 200)) * rng.uniform(1, 30, 200)) + 1
     al = np.logspace(-2, 5, 20)
     Xn, Yn = X.numpy().astype(dtype), Y.numpy().astype(dtype)
-    Xt, Yt = torch.from_numpy(Xn), torch.from_numpy(Yn)
+    Xt, Yt = torch.from_numpy(Xn).to(device), torch.from_numpy(Yn).to(device)
     calls = []
     op = kernels.ridge_score_kfold_basis
     monkeypatch.setattr(kernels, "ridge_score_kfold_basis", lambda *a: calls.append(a[-2].shape[1]) or op(*a))
-    r = kernels.ridge_cv(Xt, Yt, al, cv=3)
+    r = kernels.ridge_cv(Xt, Yt, al, cv=3, scoring=scoring)
     assert len(calls) == 3 and max(calls) < 15  # every fold scored through a basis of < 15 functions
-    direct = kernels.ridge_cv(Xt, Yt, al, cv=3, kfold_basis=False)
-    ref = kernels.ridge_cv_ref(X, Y, al, cv=3)
-    assert (r.best_alphas == direct.best_alphas).float().mean() >= 0.99
+    assert r.coef.device.type == device
+    direct = kernels.ridge_cv(Xt, Yt, al, cv=3, kfold_basis=False, scoring=scoring)
+    ref = kernels.ridge_cv_ref(X, Y, al, cv=3, scoring=scoring)
+    r = RidgeCVResultCPU(r)
+    assert (r.best_alphas == direct.best_alphas.cpu()).float().mean() >= 0.99
     assert (r.best_alphas == ref.best_alphas).float().mean() >= 0.99
     torch.testing.assert_close(r.cv_scores, ref.cv_scores, rtol=1e-4 if dtype == np.float32 else 1e-9, atol=0)
-    pred, want = r.predict(Xt).double(), ref.predict(X)
+    pred, want = r.predict(Xt.cpu()).double(), ref.predict(X)
     assert ((pred - want).abs().max() / want.abs().max()).item() < 1e-4
-    pytest.importorskip("himalaya")
-    from himalaya.backend import set_backend
-    from himalaya.ridge import RidgeCV as HimalayaRidgeCV
-    set_backend("numpy", on_error="warn")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hm = HimalayaRidgeCV(alphas=al, cv=3, fit_intercept=True).fit(Xn, Yn)
-    assert np.mean(np.isclose(r.best_alphas.numpy(), hm.best_alphas_, rtol=1e-5)) >= 0.99
+    if scoring == "mse":  # himalaya's r2_score path takes ~30 s here; the R^2 rule meets himalaya in the test below
+        hm = _himalaya_ridge_cv(Xn, Yn, al, 3, scoring)
+        assert np.mean(np.isclose(r.best_alphas.numpy(), hm.best_alphas_, rtol=1e-5)) >= 0.99
+
+
+def RidgeCVResultCPU(r):
+    """A ridge_cv result moved to the CPU (comparisons with the CPU oracles)."""
+    return kernels.RidgeCVResult(*(x.cpu() for x in r))
 
 
 @pytest.mark.parametrize("threads", [1, 32, 256])
@@ -200,39 +240,67 @@ def test_ridge_score_grids(threads):
     s, z, b, yy, gram, rows, xr, y = _spectrum(41, 19, 300, 7, torch.float32)
     for quad, is_rows in [(gram, False), (rows, True)]:
         torch.testing.assert_close(OPS.ridge_score_kfold_grid(s, z, b, yy, quad, ALPHAS, is_rows, threads),
-                                   kernels.ridge_score_kfold_ref(s, z, b, yy, quad, ALPHAS,
-                                                                 is_rows), **TOL[torch.float32])
-    basis, coef, _ = kernels.ridge_alpha_basis(s + 1, ALPHAS)
-    got, best = OPS.ridge_score_loo_basis_grid(xr, y, s + 1, z, ALPHAS, 1 / 41, basis, coef, 16, threads)
-    torch.testing.assert_close(got, kernels.ridge_score_loo_basis_ref(xr, y, s + 1, z, ALPHAS, 1 / 41, basis, coef,
-                                                                      16)[0],
-                               **TOL[torch.float32])
-    assert torch.equal(best, got.argmin(0))
-    got, best = OPS.ridge_score_loo_grid(xr, y, s + 1, z, ALPHAS, 1 / 41, 16, threads)
-    want, _ = kernels.ridge_score_loo_ref(xr, y, s + 1, z, ALPHAS, 1 / 41, 16)
+                                   kernels.ridge_score_kfold_ref(s, z, b, yy, quad, ALPHAS, is_rows),
+                                   **TOL[torch.float32])
+    basis, coef, _ = kernels.ridge_alpha_basis(_fitted(_lift(s)), ALPHAS)
+    got, best = OPS.ridge_score_loo_basis_grid(xr, y, _lift(s), z, ALPHAS, 1 / 41, basis, coef, 16, threads)
+    want = kernels.ridge_score_loo_basis_ref(xr, y, _lift(s), z, ALPHAS, 1 / 41, basis, coef, 16)[0]
     torch.testing.assert_close(got, want, **TOL[torch.float32])
     assert torch.equal(best, got.argmin(0))
-    yy2 = yy + (z.double() ** 2).sum(0)
+    got, best = OPS.ridge_score_loo_grid(xr, y, _lift(s), z, ALPHAS, 1 / 41, 16, threads)
+    want, _ = kernels.ridge_score_loo_ref(xr, y, _lift(s), z, ALPHAS, 1 / 41, 16)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    assert torch.equal(best, got.argmin(0))
+    yy2 = _consistent_yy(s, z, yy)
     got, best = OPS.ridge_score_gcv_grid(s, z, yy2, ALPHAS, 500.0, 1.0, threads)
     torch.testing.assert_close(got, kernels.ridge_score_gcv_ref(s, z, yy2, ALPHAS, 500.0, 1.0)[0], **TOL[torch.float32])
     assert torch.equal(best, got.argmin(0))
 
 
-def test_ridge_score_noncontiguous_and_bad_input():
-    s, z, b, yy, gram, rows, xr, y = _spectrum(20, 9, 12, 4, torch.float64)
+def test_ridge_score_noncontiguous_and_bad_input(device):
+    """Every scoring op rejects bad input with the same message on every device (one set of checks in
+    csrc/ridge_cpu.cpp serves the CPU and CUDA kernels); with a GPU, mixed devices are rejected too."""
+    s, z, b, yy, gram, rows, xr, y = _spectrum(20, 9, 12, 4, torch.float64, device=device)
     zt = z.T.contiguous().T  # column-major
     torch.testing.assert_close(OPS.ridge_score_kfold(s, zt, b[:, :], yy, gram, ALPHAS, False),
                                kernels.ridge_score_kfold_ref(s, z, b, yy, gram, ALPHAS, False))
-    with pytest.raises(RuntimeError, match="z must be 2-D \\(p, n_targets\\) with p = 9"):
-        OPS.ridge_score_kfold(s, z[:5], b, yy, gram, ALPHAS, False)
-    with pytest.raises(RuntimeError, match="alphas must be positive"):
-        OPS.ridge_score_gcv(s, z, yy, -ALPHAS, 100.0, 1.0)
-    with pytest.raises(RuntimeError, match="yy must be 1-D"):
-        OPS.ridge_score_gcv(s, z, yy[:3], ALPHAS, 100.0, 1.0)
+    basis, coef = torch.ones(9, 2, dtype=torch.float64, device=device), torch.ones(7, 2, dtype=torch.float64,
+                                                                                    device=device)
+    bad = [
+        ("z must be 2-D \\(p, n_targets\\) with p = 9", OPS.ridge_score_kfold, (s, z[:5], b, yy, gram, ALPHAS, False)),
+        ("b must have the shape of z", OPS.ridge_score_kfold, (s, z, b[:, :3], yy, gram, ALPHAS, False)),
+        ("b must have the dtype of z", OPS.ridge_score_kfold, (s, z, b.float(), yy, gram, ALPHAS, False)),
+        ("quad \\(rotated validation Gram V'Xv'XvV\\) must be \\(p, p\\)", OPS.ridge_score_kfold,
+         (s, z, b, yy, rows, ALPHAS, False)),
+        ("quad must have the dtype of z", OPS.ridge_score_kfold, (s, z, b, yy, rows.float(), ALPHAS, True)),
+        ("s must have the dtype of z", OPS.ridge_score_kfold, (s.float(), z, b, yy, gram, ALPHAS, False)),
+        ("alphas must be positive", OPS.ridge_score_kfold, (s, z, b, yy, gram, -ALPHAS, False)),
+        ("alphas must be positive", OPS.ridge_score_gcv, (s, z, yy, -ALPHAS, 100.0, 1.0)),
+        ("alphas must be 1-D and non-empty", OPS.ridge_score_gcv, (s, z, yy, ALPHAS[:0], 100.0, 1.0)),
+        ("yy must be 1-D", OPS.ridge_score_gcv, (s, z, yy[:3], ALPHAS, 100.0, 1.0)),
+        ("n \\(1\\) must exceed df0 \\(1\\)", OPS.ridge_score_gcv, (s, z, yy, ALPHAS, 1.0, 1.0)),
+        ("xr \\(rotated centred rows X V\\) must be \\(n, p\\)", OPS.ridge_score_loo, (xr[:, :3], y, s, z, ALPHAS,
+                                                                                       0.05, 8)),
+        ("y must be \\(n, n_targets\\) = \\(20, 12\\)", OPS.ridge_score_loo, (xr, y[:5], s, z, ALPHAS, 0.05, 8)),
+        ("xr and y must have the dtype of z", OPS.ridge_score_loo, (xr.float(), y, s, z, ALPHAS, 0.05, 8)),
+        ("chunk_rows must be positive", OPS.ridge_score_loo, (xr, y, s, z, ALPHAS, 0.05, 0)),
+        ("leave-one-out needs at least 2 rows", OPS.ridge_score_loo, (xr[:1], y[:1], s, z, ALPHAS, 0.05, 8)),
+        ("coef must be \\(n_alphas, r\\) = \\(7, 2\\)", OPS.ridge_score_loo_basis,
+         (xr, y, s, z, ALPHAS, 0.05, basis, coef[:3], 8)),
+        ("basis must be \\(p, r\\) with p = 9", OPS.ridge_score_loo_basis,
+         (xr, y, s, z, ALPHAS, 0.05, basis[:4], coef, 8)),
+        ("basis must be \\(p, r\\) with p = 9", OPS.ridge_score_kfold_basis,
+         (s, z, b, yy, gram, ALPHAS, False, basis[:4], coef)),
+    ]
+    if device != "cpu":  # a tensor left on the host next to device tensors
+        bad += [("b must be on the device of z", OPS.ridge_score_kfold, (s, z, b.cpu(), yy, gram, ALPHAS, False)),
+                ("yy must be on the device of z", OPS.ridge_score_gcv, (s, z, yy.cpu(), ALPHAS, 100.0, 1.0)),
+                ("y must be on the device of z", OPS.ridge_score_loo, (xr, y.cpu(), s, z, ALPHAS, 0.05, 8))]
+    for msg, op, args in bad:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args)
     with pytest.raises(RuntimeError, match="threads must be in 1..1024"):
-        OPS.ridge_score_gcv_grid(s, z, yy, ALPHAS, 100.0, 1.0, 0)
-    with pytest.raises(RuntimeError, match="xr \\(rotated centred rows X V\\) must be \\(n, p\\)"):
-        OPS.ridge_score_loo(xr[:, :3], y, s, z, ALPHAS, 0.05, 8)
+        OPS.ridge_score_gcv_grid(s.cpu(), z.cpu(), yy.cpu(), ALPHAS, 100.0, 1.0, 0)
 
 
 CVS = [5, 3, "loo", "gcv", "groups"]
@@ -244,37 +312,127 @@ def _cv(cv, n):
 
 @pytest.mark.parametrize("cv", CVS)
 @pytest.mark.parametrize("fit_intercept", [True, False])
-def test_ridge_cv_matches_explicit_solve(cv, fit_intercept):
+def test_ridge_cv_matches_explicit_solve(cv, fit_intercept, device):
     X, Y = _problem(97, 13, 11)
     al = np.logspace(-3, 4, 15)
-    r = kernels.ridge_cv(X, Y, al, cv=_cv(cv, 97), fit_intercept=fit_intercept)
-    ref = kernels.ridge_cv_ref(X, Y, al, cv=_cv(cv, 97), fit_intercept=fit_intercept)
-    assert torch.equal(r.best_alphas, ref.best_alphas)
-    torch.testing.assert_close(r.coef, ref.coef, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(r.intercept, ref.intercept, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(r.cv_scores, ref.cv_scores, rtol=1e-9, atol=1e-9)
-    r32 = kernels.ridge_cv(X.float(), Y.float(), al, cv=_cv(cv, 97), fit_intercept=fit_intercept)
-    assert r32.coef.dtype == torch.float32
-    assert (r32.best_alphas == ref.best_alphas).float().mean() >= 0.9
-    pred, want = r32.predict(X.float()).double(), ref.predict(X)
-    assert ((pred - want).abs().max() / want.abs().max()).item() < 1e-4
+    for scoring in (["r2", "mse"] if cv not in ("loo", "gcv") else [None]):
+        kw = dict(cv=_cv(cv, 97), fit_intercept=fit_intercept, scoring=scoring)
+        r = kernels.ridge_cv(X.to(device), Y.to(device), al, **kw)
+        assert r.coef.device.type == device and r.best_alphas.device.type == device
+        r = RidgeCVResultCPU(r)
+        ref = kernels.ridge_cv_ref(X, Y, al, **kw)
+        assert torch.equal(r.best_alphas, ref.best_alphas)
+        torch.testing.assert_close(r.coef, ref.coef, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(r.intercept, ref.intercept, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(r.cv_scores, ref.cv_scores, rtol=1e-9, atol=1e-9)
+        # float32: the documented contract, alphas as the float64 oracle's and predictions to 1e-4 relative
+        r32 = RidgeCVResultCPU(kernels.ridge_cv(X.float(), Y.float(), al, device=device, **kw))
+        assert r32.coef.dtype == torch.float32
+        assert (r32.best_alphas == ref.best_alphas).float().mean() >= 0.9
+        pred, want = r32.predict(X.float()).double(), ref.predict(X)
+        assert ((pred - want).abs().max() / want.abs().max()).item() < 1e-4
 
 
-def test_ridge_cv_shared_alpha():
+def test_ridge_cv_scoring_rules():
+    """k-fold R^2 (default) and MSE pick by their own rule: on targets whose folds differ in variance the two
+    disagree somewhere, and each equals its explicit float64 definition; LOO and GCV refuse 'r2'."""
+    rng = np.random.default_rng(11)
+    X = torch.from_numpy(rng.normal(size=(60, 6)))
+    Y = X @ torch.from_numpy(rng.normal(size=(6, 40)) * 0.3) + torch.from_numpy(rng.normal(size=(60, 40)))
+    Y[:20] *= 4  # the first fold is noisier: R^2 weights the folds by 1 / SST_f, MSE does not
+    al = np.logspace(-2, 4, 25)
+    r2, mse = kernels.ridge_cv(X, Y, al, cv=3), kernels.ridge_cv(X, Y, al, cv=3, scoring="mse")
+    assert not torch.equal(r2.best_alphas, mse.best_alphas)
+    folds = kernels._ridge_folds(3, 60)
+    explicit = {k: torch.zeros(len(al), 40, dtype=torch.float64) for k in ("r2", "mse")}
+    for v in folds:  # sklearn Ridge on each training set: an oracle independent of both our paths
+        tr = np.setdiff1d(np.arange(60), v)
+        for k, a in enumerate(al):
+            from sklearn.linear_model import Ridge
+            pred = torch.from_numpy(Ridge(alpha=a).fit(X[tr].numpy(), Y[tr].numpy()).predict(X[v].numpy()))
+            sse = ((Y[v] - pred) ** 2).sum(0)
+            explicit["r2"][k] += (1 - sse / ((Y[v] - Y[v].mean(0)) ** 2).sum(0)) / 3
+            explicit["mse"][k] += sse / len(v) / 3
+    for name, r, sign in (("r2", r2, -1), ("mse", mse, 1)):
+        crit = sign * explicit[name] - 1e-10 * torch.log(torch.as_tensor(al))[:, None]
+        assert torch.equal(r.best_alphas, torch.as_tensor(al)[crit.argmin(0)])
+        want = explicit[name].gather(0, crit.argmin(0)[None]).ravel()
+        torch.testing.assert_close(r.cv_scores, want, rtol=1e-9, atol=0)
+    for cv in ("loo", "gcv"):
+        with pytest.raises(ValueError, match="scoring='r2' with cv="):
+            kernels.ridge_cv(X, Y, al, cv=cv, scoring="r2")
+    with pytest.raises(ValueError, match="scoring='auc'"):
+        kernels.ridge_cv(X, Y, al, cv=3, scoring="auc")
+    groups = np.r_[np.zeros(59), 1]  # a group of one row has no validation variance
+    for fn in (kernels.ridge_cv, kernels.ridge_cv_ref):
+        with pytest.raises(ValueError, match="validation fold 1 has 1 row, and R\\^2 needs at least 2"):
+            fn(X, Y, al, cv=groups)
+        assert fn(X, Y, al, cv=groups, scoring="mse").coef.shape == (6, 40)
+
+
+def test_ridge_cv_compute_dtype():
+    """Integer and boolean input compute in float64 (as sklearn); compute_dtype forces either dtype."""
+    rng = np.random.default_rng(12)
+    Xi, Yi = rng.integers(0, 5, size=(40, 6)), rng.integers(0, 5, size=(40, 3))
+    al = [0.1, 1.0, 10.0]
+    want = kernels.ridge_cv(torch.from_numpy(Xi.astype(np.float64)), Yi.astype(np.float64), al, cv="loo")
+    for X in (torch.from_numpy(Xi), Xi.astype(bool).astype(np.int64), torch.from_numpy(Xi.astype(bool))):
+        got = kernels.ridge_cv(X, Yi, al, cv="loo")
+        assert got.coef.dtype == torch.float64
+    got = kernels.ridge_cv(torch.from_numpy(Xi), Yi, al, cv="loo")
+    torch.testing.assert_close(got.coef, want.coef, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.cv_scores, want.cv_scores, rtol=1e-12, atol=0)
+    forced = kernels.ridge_cv(torch.from_numpy(Xi), Yi, al, cv="loo", compute_dtype=torch.float32)
+    assert forced.coef.dtype == torch.float32
+    assert kernels.ridge_cv(Xi.astype(np.float32), Yi, al, cv=4, compute_dtype="float64").coef.dtype == torch.float64
+    assert kernels.ridge_cv(Xi.astype(np.float16), Yi, al, cv=4).coef.dtype == torch.float32
+    with pytest.raises(ValueError, match="compute_dtype=torch.int32: expected float32 or float64"):
+        kernels.ridge_cv(Xi, Yi, al, compute_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("cv", [4, "loo", "gcv", "groups"])
+def test_ridge_cv_allocates_on_the_input_device(cv):
+    """Every tensor ridge_cv and ridge_cv_ref create names its device: with the default device set to 'meta', an
+    allocation that ignored the inputs' device would land there and fail (or return a meta tensor)."""
+    X, Y = _problem(61, 7, 9, seed=13)
+    al = np.logspace(-2, 4, 20)
+    for fn in (kernels.ridge_cv, kernels.ridge_cv_ref):
+        want = fn(X, Y, al, cv=_cv(cv, 61))
+        with torch.device("meta"):
+            got = fn(X, Y, al, cv=_cv(cv, 61))
+        assert all(x.device.type == "cpu" for x in got)
+        assert torch.equal(got.best_alphas, want.best_alphas) and torch.equal(got.coef, want.coef)
+
+
+def test_ridge_cv_device_argument(device):
+    """device= moves CPU (numpy, torch, HDF5-like) inputs there; the result lives there and equals the CPU fit."""
+    X, Y = _problem(50, 5, 6, seed=14)
+    al = np.logspace(-2, 3, 8)
+    want = kernels.ridge_cv(X, Y, al, cv=5)
+    got = kernels.ridge_cv(X.numpy(), Y.numpy(), al, cv=5, device=device)
+    assert got.coef.device.type == device and got.cv_scores.device.type == device
+    got = RidgeCVResultCPU(got)
+    assert torch.equal(got.best_alphas, want.best_alphas)
+    torch.testing.assert_close(got.coef, want.coef, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(kernels.ridge_cv(X, Y, al, cv=5, device=device).predict(X).cpu(), want.predict(X),
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_ridge_cv_shared_alpha(device):
     X, Y = _problem(80, 9, 7, seed=1)
     al = np.logspace(-2, 4, 13)
     for cv in (4, "loo"):
-        r = kernels.ridge_cv(X, Y, al, cv=cv, local_alpha=False, target_batch=3)
+        r = RidgeCVResultCPU(kernels.ridge_cv(X.to(device), Y.to(device), al, cv=cv, local_alpha=False, target_batch=3))
         ref = kernels.ridge_cv_ref(X, Y, al, cv=cv, local_alpha=False)
         assert len(torch.unique(r.best_alphas)) == 1 and torch.equal(r.best_alphas, ref.best_alphas)
         torch.testing.assert_close(r.coef, ref.coef, rtol=1e-9, atol=1e-10)
 
 
-def test_gcv_closed_form():
+def test_gcv_closed_form(device):
     """GCV(a) = (|y - H y|^2 / n) / (1 - tr(H)/n)^2 with the explicit hat matrix H (intercept included)."""
     X, Y = _problem(60, 8, 5, seed=2)
     al = np.logspace(-2, 3, 6)
-    r = kernels.ridge_cv(X, Y, al, cv="gcv")
+    r = RidgeCVResultCPU(kernels.ridge_cv(X.to(device), Y.to(device), al, cv="gcv"))
     n = X.shape[0]
     Xc, Yc = X - X.mean(0), Y - Y.mean(0)
     gcv = []
@@ -287,7 +445,7 @@ def test_gcv_closed_form():
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_ridge_cv_loo_matches_sklearn(dtype):
+def test_ridge_cv_loo_matches_sklearn(dtype, device):
     from sklearn.datasets import load_diabetes
     from sklearn.linear_model import RidgeCV
     X, Y = _problem(301, 37, 400)
@@ -299,36 +457,39 @@ def test_ridge_cv_loo_matches_sklearn(dtype):
         Xn, Yn = Xn.astype(dtype), Yn.astype(dtype)
         sk = RidgeCV(alphas=grid, alpha_per_target=True).fit(Xn, Yn)
         for basis in (True, False):  # alpha-basis expansion (used for 100 alphas) and one GEMM per alpha
-            r = kernels.ridge_cv(torch.from_numpy(Xn), torch.from_numpy(Yn), grid, cv="loo", loo_basis=basis)
+            r = kernels.ridge_cv(torch.from_numpy(Xn), torch.from_numpy(Yn), grid, cv="loo", loo_basis=basis,
+                                 device=device)
+            r = RidgeCVResultCPU(r)
             assert np.mean(np.isclose(r.best_alphas.numpy(), sk.alpha_, rtol=1e-12)) >= 0.99
             pred, want = r.predict(torch.from_numpy(Xn)).numpy().astype(np.float64), sk.predict(Xn)
             assert np.abs(pred - want).max() / np.abs(want).max() < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_ridge_cv_kfold_matches_himalaya(dtype):
-    pytest.importorskip("himalaya")
-    from himalaya.backend import set_backend
-    from himalaya.ridge import RidgeCV as HimalayaRidgeCV
+@pytest.mark.parametrize("scoring", ["r2", "mse"])
+def test_ridge_cv_kfold_matches_himalaya(dtype, scoring, device):
+    """k-fold alphas as himalaya's RidgeCV with the same scoring (its r2_score or its default MSE)."""
     from sklearn.datasets import load_diabetes
-    set_backend("numpy", on_error="warn")
     X, Y = _problem(250, 23, 300, seed=3)
     Xd, yd = load_diabetes(return_X_y=True)
     for Xn, Yn, grid, cv in [(X.numpy(), Y.numpy(), np.logspace(-3, 5, 20), 5),
                              (Xd, np.c_[yd, yd * 0.5 + np.random.default_rng(1).normal(size=len(yd)) * 60],
                               np.logspace(-6, 3, 100), 3)]:
         Xn, Yn = Xn.astype(dtype), Yn.astype(dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hm = HimalayaRidgeCV(alphas=grid, cv=cv, fit_intercept=True).fit(Xn, Yn)
-        r = kernels.ridge_cv(torch.from_numpy(Xn), torch.from_numpy(Yn), grid, cv=cv)
+        hm = _himalaya_ridge_cv(Xn, Yn, grid, cv, scoring)
+        r = RidgeCVResultCPU(kernels.ridge_cv(torch.from_numpy(Xn), torch.from_numpy(Yn), grid, cv=cv,
+                                              scoring=scoring, device=device))
         assert np.mean(np.isclose(r.best_alphas.numpy(), hm.best_alphas_, rtol=1e-5)) >= 0.99
         pred, want = r.predict(torch.from_numpy(Xn)).numpy().astype(np.float64), np.asarray(hm.predict(Xn), np.float64)
         assert np.abs(pred - want).max() / np.abs(want).max() < 1e-4
+        # himalaya's cv_scores_: mean R^2, or mean negative MSE
+        want_scores = np.asarray(hm.cv_scores_, np.float64) * (1 if scoring == "r2" else -1)
+        np.testing.assert_allclose(r.cv_scores.numpy(), want_scores, rtol=1e-4 if dtype == np.float32 else 1e-6,
+                                   atol=1e-6 if scoring == "r2" else 0)
 
 
 @pytest.mark.parametrize("cv", [4, "loo", "gcv", "groups", "kfold_basis"])
-def test_ridge_cv_streams_from_hdf5(tmp_path, cv, monkeypatch):
+def test_ridge_cv_streams_from_hdf5(tmp_path, cv, monkeypatch, device):
     X, Y = _problem(120, 10, 37, dtype=torch.float32, seed=4)
     al = np.logspace(-2, 4, 9)
     calls = []
@@ -343,9 +504,10 @@ def test_ridge_cv_streams_from_hdf5(tmp_path, cv, monkeypatch):
     cv = _cv(cv, X.shape[0])
     with h5py.File(tmp_path / "y.h5", "w") as f:
         f.create_dataset("y", data=Y.numpy(), chunks=(X.shape[0], 8))
-    mem = kernels.ridge_cv(X, Y, al, cv=cv)
-    with h5py.File(tmp_path / "y.h5", "r") as f:
-        disk = kernels.ridge_cv(X, f["y"], al, cv=cv, target_batch=10, chunk_rows=25)
+    mem = kernels.ridge_cv(X.to(device), Y.to(device), al, cv=cv)
+    with h5py.File(tmp_path / "y.h5", "r") as f:  # Y read from disk in batches, moved to X's device
+        disk = kernels.ridge_cv(X.to(device), f["y"], al, cv=cv, target_batch=10, chunk_rows=25)
+    assert disk.coef.device.type == device
     assert len(calls) == (3 + 3 * 4 if X.shape[1] == 150 else 0)  # in memory: 3 folds; from disk: x 4 batches
     assert torch.equal(disk.best_alphas, mem.best_alphas)
     # float32 GEMMs of other widths round differently: absolute tolerance relative to the largest coefficient
@@ -353,14 +515,14 @@ def test_ridge_cv_streams_from_hdf5(tmp_path, cv, monkeypatch):
     torch.testing.assert_close(disk.intercept, mem.intercept, rtol=1e-5, atol=1e-5)
 
 
-def test_ridge_cv_float32_collinear_is_finite():
-    """Duplicated and constant columns: a singular X'X whose float rounding gives tiny negative eigenvalues,
-    clamped to 0; the chosen model still predicts like the float64 oracle."""
+def test_ridge_cv_float32_collinear_is_finite(device):
+    """Duplicated and constant columns: a singular X'X whose float rounding gives tiny negative and spurious
+    positive eigenvalues, dropped at the rank tolerance; the chosen model predicts like the float64 oracle."""
     X, Y = _problem(200, 6, 20, seed=5)
     X = torch.cat([X, X[:, :3], torch.ones(200, 2, dtype=torch.float64)], 1)
     al = np.logspace(-6, 3, 30)
     for cv in (5, "loo", "gcv"):
-        r = kernels.ridge_cv(X.float(), Y.float(), al, cv=cv)
+        r = RidgeCVResultCPU(kernels.ridge_cv(X.float(), Y.float(), al, cv=cv, device=device))
         ref = kernels.ridge_cv_ref(X, Y, al, cv=cv)
         assert torch.isfinite(r.coef).all() and torch.isfinite(r.cv_scores).all()
         pred, want = r.predict(X.float()).double(), ref.predict(X)

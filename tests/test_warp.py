@@ -186,7 +186,7 @@ def test_linear_baseline_is_the_ridge_fit(world):
     Xtr, Ytr, Xte, Yte, info = warp.brain_target(cfg, X, ids)
     split = warp.make_split(Xtr, Ytr, None, 0.15, 0, "cpu", Xte, Yte)
     r = warp.fit_one(split, 0, cfg)
-    fit = kernels.ridge_cv(split["Xtr"], split["Ytr"], warp.ALPHAS, cv=5)
+    fit = kernels.ridge_cv(split["Xtr"], split["Ytr"], warp.ALPHAS, cv=5, scoring="r2")
     assert r["test"] == pytest.approx(warp.r2_score(fit.predict(split["Xte"]), split["Yte"]), abs=1e-5)
 
 
