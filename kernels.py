@@ -817,7 +817,7 @@ class RidgeCVResult(NamedTuple):
         return _as_tensor(X).to(self.coef.device, self.coef.dtype) @ self.coef + self.intercept
 
 
-def _ridge_folds(cv, n):
+def ridge_folds(cv, n):
     """Validation index arrays of a partition of range(n): int k (contiguous KFold, sklearn/himalaya order) or
     a group vector (leave-one-group-out, groups in sorted order)."""
     if isinstance(cv, (int, np.integer)) and not isinstance(cv, bool):
@@ -939,7 +939,7 @@ def ridge_cv(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, target_ba
     if not bool(torch.isfinite(Xt).all()):
         raise ValueError(f"X has {int((~torch.isfinite(Xt)).sum())} non-finite values")
     mode, scoring = _ridge_mode(cv, scoring)
-    folds = [torch.as_tensor(v, device=dev) for v in _ridge_folds(cv, n)] if mode == "folds" else []
+    folds = [torch.as_tensor(v, device=dev) for v in ridge_folds(cv, n)] if mode == "folds" else []
     _check_r2_folds(folds, scoring)
     f64 = torch.float64
     zeros = functools.partial(torch.zeros, dtype=f64, device=dev)
@@ -1186,7 +1186,7 @@ def ridge_cv_ref(X, Y, alphas, cv=5, fit_intercept=True, local_alpha=True, targe
                 scores[k] = (e ** 2).mean(0) / ((max(n - df0 - len(S), 0) + f.sum()) / n) ** 2
         crit = scores
     else:
-        folds = _ridge_folds(cv, n)
+        folds = ridge_folds(cv, n)
         _check_r2_folds(folds, scoring)
         for v in folds:
             tr = torch.as_tensor(np.setdiff1d(np.arange(n), v), device=dev)

@@ -343,7 +343,7 @@ def test_ridge_cv_scoring_rules():
     al = np.logspace(-2, 4, 25)
     r2, mse = kernels.ridge_cv(X, Y, al, cv=3), kernels.ridge_cv(X, Y, al, cv=3, scoring="mse")
     assert not torch.equal(r2.best_alphas, mse.best_alphas)
-    folds = kernels._ridge_folds(3, 60)
+    folds = kernels.ridge_folds(3, 60)
     explicit = {k: torch.zeros(len(al), 40, dtype=torch.float64) for k in ("r2", "mse")}
     for v in folds:  # sklearn Ridge on each training set: an oracle independent of both our paths
         tr = np.setdiff1d(np.arange(60), v)
