@@ -56,12 +56,17 @@ def flag_parser(doc, *defaults, nargs=(), prog=None):
 
 
 def versions():
-    """Versions of the interpreter and the libraries that shape numerical results (skips missing ones)."""
+    """Versions of the interpreter and the libraries that shape numerical results (skips missing ones): a module's
+    __version__ where it is imported, else its installed distribution's version, read without importing it
+    (importing scikit-learn and tables only for this cost 1-3 s per output written). torch is imported: its
+    __version__ names the CUDA build (2.x.y+cu130), its distribution's metadata may not."""
+    from importlib import metadata
     out = {"python": platform.python_version()}
-    for name in ["numpy", "scipy", "torch", "h5py", "pandas", "tables", "sklearn"]:
+    for name, dist in [("numpy", "numpy"), ("scipy", "scipy"), ("torch", "torch"), ("h5py", "h5py"),
+                       ("pandas", "pandas"), ("tables", "tables"), ("sklearn", "scikit-learn")]:
         try:
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "unknown")
+            mod = sys.modules.get(name) or (__import__(name) if name == "torch" else None)
+            out[name] = getattr(mod, "__version__", "unknown") if mod is not None else metadata.version(dist)
         except Exception:
             pass
     return out

@@ -673,7 +673,7 @@ def ridge_score_kfold_ref(s, z, b, yy, quad, alphas, rows):
 
 
 def ridge_score_kfold(s, z, b, yy, quad, alphas, rows):
-    if _ext():
+    if use_op("ridge_score_kfold", s, z, b, yy, quad):
         return torch.ops.metalign_ops.ridge_score_kfold(s, z, b, yy, quad, alphas, rows)
     return ridge_score_kfold_ref(s, z, b, yy, quad, alphas, rows)
 
@@ -689,7 +689,7 @@ def ridge_score_kfold_basis_ref(s, z, b, yy, quad, alphas, rows, basis, coef):
 
 
 def ridge_score_kfold_basis(s, z, b, yy, quad, alphas, rows, basis, coef):
-    if _ext():
+    if use_op("ridge_score_kfold_basis", s, z, b, yy, quad, basis, coef):
         return torch.ops.metalign_ops.ridge_score_kfold_basis(s, z, b, yy, quad, alphas, rows, basis, coef)
     return ridge_score_kfold_basis_ref(s, z, b, yy, quad, alphas, rows, basis, coef)
 
@@ -725,7 +725,7 @@ def ridge_score_loo_ref(xr, y, s, z, alphas, h0, chunk_rows):
 
 
 def ridge_score_loo(xr, y, s, z, alphas, h0, chunk_rows=1024):
-    if _ext():
+    if use_op("ridge_score_loo", xr, y, s, z):
         return torch.ops.metalign_ops.ridge_score_loo(xr, y, s, z, alphas, h0, chunk_rows)
     return ridge_score_loo_ref(xr, y, s, z, alphas, h0, chunk_rows)
 
@@ -749,7 +749,7 @@ def ridge_score_gcv_ref(s, z, yy, alphas, n, df0):
 
 
 def ridge_score_gcv(s, z, yy, alphas, n, df0):
-    if _ext():
+    if use_op("ridge_score_gcv", s, z, yy):
         return torch.ops.metalign_ops.ridge_score_gcv(s, z, yy, alphas, float(n), float(df0))
     return ridge_score_gcv_ref(s, z, yy, alphas, n, df0)
 
@@ -800,7 +800,7 @@ def ridge_score_loo_basis_ref(xr, y, s, z, alphas, h0, basis, coef, chunk_rows):
 
 
 def ridge_score_loo_basis(xr, y, s, z, alphas, h0, basis, coef, chunk_rows=1024):
-    if _ext():
+    if use_op("ridge_score_loo_basis", xr, y, s, z, basis, coef):
         return torch.ops.metalign_ops.ridge_score_loo_basis(xr, y, s, z, alphas, h0, basis, coef, chunk_rows)
     return ridge_score_loo_basis_ref(xr, y, s, z, alphas, h0, basis, coef, chunk_rows)
 
@@ -1327,11 +1327,35 @@ def _fake_fwht(x, *grid):
     return x.new_empty(x.shape)
 
 
+def _fake_ridge_score_kfold(s, z, b, yy, quad, alphas, rows, *rest):
+    """k-fold SSE (n_alphas, t) float64 on the device of z; rest: basis and coef, or the grid's threads."""
+    return z.new_empty((alphas.shape[0], z.shape[1]), dtype=torch.float64)
+
+
+def _fake_ridge_scores_best(z, alphas):
+    """(scores (n_alphas, t) float64, best (t,) int64) on the device of z."""
+    return (z.new_empty((alphas.shape[0], z.shape[1]), dtype=torch.float64),
+            z.new_empty((z.shape[1],), dtype=torch.int64))
+
+
+def _fake_ridge_score_loo(xr, y, s, z, alphas, h0, *rest):  # rest: [basis, coef,] chunk_rows[, threads]
+    return _fake_ridge_scores_best(z, alphas)
+
+
+def _fake_ridge_score_gcv(s, z, yy, alphas, n, df0, *threads):
+    return _fake_ridge_scores_best(z, alphas)
+
+
 FAKES = {"cka_shift_rows": _fake_cka_shift_rows, "cka_shift_rows_grid": _fake_cka_shift_rows,
          "cka_moments": _fake_cka_moments, "cka_rbf_tile": _fake_cka_rbf_tile,
          "cka_rbf_tile_grid": _fake_cka_rbf_tile, "rbf_kernel_tile": _fake_rbf_kernel_tile,
          "episodes": _fake_episodes, "episodes_grid": _fake_episodes, "topk_encode": _fake_topk_encode,
-         "topk_encode_grid": _fake_topk_encode, "fwht": _fake_fwht, "fwht_grid": _fake_fwht}
+         "topk_encode_grid": _fake_topk_encode, "fwht": _fake_fwht, "fwht_grid": _fake_fwht,
+         "ridge_score_kfold": _fake_ridge_score_kfold, "ridge_score_kfold_grid": _fake_ridge_score_kfold,
+         "ridge_score_kfold_basis": _fake_ridge_score_kfold, "ridge_score_loo": _fake_ridge_score_loo,
+         "ridge_score_loo_grid": _fake_ridge_score_loo, "ridge_score_loo_basis": _fake_ridge_score_loo,
+         "ridge_score_loo_basis_grid": _fake_ridge_score_loo, "ridge_score_gcv": _fake_ridge_score_gcv,
+         "ridge_score_gcv_grid": _fake_ridge_score_gcv}
 
 
 def _fwht_backward(ctx, grad):

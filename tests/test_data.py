@@ -1,4 +1,5 @@
 """Bad input: every loader fails with a DataError that names the file and the field."""
+import json
 import os
 import pickle
 import shutil
@@ -42,6 +43,22 @@ def test_roundtrip_and_attrs(tmp_path):
         assert f.attrs["config"] == '{"k": 1}' and f.attrs["dims"] == "[1, 2]" and "numpy" in f.attrs["versions"]
         assert f["features"].chunks == (4, 5) and "created" in f.attrs
     assert os.listdir(tmp_path) == ["f.h5"]
+
+
+def test_versions_without_importing():
+    """data.versions() reads scikit-learn's and tables' versions without importing them (seconds per output
+    written), and records the strings their modules' __version__ give (in a fresh interpreter)."""
+    import subprocess
+    import sys
+    code = ("import sys, json, data; v = data.versions(); print(json.dumps([v, 'sklearn' in sys.modules, "
+            "'tables' in sys.modules])); import sklearn, tables, scipy, torch, numpy, h5py, pandas; "
+            "print(json.dumps({m: sys.modules[m].__version__ for m in v if m != 'python'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)),
+                         capture_output=True, text=True, timeout=300, check=True).stdout.splitlines()
+    (v, sk, tb), want = json.loads(out[0]), json.loads(out[1])
+    assert not sk and not tb
+    assert {k: x for k, x in v.items() if k != "python"} == want
+    assert set(want) == {"numpy", "scipy", "torch", "h5py", "pandas", "tables", "sklearn"}
 
 
 def test_missing_files(tmp_path):

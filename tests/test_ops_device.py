@@ -1,4 +1,4 @@
-"""Every non-ridge op as torch sees it, on every device of the `device` fixture: registrations (torch.library.opcheck:
+"""Every op as torch sees it, on every device of the `device` fixture: registrations (torch.library.opcheck:
 schema, fake kernel, autograd, AOT dispatch), torch.compile tracing through the ops without graph breaks, a kernel
 for each device where one is expected, bad input rejected with the same message on every device; and the build
 logic: a CPU-only library on a GPU node, the nvcc check's command line, allocations that follow the inputs' device."""
@@ -33,8 +33,24 @@ def _csr(n=40, F=3, seed=0):
     return ptr, pidx, torch.rand(len(pidx), generator=g) + 0.1, E64, E64, torch.empty(0), torch.rand(F, generator=g)
 
 
+def _ridge(n=12, p=5, t=4, m=3, device="cpu"):
+    """Valid inputs of the ridge scoring ops on `device`: spectrum s (p,) with one dropped direction (s = z = b =
+    xr = 0 there, as ridge_cv zeroes it), z and b (p, t), yy (t,), Gram (p, p) and rows (m, p) of the validation
+    fold, rotated rows xr (n, p), y (n, t), an alpha basis (p, 2) and its coef (n_alphas, 2); alphas (n_alphas,)
+    stay on the host (a parameter list the ops read there, as ridge_cv passes them)."""
+    g = torch.Generator().manual_seed(1)
+    f64 = dict(generator=g, dtype=torch.float64)
+    s = torch.rand(p, **f64) * 10 + 1
+    z, b, rows, xr, y = (torch.randn(*sh, **f64) for sh in ((p, t), (p, t), (m, p), (n, p), (n, t)))
+    s[0], z[0], b[0], rows[:, 0], xr[:, 0] = 0.0, 0.0, 0.0, 0.0, 0.0
+    alphas = torch.logspace(-2, 2, 6, dtype=torch.float64)
+    basis, coef = torch.randn(p, 2, **f64), torch.randn(len(alphas), 2, **f64)
+    dev = (s, z, b, torch.rand(t, **f64) * 50 + 1, rows.T @ rows, rows, xr, y, basis, coef)
+    return (*(a.to(device) for a in dev), alphas)
+
+
 def _samples(device="cpu"):
-    """(op name, args) for every non-ridge op, small and valid, on `device` (the *_grid ops are CPU only)."""
+    """(op name, args) for every op, small and valid, on `device` (the *_grid ops are CPU only)."""
     g = torch.Generator().manual_seed(0)
 
     def r(*shape, dtype=torch.float32):
@@ -48,14 +64,23 @@ def _samples(device="cpu"):
            ("rbf_kernel_tile", (A @ B.T, na, nb, 0.3, False)),
            ("episodes", (r(40, 5), *csr, 6, 4, 123)), ("topk_encode", (X, r(4, 11), r(11), 3, r(4))),
            ("topk_encode", (X, r(4, 11), r(11), 3, None)), ("fwht", (r(3, 8),))]
+    s, z, b, yy, gram, rows, xr, y, basis, coef, al = _ridge(device=device)
+    kfold, loo, gcv = (s, z, b, yy, gram, al, False), (xr, y, s, z, al, 1 / 12), (s, z, yy, al, 12.0, 1.0)
+    out += [("ridge_score_kfold", kfold), ("ridge_score_kfold", (s, z, b, yy, rows, al, True)),
+            ("ridge_score_kfold_basis", (*kfold, basis, coef)), ("ridge_score_loo", (*loo, 5)),
+            ("ridge_score_loo_basis", (*loo, basis, coef, 5)), ("ridge_score_gcv", gcv)]
     if device == "cpu":
         out += [("cka_shift_rows_grid", (X, r(4), 4)), ("cka_rbf_tile_grid", (*tile, 2)),
                 ("episodes_grid", (r(40, 5), *csr, 6, 4, 123, 8)),
-                ("topk_encode_grid", (X, r(4, 11), r(11), 3, None, 2, 4)), ("fwht_grid", (r(3, 8), 4, 2, 2))]
+                ("topk_encode_grid", (X, r(4, 11), r(11), 3, None, 2, 4)), ("fwht_grid", (r(3, 8), 4, 2, 2)),
+                ("ridge_score_kfold_grid", (*kfold, 3)), ("ridge_score_loo_grid", (*loo, 5, 3)),
+                ("ridge_score_loo_basis_grid", (*loo, basis, coef, 5, 3)), ("ridge_score_gcv_grid", (*gcv, 3))]
     return out
 
 
-CUDA_OPS = ["cka_shift_rows", "cka_moments", "cka_rbf_tile", "rbf_kernel_tile", "episodes", "topk_encode", "fwht"]
+CUDA_OPS = ["cka_shift_rows", "cka_moments", "cka_rbf_tile", "rbf_kernel_tile", "episodes", "topk_encode", "fwht",
+            "ridge_score_kfold", "ridge_score_kfold_basis", "ridge_score_loo", "ridge_score_loo_basis",
+            "ridge_score_gcv"]
 
 
 @pytest.mark.parametrize("op,args", _samples(), ids=[f"{o}-{i}" for i, (o, _) in enumerate(_samples())])
@@ -88,6 +113,26 @@ def test_compile_traces_through_the_ops():
     torch.testing.assert_close(got, want)
     got.backward()  # fwht's autograd formula through the compiled graph: d sum(x H) / dx = 1' H
     torch.testing.assert_close(x8.grad, torch.ones(3, 16) @ torch.from_numpy(scipy.linalg.hadamard(16)).float())
+
+
+def test_compile_traces_through_the_ridge_ops():
+    """The ridge wrappers under torch.compile(fullgraph=True): every scoring op traced through its fake kernel, no
+    graph break, the eager values."""
+    s, z, b, yy, gram, rows, xr, y, basis, coef, al = _ridge()
+
+    def f(s, z, b, yy, gram, rows, xr, y):
+        out = [kernels.ridge_score_kfold(s, z, b, yy, gram, al, False),
+               kernels.ridge_score_kfold(s, z, b, yy, rows, al, True),
+               kernels.ridge_score_kfold_basis(s, z, b, yy, gram, al, False, basis, coef),
+               *kernels.ridge_score_loo(xr, y, s, z, al, 1 / 12, 5),
+               *kernels.ridge_score_loo_basis(xr, y, s, z, al, 1 / 12, basis, coef, 5),
+               *kernels.ridge_score_gcv(s, z, yy, al, 12, 1)]
+        return [o * 2 for o in out]  # something for the graph to compute around the ops
+
+    args = (s, z, b, yy, gram, rows, xr, y)
+    got, want = torch.compile(f, fullgraph=True, backend="aot_eager")(*args), f(*args)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_every_op_has_a_kernel_for_the_device(device):
@@ -138,6 +183,40 @@ def _bad_inputs(device):
          "pos_idx of function 2 must be strictly increasing row indices in \\[0, 40\\)"),
         ("episodes", (feats[:16], pp, pi, pv, np_, ni, nv, sc, 4, 5, 0),
          "pos_idx of function 0 must be strictly increasing row indices in \\[0, 16\\)"),
+    ] + _ridge_bad_inputs(device)
+
+
+def _ridge_bad_inputs(device):
+    """The ridge scoring ops' bad inputs (one set of checks in csrc/ridge_cpu.cpp serves the CPU and CUDA kernels):
+    p = 5 directions, n = 12 rows, t = 4 targets, 6 alphas."""
+    s, z, b, yy, gram, rows, xr, y, basis, coef, al = _ridge(device=device)
+    return [
+        ("ridge_score_kfold", (s, z[:3], b, yy, gram, al, False), "z must be 2-D \\(p, n_targets\\) with p = 5"),
+        ("ridge_score_kfold", (s, z, b[:, :3], yy, gram, al, False), "b must have the shape of z"),
+        ("ridge_score_kfold", (s, z, b.float(), yy, gram, al, False), "b must have the dtype of z"),
+        ("ridge_score_kfold", (s, z, b, yy, rows, al, False),
+         "quad \\(rotated validation Gram V'Xv'XvV\\) must be \\(p, p\\) with p = 5"),
+        ("ridge_score_kfold", (s, z, b, yy, rows.float(), al, True), "quad must have the dtype of z"),
+        ("ridge_score_kfold", (s.float(), z, b, yy, gram, al, False), "s must have the dtype of z"),
+        ("ridge_score_kfold", (s, z, b, yy, gram, -al, False), "alphas must be positive"),
+        ("ridge_score_kfold", (s, z.int(), b, yy, gram, al, False), "z must be float32 or float64"),
+        ("ridge_score_gcv", (s, z, yy, -al, 12.0, 1.0), "alphas must be positive"),
+        ("ridge_score_gcv", (s, z, yy, al[:0], 12.0, 1.0), "alphas must be 1-D and non-empty"),
+        ("ridge_score_gcv", (s, z, yy[:3], al, 12.0, 1.0), "yy must be 1-D \\(n_targets,\\) of length 4"),
+        ("ridge_score_gcv", (s, z, yy, al, 1.0, 1.0), "n \\(1\\) must exceed df0 \\(1\\)"),
+        ("ridge_score_loo", (xr[:, :3], y, s, z, al, 0.05, 8),
+         "xr \\(rotated centred rows X V\\) must be \\(n, p\\) with p = 5"),
+        ("ridge_score_loo", (xr, y[:5], s, z, al, 0.05, 8), "y must be \\(n, n_targets\\) = \\(12, 4\\)"),
+        ("ridge_score_loo", (xr.float(), y, s, z, al, 0.05, 8), "xr and y must have the dtype of z"),
+        ("ridge_score_loo", (xr, y, s, z, al, 0.05, 0), "chunk_rows must be positive"),
+        ("ridge_score_loo", (xr[:1], y[:1], s, z, al, 0.05, 8), "leave-one-out needs at least 2 rows"),
+        ("ridge_score_loo_basis", (xr, y, s, z, al, 0.05, basis, coef[:3], 8),
+         "coef must be \\(n_alphas, r\\) = \\(6, 2\\)"),
+        ("ridge_score_loo_basis", (xr, y, s, z, al, 0.05, basis[:4], coef, 8), "basis must be \\(p, r\\) with p = 5"),
+        ("ridge_score_kfold_basis", (s, z, b, yy, gram, al, False, basis[:4], coef),
+         "basis must be \\(p, r\\) with p = 5"),
+        ("ridge_score_kfold_basis", (s, z, b, yy, gram, al, False, basis, coef[:, :1]),
+         "coef must be \\(n_alphas, r\\) = \\(6, 2\\)"),
     ]
 
 
@@ -160,6 +239,14 @@ def test_mixed_devices_rejected(device):
     feats = torch.randn(40, 5, device=device)
     with pytest.raises(RuntimeError, match="the function tensors must be on the device of features"):
         OPS.episodes(feats, *_csr(), 4, 5, 0)
+    s, z, b, yy, gram, rows, xr, y, basis, coef, al = _ridge(device=device)
+    for msg, op, args in [("b must be on the device of z", OPS.ridge_score_kfold, (s, z, b.cpu(), yy, gram, al, False)),
+                          ("yy must be on the device of z", OPS.ridge_score_gcv, (s, z, yy.cpu(), al, 12.0, 1.0)),
+                          ("y must be on the device of z", OPS.ridge_score_loo, (xr, y.cpu(), s, z, al, 0.05, 8)),
+                          ("coef must be on the device of z", OPS.ridge_score_loo_basis,
+                           (xr, y, s, z, al, 0.05, basis, coef.cpu(), 8))]:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args)
 
 
 def test_missing_kernel_warns_or_raises(monkeypatch):
@@ -263,15 +350,16 @@ def test_nvcc_command_is_the_real_builds(tmp_path):
 
 ALLOCATORS = {"zeros", "ones", "empty", "full", "tensor", "arange", "eye", "linspace", "logspace", "rand", "randn",
               "randint", "as_tensor", "zeros_like", "ones_like", "empty_like", "full_like"}
-RIDGE = ("ridge", "_ridge", "RidgeCV", "_read_columns", "_eigh_one_thread")  # the ridge code: its own tests
 
 
 def test_allocations_follow_the_inputs_device():
-    """Every torch allocation in kernels.py's op code names a device (or copies one with *_like / new_*), so
-    nothing lands on the host behind a GPU caller's back. The ridge functions are checked with their own code."""
+    """Every torch allocation in kernels.py's functions (the ops' wrappers and oracles, ridge_cv, CKA) names a
+    device (or copies one with *_like / new_*), so nothing lands on the host behind a GPU caller's back."""
     tree = ast.parse((ROOT / "kernels.py").read_text())
+    fns = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    assert {"ridge_cv", "ridge_cv_ref", "ridge_score_loo_ref", "ridge_alpha_basis"} <= {f.name for f in fns}
     bad = []
-    for fn in [n for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith(RIDGE)]:
+    for fn in fns:
         for node in ast.walk(fn):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
