@@ -17,7 +17,8 @@ Ops and entry points:
     cka(X, Y, kernel="rbf", sigma=None)          RBF CKA from Gram tiles             oracle: cka_ref
     cka_rbf_tile(gx, gy, nxi, nxj, nyi, nyj, ...) one tile's kernel sums (op)       oracle: cka_rbf_tile_ref
     median_sq_dist(X)                            exact median squared distance (tiles), as np.median
-    episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed)
+    episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed,
+             first=0)
                                                  B meta-learning episodes (op)     oracle: episodes_ref
     ridge_cv(X, Y, alphas, cv=5|"loo"|"gcv"|groups, fit_intercept=True)  per-target RidgeCV, Y streamed
                                                  from HDF5 in target batches       oracle: ridge_cv_ref
@@ -293,9 +294,12 @@ def _ep_floyd(draw, first, k, m):
     return out
 
 
-def episodes_ref(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed):
+def episodes_ref(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed,
+                 first=0):
     """The oracle of kernels.episodes: the same RNG contract (csrc/episodes_kernel.h) in Python integers,
     one episode at a time; same signature and outputs."""
+    if first < 0:
+        raise ValueError(f"first (index of the first episode) must be >= 0, got {first}")
     n, d = features.shape
     F, L = pos_ptr.numel() - 1, length
     pp, pi, pv = pos_ptr.tolist(), pos_idx.tolist(), pos_val.double().tolist()
@@ -308,7 +312,7 @@ def episodes_ref(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val,
     mag = torch.empty(n_episodes, L, dtype=torch.float64)
     fn = torch.empty(n_episodes, dtype=torch.int64)
     for b in range(n_episodes):
-        draw = _ep_draws(seed, b)
+        draw = _ep_draws(seed, first + b)
         f = (draw(0) * F) >> 64
         u1 = ((draw(1) >> 11) + 0.5) * 2.0 ** -53
         u2 = (draw(2) >> 11) * 2.0 ** -53
@@ -345,7 +349,8 @@ def episodes_ref(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val,
     return x, y.to(dt), mag, fn, rows
 
 
-def episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed):
+def episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed,
+             first=0):
     """Batched episodes in one fused op -> x (B, L, 1+d), y (B, L), mag (B, L), fn (B,), rows (B, L).
 
     features (n_images, d) float (output dtype = features dtype); functions as CSR over image rows:
@@ -356,9 +361,11 @@ def episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag
     negatives without replacement, shuffled; x[b, t] = [mag[b, t-1] (0 at t = 0), features[rows[b, t]]],
     y = 1 for positives, mag = magnitude * mag_scale[f]. Every function needs >= L positives and negatives.
     Deterministic given seed (counter-based RNG, csrc/episodes_kernel.h), whatever the thread count.
+    Output episode b is episode first + b of the seed's stream: episodes(..., B, L, seed)[k:k + m] equals
+    episodes(..., m, L, seed, first=k), so each DDP rank builds only its own slice of a global batch.
     """
     args = (features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, int(n_episodes), int(length),
-            int(seed))
+            int(seed), int(first))
     if _ext():
         return torch.ops.metalign_ops.episodes(*args)
     return episodes_ref(*args)
