@@ -525,6 +525,7 @@ def stage_meta(cfg):
     mse_pos = cfg["functions"] == "sae"
     raw = cfg["mag_target"] == "raw"
     per_rank = cfg["batch"] // world
+    eval_batch = max(64, per_rank)  # held-out episodes per forward pass; the ridge bound draws the same episodes
     fields = ["step", "loss", "bce", "mse", "lr", "eval_accuracy", "eval_magnitude_r2", "eval_bce", "eval_score",
               "icl_ridge_bound", "seconds"]
     if rank == 0 and not (cfg["resume"] and os.path.exists(csv_path)):
@@ -552,7 +553,7 @@ def stage_meta(cfg):
         if cfg["icl_bound"] > 0:  # what a linear learner on the standardised features reaches without meta-learning
             nb = min(cfg["icl_bound"], n_eval)
             bound = ridge_icl_bound(X, train_fns, Xe, eval_fns, L, nb, seed=eval_seed, shift=X.mean(0),
-                                    scale=1 / X.std(0).clamp_min(1e-6))
+                                    scale=1 / X.std(0).clamp_min(1e-6), batch=eval_batch)
             bound["n_episodes"] = nb
             print(f"train.py: online ridge bound (no meta-learning; alpha {bound['alpha']:g} chosen on training "
                   f"episodes): held-out accuracy {bound['accuracy']:.4f} on the first {nb} held-out episodes; a "
@@ -611,7 +612,7 @@ def stage_meta(cfg):
                 opt.eval()  # schedule-free: evaluate (and save) the averaged weights
             if rank == 0:
                 ev = evaluate_meta(model, Xe_d, eval_d, L, n_eval, seed=eval_seed, heads=heads,
-                                   mse_on_positives=mse_pos, raw_targets=raw)
+                                   mse_on_positives=mse_pos, raw_targets=raw, batch=eval_batch)
                 score = score_of(ev)
                 row.update(eval_accuracy=ev["accuracy"], eval_magnitude_r2=ev["magnitude_r2"], eval_bce=ev["bce"],
                            eval_score=score, icl_ridge_bound=bound["accuracy"] if bound else "")
