@@ -558,7 +558,8 @@ class MetaLearner(_nn.Module):
         gradients are those of one process on the whole batch."""
         bce = _F.binary_cross_entropy_with_logits(logit.float(), y.float())
         w = y.float() if mse_on_positives else _torch.ones_like(y, dtype=_torch.float32)
-        den = w.sum().clamp_min(1) if n_mse is None else max(float(n_mse), 1e-12)
+        den = w.sum().clamp_min(1) if n_mse is None else \
+            _torch.as_tensor(n_mse, dtype=_torch.float32, device=w.device).clamp_min(1e-12)  # no host sync
         mse = ((mag_pred.float() - mag.float()) ** 2 * w).sum() / den
         s = self.log_vars
         return _torch.exp(-s[0]) * bce + s[0] / 2 + _torch.exp(-s[1]) * mse / 2 + s[1] / 2, bce, mse
