@@ -1,4 +1,4 @@
-# metalign: make demo | test | lint | bench | build | world | evaluate TASK=cka | train BACKBONE=clip | data | clean   (see README)
+# metalign: make demo | test | lint | bench | build | world | evaluate TASK=cka | train BACKBONE=clip | paper | data | clean   (see README)
 PY      ?= .venv/bin/python
 WORLD   ?= data/world
 SIZE    ?= small
@@ -14,9 +14,10 @@ CONFIG  ?= configs/demo.toml
 EVAL    := evaluate.py representations.py geometry.py data.py   # every evaluation's result depends on these
 # the README's "What the demo shows" is generated from the default demo's report (evaluate.demo_summary)
 README_SUMMARY := $(if $(filter runs/demo|data/world|small|0,$(RUN)|$(WORLD)|$(SIZE)|$(SEED)),--readme README.md,)
+, := ,
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test lint bench build nvcc world evaluate train data clean
+.PHONY: demo test lint bench build nvcc world evaluate train paper paper-table data clean
 
 .venv/ok: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -77,9 +78,13 @@ $(RUN)/coco_codes.h5: $(RUN)/sae/world.pt
 $(RUN)/things_codes.h5: $(RUN)/sae/world.pt
 	$(PY) train.py --stage sae --encode --ckpt $< --features $(WORLD)/features/things.h5 --codes-out $@
 
-# meta-learning on the pool's SAE functions, held-out evaluation on the THINGS images' own codes
-$(RUN)/meta/world.pt: $(RUN)/coco_codes.h5 $(RUN)/things_codes.h5 models.py $(CONFIG)
-	$(PY) train.py --stage meta --config $(CONFIG) --features $(WORLD)/features/coco.h5 --codes $(RUN)/coco_codes.h5 --eval-features $(FEATURES) --eval-codes $(RUN)/things_codes.h5 --out $@ --overwrite
+$(RUN)/coco_eval_codes.h5: $(RUN)/sae/world.pt
+	$(PY) train.py --stage sae --encode --ckpt $< --features $(WORLD)/features/coco_eval.h5 --codes-out $@
+
+# meta-learning on the pool's SAE functions; checkpoints selected on the pool's held-out split (coco_eval),
+# never on the THINGS or Levels images the evaluations score (train.py refuses those)
+$(RUN)/meta/world.pt: $(RUN)/coco_codes.h5 $(RUN)/coco_eval_codes.h5 models.py $(CONFIG)
+	$(PY) train.py --stage meta --config $(CONFIG) --features $(WORLD)/features/coco.h5 --codes $(RUN)/coco_codes.h5 --eval-features $(WORLD)/features/coco_eval.h5 --eval-codes $(RUN)/coco_eval_codes.h5 --out $@ --overwrite
 
 
 demo: build $(RUN)/things-ooo.json $(RUN)/levels-ooo.json $(RUN)/category-learning.json $(RUN)/reward-learning.json $(RUN)/icl.json $(RUN)/cka.json $(RUN)/fmri.json $(RUN)/coco_codes.h5 $(GEOMETRY:%=$(RUN)/%.json) $(RUN)/similarity.json
@@ -89,29 +94,49 @@ demo: build $(RUN)/things-ooo.json $(RUN)/levels-ooo.json $(RUN)/category-learni
 evaluate: .venv/ok
 	$(PY) evaluate.py --task $(TASK) --features $(FEATURES) --data $(DATA) --out $(RUN)/$(TASK).json
 
-# real data: features of a backbone under data/features/$(BACKBONE)/{coco,things}.h5 -> SAE -> codes -> meta
+# real data: features of a backbone under data/features/$(BACKBONE)/{coco,coco_eval}.h5 (COCO train; val+test for
+# checkpoint selection) -> SAE -> codes -> meta. FUNCTIONS=clip: the functions come from another backbone's SAE
+# (its codes of the same images, matched by image id), as the original study did for every backbone.
+# CONFIG=paper/main: a preset's [sae] and [meta] tables (configs/paper/main.toml). SAE=FILE: encode with that SAE
+# checkpoint (own or ViT-Prisma) instead of training one.
 BACKBONE ?= clip
+FUNCTIONS?= $(BACKBONE)
 FEAT     ?= data/features/$(BACKBONE)
 TRAIN    ?= runs/$(BACKBONE)
-.PRECIOUS: $(TRAIN)/%_codes.h5 $(FEAT)/%.h5  # user data and finished codes are never intermediates
+FN_FEAT  ?= $(if $(filter $(FUNCTIONS),$(BACKBONE)),$(FEAT),data/features/$(FUNCTIONS))
+FN_RUN   ?= $(if $(filter $(FUNCTIONS),$(BACKBONE)),$(TRAIN),runs/$(FUNCTIONS))
+META     ?= $(TRAIN)/meta$(if $(filter $(FUNCTIONS),$(BACKBONE)),,_$(FUNCTIONS)-functions).pt
+SAE_CKPT := $(or $(SAE),$(FN_RUN)/sae.pt)
+PRESET   := $(if $(filter-out file default undefined,$(origin CONFIG)),--config configs/$(patsubst configs/%,%,$(CONFIG:.toml=)).toml)
+.PRECIOUS: $(FN_RUN)/%_codes.h5 $(FEAT)/%.h5 $(FN_FEAT)/%.h5  # user data and finished codes are never intermediates
 
-$(FEAT)/%.h5:
-	@echo "make train: missing $@ (features of the $* images for backbone $(BACKBONE))."; \
-	 echo "  Write it with: $(PY) extract.py --dataset $* --backbone $(BACKBONE) --out $@"; \
-	 echo "  (images and human data: make data; on SLURM: bash slurm/extract_array.sbatch $* $(BACKBONE) 16 $@),"; \
+$(sort $(FEAT)/%.h5 $(FN_FEAT)/%.h5): DSET = $*
+$(sort $(FEAT)/%.h5 $(FN_FEAT)/%.h5): SPLIT = $(if $(filter coco_eval,$*), --split val2017$(,)test2017)
+$(sort $(FEAT)/%.h5 $(FN_FEAT)/%.h5):
+	@echo "make train: missing $@ (features of the $* images)."; \
+	 echo "  Write it with: $(PY) extract.py --dataset $(DSET:coco_eval=coco) --backbone $(notdir $(@D)) --out $@$(SPLIT)"; \
+	 echo "  (images and human data: make data; on SLURM: bash slurm/extract_array.sbatch $(DSET:coco_eval=coco) $(notdir $(@D)) 16 $@$(SPLIT)),"; \
 	 echo "  or put an HDF5 file with /features and /image_ids there (README, Extraction)."; \
 	 exit 2
 
-$(TRAIN)/sae.pt: $(FEAT)/coco.h5
-	$(PY) train.py --stage sae --features $< --n-latents 16x --k 64 --out $@
+$(FN_RUN)/sae.pt: $(FN_FEAT)/coco.h5
+	$(PY) train.py --stage sae $(or $(PRESET),--n-latents 16x --k 64) --features $< --out $@
 
-$(TRAIN)/%_codes.h5: $(TRAIN)/sae.pt $(FEAT)/%.h5
-	$(PY) train.py --stage sae --encode --ckpt $< --features $(FEAT)/$*.h5 --codes-out $@
+$(FN_RUN)/%_codes.h5: $(SAE_CKPT) $(FN_FEAT)/%.h5
+	$(PY) train.py --stage sae --encode --ckpt $(SAE_CKPT) --features $(FN_FEAT)/$*.h5 --codes-out $@
 
-$(TRAIN)/meta.pt: $(TRAIN)/coco_codes.h5 $(TRAIN)/things_codes.h5
-	$(PY) train.py --stage meta --features $(FEAT)/coco.h5 --codes $(TRAIN)/coco_codes.h5 --eval-features $(FEAT)/things.h5 --eval-codes $(TRAIN)/things_codes.h5 --out $@
+$(META): $(FN_RUN)/coco_codes.h5 $(FN_RUN)/coco_eval_codes.h5 $(FEAT)/coco.h5 $(FEAT)/coco_eval.h5
+	$(PY) train.py --stage meta $(PRESET) --features $(FEAT)/coco.h5 --codes $(FN_RUN)/coco_codes.h5 --eval-features $(FEAT)/coco_eval.h5 --eval-codes $(FN_RUN)/coco_eval_codes.h5 --out $@
 
-train: .venv/ok $(TRAIN)/meta.pt
+train: .venv/ok $(META)
+
+# the original study's grid (configs/paper: main + ablations x clip, dinov3, mae, siglip2) as a SLURM array;
+# DRY=1 prints every cell's commands. paper-table: runs/paper/table.md, the original's published numbers beside
+paper: .venv/ok
+	$(if $(DRY),DRY=1 )PY=$(PY) bash slurm/paper_array.sbatch
+
+paper-table: .venv/ok
+	$(PY) evaluate.py --task paper-table --results runs/paper --out runs/paper/table.json
 
 # public data sets into data/external (fetch_data.py; ONLY=human | images | weights, comma-separated)
 ONLY ?= human,images

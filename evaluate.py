@@ -10,10 +10,12 @@
     python evaluate.py --task dwarp      --warp-runs 'runs/warp/*.json' --out R.json   # d_warp curves (eval_warp.py)
     python evaluate.py --task all        --features F.h5 --data DIR --out runs/eval/all.json  # every task with data
     python evaluate.py --task report     --results runs/demo --out runs/demo/report.md
+    python evaluate.py --task paper-table --results runs/paper --out runs/paper/table.json  # the paper grid's table
 
 Where a task lives: things-ooo, levels-ooo, category-learning, reward-learning, icl in eval_behaviour.py;
 cka, rsa, class-separation, tsne, similarity, probe in eval_geometry.py; fmri, encsearch in eval_fmri.py;
-dwarp in eval_warp.py. This file holds the flags, the registry (TASKS), `all`, `report` and main.
+dwarp in eval_warp.py; paper-table in eval_paper.py. This file holds the flags, the registry (TASKS), `all`,
+`report` and main.
 
 F.h5 holds /features (n_images, d) and /image_ids "<concept>/<image>.jpg" (see README, "Data formats");
 DIR holds the human files (unique_id.txt, spose_embedding_66d_sorted.txt, THINGS_triplets.csv, ...).
@@ -34,6 +36,7 @@ import data
 import eval_behaviour
 import eval_fmri
 import eval_geometry
+import eval_paper
 import eval_warp
 
 # ----------------------------------------------------------------------------------------------- defaults
@@ -44,7 +47,7 @@ defaults = dict(
     field="features",                           # dataset inside --features (e.g. layers/block6)
     data="data/external",                       # human data files (make data; the world's: data/world/data)
     out="",                                     # result file ('' -> runs/eval/<task>.json)
-    results="runs/demo",                        # report: folder of result JSON files
+    results="runs/demo",                        # report, paper-table: folder of results (the grid: runs/paper)
     readme="",                                  # report: also copy its demo summary into this file (make demo)
     n_boot=1000,                                # bootstrap resamples of concepts for CKA confidence intervals
     ci_method="jackknife",                      # cka: jackknife (leave-one-concept-out, default) | bootstrap (basic)
@@ -116,7 +119,7 @@ CHECKS = dict(n_boot=">= 1", ci="in (0, 1)", n_alphas=">= 1", n_perm=">= 1", per
               probe_seeds=">= 1", behav_folds=">= 2", behav_l2=">= 0", threads=">= 0", icl_episodes=">= 1",
               warp_frac="in (0, 1]", folds=">= 2")  # numeric flags checked at parse time (data.check_flags)
 MULTI_FEATURES = ("similarity", "encsearch")  # the tasks that take several --features files
-NO_DATA = ("similarity", "dwarp", "icl")  # tasks that run without the human data folder (--data)
+NO_DATA = ("similarity", "dwarp", "icl", "paper-table")  # tasks that run without the human data folder (--data)
 
 
 def parse(argv=None):
@@ -357,7 +360,7 @@ def input_files(cfg, res):
                  for ds in (data.split_list(cfg["datasets"]) or [""])]
     elif task == "icl":  # the pools the checkpoints' held-out functions were drawn from
         paths = [v["features"] for v in res.values() if isinstance(v, dict) and "features" in v]
-    elif task in ("dwarp", "all"):
+    elif task in ("dwarp", "all", "paper-table"):
         paths = []
     else:
         paths = [cfg["features"]]
@@ -403,6 +406,7 @@ TASKS = {  # every --task X lives in the eval_*.py named for its family; `all` a
     "levels-ooo": eval_behaviour.task_levels_ooo, "category-learning": eval_behaviour.task_category_learning,
     "reward-learning": eval_behaviour.task_reward_learning, "icl": eval_behaviour.task_icl,
     "dwarp": eval_warp.task_dwarp, "encsearch": eval_fmri.task_encsearch,
+    "paper-table": eval_paper.task_paper_table,
 }
 
 
@@ -419,6 +423,7 @@ PRESENT = {  # task -> files that must exist for --task all to run it
     "encsearch": lambda c: [os.path.join(c["data"], "brain_data")],
     "dwarp": lambda c: [f for p in data.split_list(c.get("warp_runs") or "") for f in sorted(glob.glob(p))]
     or ["<--warp-runs not given, or matching no file>"],
+    "paper-table": lambda c: ["<not part of all: make paper-table>"],
 }
 
 

@@ -20,7 +20,8 @@ Ops and entry points:
     cka_rbf_tile(gx, gy, nxi, nxj, nyi, nyj, ...) one tile's kernel sums (op)       oracle: cka_rbf_tile_ref
     rbf_kernel_tile(g, ni, nj, gamma, diagonal)  one RBF kernel tile (op)          oracle: rbf_kernel_tile_ref
     median_sq_dist(X)                            exact median squared distance (tiles), as np.median
-    episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed)
+    episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed,
+             first=0)
                                                  B meta-learning episodes (op)     oracle: episodes_ref
     ridge_cv(X, Y, alphas, cv=5|"loo"|"gcv"|groups, fit_intercept=True)  per-target RidgeCV, Y streamed
                                                  from HDF5 in target batches       oracle: ridge_cv_ref
@@ -380,9 +381,12 @@ def _ep_floyd(draw, first, k, m):
     return out
 
 
-def episodes_ref(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed):
+def episodes_ref(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed,
+                 first=0):
     """The oracle of kernels.episodes: the same RNG contract (csrc/episodes_kernel.h) in Python integers,
     one episode at a time; same signature and outputs."""
+    if first < 0:
+        raise ValueError(f"first (index of the first episode) must be >= 0, got {first}")
     n, d = features.shape
     F, L = pos_ptr.numel() - 1, length
     pp, pi, pv = pos_ptr.tolist(), pos_idx.tolist(), pos_val.double().tolist()  # the oracle: Python integers
@@ -392,7 +396,7 @@ def episodes_ref(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val,
     scale = mag_scale.double().tolist()
     rows, y, mag, fn = [], [], [], []
     for b in range(n_episodes):
-        draw = _ep_draws(seed, b)
+        draw = _ep_draws(seed, first + b)
         f = (draw(0) * F) >> 64
         u1 = ((draw(1) >> 11) + 0.5) * 2.0 ** -53
         u2 = (draw(2) >> 11) * 2.0 ** -53
@@ -434,7 +438,8 @@ def episodes_ref(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val,
     return x, y.to(dt), mag, fn, rows
 
 
-def episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed):
+def episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length, seed,
+             first=0):
     """Batched episodes in one fused op -> x (B, L, 1+d), y (B, L), mag (B, L), fn (B,), rows (B, L).
 
     features (n_images, d) float (output dtype = features dtype); functions as CSR over image rows:
@@ -447,9 +452,11 @@ def episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag
     Deterministic given seed (counter-based RNG, csrc/episodes_kernel.h), whatever the thread count or device:
     the outputs are on the features' device, where every tensor must be. The op validates the CSR lists on
     that device before sampling (on CUDA: two small kernels and one 8-byte read of the verdict).
+    Output episode b is episode first + b of the seed's stream: episodes(..., B, L, seed)[k:k + m] equals
+    episodes(..., m, L, seed, first=k), so each DDP rank builds only its own slice of a global batch.
     """
     args = (features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, int(n_episodes), int(length),
-            int(seed))
+            int(seed), int(first))
     if use_op("episodes", features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale):
         return torch.ops.metalign_ops.episodes(*args)
     return episodes_ref(*args)
@@ -1310,7 +1317,7 @@ def _fake_rbf_kernel_tile(g, ni, nj, gamma, diagonal):
 
 
 def _fake_episodes(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes, length,
-                   seed, *threads):
+                   seed, *rest):  # rest: [threads,] first
     B, L, d = n_episodes, length, features.shape[1]
     i64 = dict(dtype=torch.int64)
     return (features.new_empty((B, L, d + 1)), features.new_empty((B, L)), features.new_empty((B, L)),

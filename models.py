@@ -248,11 +248,32 @@ def load_sae(path, config_path=None, map_location="cpu"):
 # static-linear baselines, encode(), checkpoint loading
 # =========================================================================================================
 
-def read_codes(path, n_rows=None, image_ids=None):
+def match_rows(path, ids, image_ids, features_path="the features file"):
+    """Rows of `path` (whose /image_ids are `ids`) holding each of `image_ids`, in that order -> int64 array.
+
+    Functions may come from another file than the features the model reads (the CLIP SAE's codes while the
+    model reads DINOv3 features): rows are matched by image id, so the two files may order their images
+    differently and `path` may hold more images. An image of the features file missing from `path` is an
+    error naming both files and the number missing; so are duplicate ids in `path`."""
+    from data import DataError
+    pos = {}
+    for i, k in enumerate(ids):
+        if pos.setdefault(k, i) != i:
+            raise DataError(f"{path}: /image_ids holds {k!r} twice; image ids must be unique")
+    rows = [pos.get(k, -1) for k in image_ids]
+    missing = [k for k, r in zip(image_ids, rows) if r < 0]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} of the {len(image_ids)} images of {features_path} are missing from "
+                        f"its /image_ids (first: {missing[0]!r}); functions and features must cover the same images")
+    return _np.asarray(rows, dtype=_np.int64)
+
+
+def read_codes(path, n_rows=None, image_ids=None, features_path="the features file"):
     """SAE codes (/sae/indices (n, k) int, /sae/values (n, k) float) -> (indices int64, values float32) numpy.
 
-    n_rows / image_ids: the rows of the features file the codes must align with (checked; a mismatch names
-    both counts or the first differing id)."""
+    n_rows / image_ids: the rows of the features file (`features_path`) the codes must align with. When both
+    files have /image_ids, rows are matched by id (match_rows: another order or a superset is fine, a missing
+    image is an error); without ids in the codes file the row counts must agree."""
     import h5py
     from data import DataError, check_unique, decode_strings
     import os
@@ -272,13 +293,13 @@ def read_codes(path, n_rows=None, image_ids=None):
         raise DataError(f"{path}: /sae/indices {idx.shape} and /sae/values {val.shape} must both be (n_images, k)")
     if not _np.issubdtype(idx.dtype, _np.integer) or (idx.size and idx.min() < 0):
         raise DataError(f"{path}: /sae/indices must hold non-negative integers, got dtype {idx.dtype}")
-    if n_rows is not None and idx.shape[0] != n_rows:
-        raise DataError(f"{path}: /sae/indices has {idx.shape[0]} rows but the features file has {n_rows}; "
-                        f"codes and features must be row-aligned (mismatched feature/code files)")
-    if image_ids is not None and ids is not None and list(ids) != list(image_ids):
-        bad = next(i for i, (a, b) in enumerate(zip(ids, image_ids)) if a != b)
-        raise DataError(f"{path}: /image_ids differs from the features file at row {bad} ({ids[bad]!r} vs "
-                        f"{image_ids[bad]!r}); mismatched feature/code files")
+    if image_ids is not None and ids is not None:
+        if list(ids) != list(image_ids):
+            rows = match_rows(path, ids, image_ids, features_path)
+            idx, val = idx[rows], val[rows]
+    elif n_rows is not None and idx.shape[0] != n_rows:
+        raise DataError(f"{path}: /sae/indices has {idx.shape[0]} rows but {features_path} has {n_rows}, and "
+                        f"{path} has no /image_ids to match them by; codes and features must be row-aligned")
     return idx.astype(_np.int64), val
 
 
@@ -334,11 +355,20 @@ def functions_from_neurons(X, latents=None):
     return out
 
 
-def make_episodes(features, fns, n_episodes, length, seed):
-    """kernels.episodes on a functions dict -> x (B, L, 1+d), y (B, L), mag (B, L), fn (B,), rows (B, L)."""
+def make_episodes(features, fns, n_episodes, length, seed, first=0):
+    """kernels.episodes on a functions dict -> x (B, L, 1+d), y (B, L), mag (B, L), fn (B,), rows (B, L).
+    first: index of the first episode in the seed's stream (a DDP rank's slice of a global batch)."""
     import kernels
     return kernels.episodes(features, fns["pos_ptr"], fns["pos_idx"], fns["pos_val"], fns["neg_ptr"], fns["neg_idx"],
-                            fns["neg_val"], fns["mag_scale"], n_episodes, length, seed)
+                            fns["neg_val"], fns["mag_scale"], n_episodes, length, seed, first)
+
+
+FUNCTION_TENSORS = ("pos_ptr", "pos_idx", "pos_val", "neg_ptr", "neg_idx", "neg_val", "mag_scale")
+
+
+def functions_to(fns, device):
+    """The functions dict with its CSR tensors on `device` (the episodes op reads them where the features are)."""
+    return {k: (v.to(device) if k in FUNCTION_TENSORS else v) for k, v in fns.items()}
 
 
 def rope(x, base=10000.0):
@@ -523,12 +553,16 @@ class MetaLearner(_nn.Module):
             return logit.gather(2, idx)[..., 0], mag.gather(2, idx)[..., 0]
         return logit[..., 0], mag[..., 0]
 
-    def loss(self, logit, mag_pred, y, mag, mse_on_positives=True):
+    def loss(self, logit, mag_pred, y, mag, mse_on_positives=True, n_mse=None):
         """BCE + MSE (on positives for sparse functions) weighted by learned uncertainty (Kendall et al. 2018):
-        exp(-s1) BCE + s1/2 + exp(-s2) MSE / 2 + s2/2 -> (total, bce, mse)."""
+        exp(-s1) BCE + s1/2 + exp(-s2) MSE / 2 + s2/2 -> (total, bce, mse). n_mse: the count the squared errors
+        are divided by (default: this batch's own); DDP ranks pass the global count / ranks, so their averaged
+        gradients are those of one process on the whole batch."""
         bce = _F.binary_cross_entropy_with_logits(logit.float(), y.float())
         w = y.float() if mse_on_positives else _torch.ones_like(y, dtype=_torch.float32)
-        mse = ((mag_pred.float() - mag.float()) ** 2 * w).sum() / w.sum().clamp_min(1)
+        den = w.sum().clamp_min(1) if n_mse is None else \
+            _torch.as_tensor(n_mse, dtype=_torch.float32, device=w.device).clamp_min(1e-12)  # no host sync
+        mse = ((mag_pred.float() - mag.float()) ** 2 * w).sum() / den
         s = self.log_vars
         return _torch.exp(-s[0]) * bce + s[0] / 2 + _torch.exp(-s[1]) * mse / 2 + s[1] / 2, bce, mse
 
@@ -549,9 +583,11 @@ def load_meta(path, map_location="cpu"):
 
 @_torch.no_grad()
 def evaluate_meta(model, features, fns, length, n_episodes=256, seed=12345, heads=None, mse_on_positives=True,
-                  batch=64):
+                  batch=64, raw_targets=False):
     """Held-out in-context performance on fixed episodes (same seed -> same episodes) -> dict(accuracy,
-    accuracy_by_position (L,), magnitude_r2, bce). heads (F,) int64: the static_linear head of each function."""
+    accuracy_by_position (L,), magnitude_r2, bce). heads (F,) int64: the static_linear head of each function.
+    Episodes are built on the features' device. raw_targets: the model predicts raw magnitudes (the scaled
+    magnitudes of the episodes divided by the function's mag_scale), as trained with --mag-target raw."""
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -560,9 +596,11 @@ def evaluate_meta(model, features, fns, length, n_episodes=256, seed=12345, head
     for start in range(0, n_episodes, batch):
         B = min(batch, n_episodes - start)
         x, y, mag, fn, _ = make_episodes(features, fns, B, length, seed + start)
-        fh = heads[fn] if heads is not None else fn
+        if raw_targets:
+            mag = mag / fns["mag_scale"].to(mag.device)[fn][:, None].to(mag.dtype)
+        fh = heads.to(fn.device)[fn] if heads is not None else fn
         logit, m = model(x.to(dev), fh.to(dev))
-        logit, m, y, mag = logit.float().cpu(), m.float().cpu(), y.float(), mag.float()
+        logit, m, y, mag = logit.float().cpu(), m.float().cpu(), y.float().cpu(), mag.float().cpu()
         correct += ((logit > 0).float() == y).double().sum(0)
         bce += float(_F.binary_cross_entropy_with_logits(logit, y, reduction="sum"))
         w = y > 0 if mse_on_positives else _torch.ones_like(y, dtype=_torch.bool)

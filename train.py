@@ -2,8 +2,9 @@ r"""Features -> checkpoints: every training stage (--stage sae | meta | warp), o
 
     python train.py --stage sae  --features F.h5 --out runs/sae/NAME.pt                 # top-k sparse autoencoder
     python train.py --stage sae --encode --ckpt runs/sae/NAME.pt --features F.h5 [--codes-out C.h5]   # its codes
-    python train.py --stage meta --features F.h5 --codes C.h5 --eval-features E.h5 --eval-codes EC.h5 \
+    python train.py --stage meta --features coco.h5 --codes C.h5 --eval-features coco_eval.h5 --eval-codes EC.h5 \
         --out runs/meta/NAME.pt                                                          # meta-learned Transformer
+    python train.py --stage meta --config configs/paper/main.toml --features ... --out ...  # the original's recipe
     python train.py --stage warp --features F.h5 --targets brain|spose --d 1,10,100 --out runs/warp/NAME.json
     python train.py --stage sae --help                                                   # that stage's flags only
     python train.py --stage meta --config configs/demo.toml --features ... --out ...    # a preset's [meta] table
@@ -17,8 +18,10 @@ output); the demo passes the world's (Makefile, configs/demo.toml).
 
 sae: top-k SAE (Gao et al. 2024) on rows streamed from HDF5; writes --out (config + versions) and
 <out>.last.pt (for --resume). --ckpt also reads ViT-Prisma top-k SAEs; --encode writes /sae/indices and
-/sae/values (models.sae_encode). meta: writes the best checkpoint (--out, with config + versions),
-<out>.last.pt (for --resume), <out>.csv, <out>.png. warp: the performance-vs-d curve of encoder warping
+/sae/values (models.sae_encode). meta: writes the best checkpoint by --select on the held-out split
+--eval-features (--out, with config + versions), <out>.last.pt (for --resume), <out>.csv (with the online-ridge
+bound), <out>.png, and with --tensorboard DIR event files; refuses selection pools that share images with the
+human-evaluation sets (--forbid). warp: the performance-vs-d curve of encoder warping
 (eval_warp.py) as a result JSON, resumed d by d.
 """
 import argparse
@@ -262,9 +265,15 @@ def sae_encode(cfg):
 # ----------------------------------------------------------------------------------------------- meta stage
 defaults_meta = dict(
     features="data/features/clip/coco.h5",      # training image pool (HDF5, /features + /image_ids)
-    codes="",                                   # /sae/indices, /sae/values, rows as --features ('' = --features)
-    eval_features="",                           # held-out image pool (HDF5; '' = things.h5 beside --features)
-    eval_codes="",                              # its codes ('' = --eval-features)
+    codes="",                                   # where the functions come from, rows matched to --features by
+                                                # /image_ids ('' = --features): /sae/indices + /sae/values (sae) or
+                                                # /features (neurons), e.g. the CLIP SAE's codes for any backbone
+    eval_features="",                           # selection pool ('' = coco_eval.h5 beside --features): a held-out
+                                                # split of the training pool's source (COCO val+test), never an
+                                                # image set the evaluations score
+    eval_codes="",                              # its functions ('' = --eval-features), matched by /image_ids
+    forbid="",                                  # feature files whose images neither pool may share, comma-separated
+                                                # ('' = things.h5, levels.h5 beside --features; none = no check)
     functions="sae",                            # sae (latents of the codes) | neurons (feature dims split at median)
     min_nonzero=120,                            # a latent is a function if active on at least this many training images
     holdout=0.0,                                # share of functions held out of training (0: all, on the eval pool)
@@ -285,39 +294,96 @@ defaults_meta = dict(
     batch=64,                                   # episodes per step (global: split over torchrun ranks)
     steps=3000,                                 # optimisation steps
     lr=3e-4,                                    # peak learning rate
-    weight_decay=0.05,                          # AdamW decoupled weight decay (matrices only)
+    weight_decay=0.05,                          # AdamW decoupled weight decay
+    embed_decay=True,                           # weight decay on the embedding too (the original keeps it out)
+    decay_vectors=False,                        # weight decay on biases, LayerNorms and loss weights too (original: on)
     warmup=100,                                 # linear warm-up steps
     clip=1.0,                                   # gradient-norm clipping (0 = off)
     optimizer="adamw",                          # adamw (warm-up + cosine) | schedulefree (schedule-free AdamW)
+    mag_scale="function",                       # magnitudes divided by: function (each function's std) | global
+                                                # (one std of every magnitude of the training functions)
+    mag_target="scaled",                        # magnitude head's target: scaled (as in the input) | raw
     eval_every=100,                             # steps between held-out evaluations
     eval_episodes=256,                          # held-out episodes per evaluation (fixed seed)
+    eval_per_function=0,                        # instead: this many held-out episodes per evaluated function (0 = off)
+    select="accuracy",                          # checkpoint score: accuracy | paper (0.5 accuracy + 0.5 magnitude R^2)
     patience=10,                                # early stopping: evaluations without improvement (0 = off)
+    min_steps=1000,                             # early stopping counts only from this step on
+    min_accuracy=0.0,                           # ... and only once held-out accuracy reaches this
+    min_delta=0.0,                              # ... where a better score must beat the best by more than this
+    icl_bound=256,                              # online-ridge ICL bound on the first held-out episodes (0 = off)
+    tensorboard="",                             # also write TensorBoard event files into this folder
     compile=False,                              # torch.compile the model
     resume=False,                               # continue from <out>.last.pt
     overwrite=False,                            # start over: replace --out, its resume state and its log
 )
 # the settings a --resume must share with the run it continues (besides the model's shape)
-META_RESUME_KEYS = ("functions", "min_nonzero", "holdout", "length", "seed", "optimizer", "standardize", "input_pca")
+META_RESUME_KEYS = ("functions", "min_nonzero", "holdout", "length", "seed", "optimizer", "standardize", "input_pca",
+                    "mag_scale", "mag_target")
+
+SELECT = ("accuracy", "paper")
+
+
+def _forbidden_overlap(cfg, pools):
+    """Refuse pools that share images with a human-evaluation image set: selecting (or training) on the images the
+    evaluations then score leaks them. pools: {flag: (path, image_ids)}. --forbid lists the sets ('' = the THINGS
+    and Levels features beside the training pool, skipped where absent; none = no check)."""
+    import h5py
+    if cfg["forbid"].strip().lower() == "none":
+        return
+    named = data.split_list(cfg["forbid"])
+    files = named or [os.path.join(os.path.dirname(cfg["features"]), f) for f in ("things.h5", "levels.h5")]
+    for path in files:
+        if not os.path.exists(path):
+            if named:
+                sys.exit(f"train.py: error: --forbid {path}: not found; expected a features file with /image_ids")
+            continue
+        with h5py.File(path, "r") as f:
+            if "image_ids" not in f:
+                sys.exit(f"train.py: error: --forbid {path}: field '/image_ids' missing")
+            banned = set(data.decode_strings(f["image_ids"][...]))
+        for flag, (pool, ids) in pools.items():
+            if os.path.abspath(pool) == os.path.abspath(path):
+                n = len(ids)
+            else:
+                n = len(banned.intersection(ids))
+            if n:
+                sys.exit(f"train.py: error: {flag} {pool} shares {n} image ids with {path}, an image set the "
+                         "human evaluations score: model selection (and training) must never see those images. "
+                         "Select on a held-out split of the training pool (COCO val+test: coco_eval.h5), or pass "
+                         "--forbid none to skip this check")
 
 
 def _meta_functions(cfg, X, ids, Xe, ide):
     """Training and held-out functions: (train_fns, eval_fns, heads of eval fns for static_linear or None)."""
     import numpy as np
-    from models import functions_from_codes, functions_from_neurons, read_codes
-    L = cfg["length"]
-    if cfg["functions"] == "sae":
-        if cfg["min_nonzero"] < L:
-            sys.exit(f"train.py: error: --min-nonzero {cfg['min_nonzero']} < --length {L}: every function needs at "
-                     f"least L positives per episode")
-        idx, val = read_codes(cfg["codes"] or cfg["features"], len(X), ids)
-        try:
-            every = functions_from_codes(idx, val, cfg["min_nonzero"])
-        except ValueError as e:
-            raise data.DataError(f"{cfg['codes'] or cfg['features']}: /sae/values: {e}") from None
-    elif cfg["functions"] == "neurons":
-        every = functions_from_neurons(X)
-    else:
-        sys.exit(f"train.py: error: --functions {cfg['functions']!r}; expected sae | neurons")
+    from models import functions_from_codes, functions_from_neurons, match_rows, read_codes
+    L, kind = cfg["length"], cfg["functions"]
+    if kind not in ("sae", "neurons"):
+        sys.exit(f"train.py: error: --functions {kind!r}; expected sae | neurons")
+    if kind == "sae" and cfg["min_nonzero"] < L:
+        sys.exit(f"train.py: error: --min-nonzero {cfg['min_nonzero']} < --length {L}: every function needs at "
+                 f"least L positives per episode")
+
+    def source(features_key, codes_key, Xp, idp):  # one pool's codes (sae) or neuron matrix, rows as its features
+        path = cfg[codes_key] or cfg[features_key]
+        if kind == "sae":
+            return read_codes(path, len(Xp), idp, cfg[features_key])
+        if not cfg[codes_key]:
+            return Xp
+        N, nid = data.read_features(path)
+        return N[match_rows(path, nid, idp, cfg[features_key])]
+
+    def build(src, min_nonzero, latents=None):
+        if kind == "sae":
+            return functions_from_codes(*src, min_nonzero, latents=latents)
+        return functions_from_neurons(src, latents=latents)
+
+    src = source("features", "codes", X, ids)
+    try:
+        every = build(src, cfg["min_nonzero"])
+    except ValueError as e:
+        raise data.DataError(f"{cfg['codes'] or cfg['features']}: /sae/values: {e}") from None
     latents = every["latents"].numpy()
     n_hold = 0 if cfg["model"] == "static_linear" or cfg["holdout"] <= 0 else \
         min(len(latents) - 1, max(1, round(cfg["holdout"] * len(latents))))
@@ -325,23 +391,31 @@ def _meta_functions(cfg, X, ids, Xe, ide):
     train_lat = np.setdiff1d(latents, held)
     if len(train_lat) == 0:
         sys.exit("train.py: error: no training function left after the hold-out; lower --holdout")
-    if cfg["functions"] == "sae":
-        train = functions_from_codes(idx, val, cfg["min_nonzero"], latents=train_lat)
-        eidx, evals = read_codes(cfg["eval_codes"] or cfg["eval_features"], len(Xe), ide)
-        try:
-            eval_fns = functions_from_codes(eidx, evals, L, latents=held if n_hold else train_lat)
-        except ValueError as e:
-            raise data.DataError(f"{cfg['eval_codes'] or cfg['eval_features']}: /sae/values: {e} (held-out "
-                                 f"functions need --length {L} positives)") from None
-    else:
-        train = functions_from_neurons(X, latents=train_lat)
-        eval_fns = functions_from_neurons(Xe, latents=held if n_hold else train_lat)
-    n_eval = Xe.shape[0]
-    ok = (eval_fns["pos_ptr"].diff() >= L) & ((n_eval - eval_fns["pos_ptr"].diff() if cfg["functions"] == "sae"
-                                               else eval_fns["neg_ptr"].diff()) >= L)
-    if not ok.all():
-        sys.exit(f"train.py: error: {int((~ok).sum())} held-out functions have fewer than L = {L} positives or "
-                 f"negatives in {cfg['eval_features']}; shorten --length or use a larger eval pool")
+    train = build(src, cfg["min_nonzero"], train_lat)
+    # selection scores a function where the selection pool holds L positives and L negatives of it
+    want, esrc, n_eval = held if n_hold else train_lat, source("eval_features", "eval_codes", Xe, ide), len(Xe)
+    try:
+        eval_fns = build(esrc, L, want)
+    except ValueError:
+        eval_fns = None
+    if eval_fns is not None:
+        pos = eval_fns["pos_ptr"].diff()
+        neg = n_eval - pos if kind == "sae" else eval_fns["neg_ptr"].diff()
+        ok = ((pos >= L) & (neg >= L)).numpy()
+        eval_fns = None if not ok.any() else eval_fns if ok.all() else build(esrc, L, eval_fns["latents"].numpy()[ok])
+    if eval_fns is None:
+        sys.exit(f"train.py: error: none of the {len(want)} {'held-out' if n_hold else 'training'} functions has "
+                 f"L = {L} positives and negatives among the {n_eval} images of {cfg['eval_features']}; "
+                 "shorten --length or use a larger selection pool")
+    if len(eval_fns["latents"]) < len(want):
+        print(f"train.py: {len(want) - len(eval_fns['latents'])} of {len(want)} functions have fewer than L = {L} "
+              f"positives or negatives in {cfg['eval_features']}; selection scores the other "
+              f"{len(eval_fns['latents'])}")
+    if cfg["mag_scale"] == "global":  # one scale for every function: 1 / std of all training magnitudes
+        vals = torch.cat([train["pos_val"], train["neg_val"]]).double()  # SAE: active values; neurons: x - median
+        g = 1.0 / max(float(vals.std()), 1e-6)
+        for fns in (train, eval_fns):
+            fns["mag_scale"] = torch.full_like(fns["mag_scale"], g)
     heads = None
     if cfg["model"] == "static_linear":
         heads = torch.from_numpy(np.searchsorted(train_lat, eval_fns["latents"].numpy()))
@@ -358,26 +432,49 @@ def _plot_curve(csv_path, png_path):
     ev = df.dropna(subset=["eval_accuracy"])
     ax[1].plot(ev["step"], ev["eval_accuracy"], marker="o", ms=3, label="held-out accuracy")
     ax[1].plot(ev["step"], ev["eval_magnitude_r2"], marker="s", ms=3, label="held-out magnitude R$^2$")
+    if "icl_ridge_bound" in ev and ev["icl_ridge_bound"].notna().any():
+        ax[1].axhline(float(ev["icl_ridge_bound"].dropna().iloc[0]), color="C3", lw=0.8, ls=":",
+                      label="online ridge (no meta-learning)")
     ax[1].axhline(0.5, color="grey", lw=0.6, ls="--")
     ax[1].set(xlabel="step", ylim=(min(0.0, ev["eval_magnitude_r2"].min() if len(ev) else 0), 1))
     ax[1].legend(fontsize=8)
     data.save_figure(fig, png_path, tight=True)
 
 
+def _meta_device(cfg):
+    """--device auto | cpu | cuda | cuda:N -> (torch.device of this process, use_cuda); torchrun ranks take
+    LOCAL_RANK's GPU."""
+    name = cfg["device"]
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:")):
+        sys.exit(f"train.py: error: --device {cfg['device']!r}; expected auto | cpu | cuda | cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"train.py: error: --device {cfg['device']}: no CUDA device is visible to torch")
+    if name.startswith("cuda") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return torch.device(name), name.startswith("cuda")
+
+
 def stage_meta(cfg):
     """Meta-train the in-context learner on episodes of SAE (or neuron) functions; returns the best metrics."""
+    import json
+    import math
     import time
     import numpy as np
     import torch.distributed as dist
     from tqdm import tqdm
-    from models import MetaLearner, evaluate_meta, make_episodes, principal_basis
+    from models import MetaLearner, evaluate_meta, functions_to, make_episodes, principal_basis, ridge_icl_bound
+    for key, allowed in (("select", SELECT), ("mag_scale", ("function", "global")), ("mag_target", ("scaled", "raw")),
+                         ("optimizer", ("adamw", "schedulefree"))):
+        if cfg[key] not in allowed:
+            sys.exit(f"train.py: error: --{key.replace('_', '-')} {cfg[key]!r}; expected {' | '.join(allowed)}")
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    device, use_cuda = _meta_device(cfg)
     rank, world = 0, 1
     if ddp:  # torchrun: NCCL on GPU, gloo on CPU
         dist.init_process_group("nccl" if use_cuda else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if cfg["batch"] % world:
         sys.exit(f"train.py: error: --batch {cfg['batch']} must be divisible by the {world} ranks")
     out = cfg["out"] or os.path.join("runs", "meta", os.path.splitext(os.path.basename(cfg["features"]))[0] + ".pt")
@@ -389,9 +486,17 @@ def stage_meta(cfg):
     Xe, ide = data.read_features(cfg["eval_features"])
     if Xe.shape[1] != X.shape[1]:
         sys.exit(f"train.py: error: {cfg['eval_features']} has d = {Xe.shape[1]}, {cfg['features']} has {X.shape[1]}")
+    _forbidden_overlap(cfg, {"--features": (cfg["features"], ids), "--eval-features": (cfg["eval_features"], ide)})
+    shared = len(set(ids).intersection(ide))
+    if shared and rank == 0:
+        print(f"train.py: note: the selection pool {cfg['eval_features']} shares {shared} of its {len(ide)} images "
+              f"with the training pool {cfg['features']}; a held-out split scores generalisation to new images")
     train_fns, eval_fns, heads = _meta_functions(cfg, X, ids, Xe, ide)
     X, Xe = torch.from_numpy(X), torch.from_numpy(Xe)
-    F = len(train_fns["latents"])
+    F, L = len(train_fns["latents"]), cfg["length"]
+    n_eval = cfg["eval_per_function"] * len(eval_fns["latents"]) if cfg["eval_per_function"] > 0 else \
+        cfg["eval_episodes"]
+    eval_seed = cfg["seed"] + 777
     mean, std = X.mean(0), (X.std(0) if cfg["standardize"] else torch.ones(X.shape[1]))
     basis = None
     if cfg["input_pca"]:  # the pool's top principal subspace (standardised features), folded into the embedding
@@ -419,15 +524,17 @@ def stage_meta(cfg):
         elif cfg["embed_init"] != "default":
             sys.exit(f"train.py: error: --embed-init {cfg['embed_init']!r}; expected orthogonal | default")
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg["weight_decay"]),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]  # biases, LayerNorms, log_vars
+    embed = {id(p) for p in model.embedding.parameters()}
+    decayed = [p for p in params if (cfg["embed_decay"] or id(p) not in embed)
+               and (cfg["decay_vectors"] or p.dim() >= 2)]
+    kept = [p for p in params if all(p is not q for q in decayed)]  # biases, LayerNorms, log_vars; the embedding
+    groups = [g for g in (dict(params=decayed, weight_decay=cfg["weight_decay"]), dict(params=kept, weight_decay=0.0))
+              if g["params"]]
     if cfg["optimizer"] == "schedulefree":
         import schedulefree
         opt = schedulefree.AdamWScheduleFree(groups, lr=cfg["lr"], warmup_steps=cfg["warmup"])
-    elif cfg["optimizer"] == "adamw":
-        opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.95))
     else:
-        sys.exit(f"train.py: error: --optimizer {cfg['optimizer']!r}; expected adamw | schedulefree")
+        opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.95))
     sf = cfg["optimizer"] == "schedulefree"
 
     def lr_at(step):  # warm-up, then cosine to 10 % (AdamW only; schedule-free needs no schedule)
@@ -435,6 +542,10 @@ def stage_meta(cfg):
             return cfg["lr"] * (step + 1) / cfg["warmup"]
         t = (step - cfg["warmup"]) / max(1, cfg["steps"] - cfg["warmup"])
         return cfg["lr"] * (0.1 + 0.45 * (1 + np.cos(np.pi * min(1.0, t))))
+
+    def score_of(ev):  # the checkpoint score (--select); an undefined R^2 counts as 0
+        r2 = ev["magnitude_r2"] if math.isfinite(ev["magnitude_r2"]) else 0.0
+        return ev["accuracy"] if cfg["select"] == "accuracy" else 0.5 * ev["accuracy"] + 0.5 * r2
 
     start, best, since_best, best_metrics = 0, -float("inf"), 0, {}
     resume = _resume_or_start_over(cfg, last) if rank == 0 else cfg["resume"] and os.path.exists(last)
@@ -453,29 +564,57 @@ def stage_meta(cfg):
         start, best, since_best, best_metrics = ck["step"], ck["best"], ck["since_best"], ck["metrics"]
         torch.set_rng_state(ck["rng"])
         if rank == 0:
-            print(f"train.py: resumed {last} at step {start} (best held-out accuracy {best:.4f})")
+            print(f"train.py: resumed {last} at step {start} (best held-out {cfg['select']} score {best:.4f})")
     net = torch.compile(model) if cfg["compile"] else model
     if ddp:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if use_cuda else None)
     mse_pos = cfg["functions"] == "sae"
+    raw = cfg["mag_target"] == "raw"
     per_rank = cfg["batch"] // world
-    fields = ["step", "loss", "bce", "mse", "lr", "eval_accuracy", "eval_magnitude_r2", "eval_bce", "seconds"]
+    eval_batch = max(64, per_rank)  # held-out episodes per forward pass; the ridge bound draws the same episodes
+    fields = ["step", "loss", "bce", "mse", "lr", "eval_accuracy", "eval_magnitude_r2", "eval_bce", "eval_score",
+              "icl_ridge_bound", "seconds"]
     # a resumed log is cut back to the checkpoint's step (later rows are redone) and its clock continues
     log = data.CsvLog(csv_path, fields, resume_step=start if resume else None) if rank == 0 else None
+    mags = dict(scale=cfg["mag_scale"], target=cfg["mag_target"],
+                train_scale=train_fns["mag_scale"][:1].tolist() if cfg["mag_scale"] == "global" else None)
 
     def save(path, step, metrics, with_opt):
         ck = dict(model=model.state_dict(), model_args=model_args, config=cfg, versions=data.versions(), step=step,
                   metrics=metrics, best=best, since_best=since_best, latents=train_fns["latents"],
-                  eval_latents=eval_fns["latents"], rng=torch.get_rng_state())
+                  eval_latents=eval_fns["latents"], magnitudes=mags, rng=torch.get_rng_state())
         if with_opt:
             ck["optimizer"] = opt.state_dict()
         with atomic_path(path) as tmp:
             torch.save(ck, tmp)
 
+    bound = None
     if rank == 0:
         print(f"train.py: meta | {cfg['model']} on {F} training functions ({cfg['functions']}), "
-              f"{len(eval_fns['latents'])} evaluated on {cfg['eval_features']} | d={X.shape[1]}, L={cfg['length']}, "
-              f"batch={cfg['batch']} x {world} rank(s), {sum(p.numel() for p in params):,} parameters")
+              f"{len(eval_fns['latents'])} scored on {cfg['eval_features']} ({n_eval} episodes, select by "
+              f"{cfg['select']}) | d={X.shape[1]}, L={L}, batch={cfg['batch']} x {world} rank(s) on {device}, "
+              f"{sum(p.numel() for p in params):,} parameters")
+        if cfg["icl_bound"] > 0:  # what a linear learner on the standardised features reaches without meta-learning
+            nb = min(cfg["icl_bound"], n_eval)
+            bound = ridge_icl_bound(X, train_fns, Xe, eval_fns, L, nb, seed=eval_seed, shift=X.mean(0),
+                                    scale=1 / X.std(0).clamp_min(1e-6), batch=eval_batch)
+            bound["n_episodes"] = nb
+            print(f"train.py: online ridge bound (no meta-learning; alpha {bound['alpha']:g} chosen on training "
+                  f"episodes): held-out accuracy {bound['accuracy']:.4f} on the first {nb} held-out episodes; a "
+                  "meta-learner below it does less in context than a linear read-out of the features")
+    tb = None
+    if cfg["tensorboard"] and rank == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            sys.exit(f"train.py: error: --tensorboard {cfg['tensorboard']}: TensorBoard event files need the "
+                     f"'tensorboard' package ({e}); pip install tensorboard, or drop --tensorboard (the CSV and PNG "
+                     "are written either way)")
+        tb = SummaryWriter(cfg["tensorboard"], purge_step=start + 1 if start else None)
+        tb.add_text("config", json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, default=str), start)
+    # the pools and their functions move to the device once; every step's episodes are built there
+    Xd, train_d = X.to(device), functions_to(train_fns, device)
+    Xe_d, eval_d = Xe.to(device), functions_to(eval_fns, device)
     t0, step = time.time() - (log.offset if log else 0.0), start
     bar = tqdm(range(start, cfg["steps"]), disable=rank != 0 or not cfg["progress"], mininterval=1.0)
     for step in bar:
@@ -485,23 +624,30 @@ def stage_meta(cfg):
                 g["lr"] = lr
         if sf:
             opt.train()
-        # every rank builds the same global batch (seeded by step) and takes its slice, so N ranks follow
-        # the trajectory of one process with the same global batch
-        x, y, mag, fn, _ = make_episodes(X, train_fns, cfg["batch"], cfg["length"], cfg["seed"] * 1_000_003 + step)
-        sl = slice(rank * per_rank, (rank + 1) * per_rank)
-        x, y, mag, fn = x[sl].to(device), y[sl].to(device), mag[sl].to(device), fn[sl].to(device)
+        # each rank builds only its slice of the step's global batch: episodes rank * B/N .. of one counter-based
+        # stream (seeded by step), so N ranks follow the trajectory of one process with the same global batch
+        x, y, mag, fn, _ = make_episodes(Xd, train_d, per_rank, L, cfg["seed"] * 1_000_003 + step,
+                                         first=rank * per_rank)
+        if raw:  # the head predicts raw magnitudes; the input channel keeps the scaled ones
+            mag = mag / train_d["mag_scale"][fn][:, None].to(mag.dtype)
+        n_mse = None
+        if ddp:  # the MSE is normalised by the global count, so the ranks' averaged gradients are one process's
+            n_mse = (y.sum() if mse_pos else torch.tensor(float(y.numel()), device=device)).float()
+            dist.all_reduce(n_mse)
+            n_mse = n_mse / world
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
             logit, mpred = net(x, fn)
-        loss, bce, mse = model.loss(logit, mpred, y, mag, mse_on_positives=mse_pos)
+        loss, bce, mse = model.loss(logit, mpred, y, mag, mse_on_positives=mse_pos, n_mse=n_mse)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg["clip"] > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
         opt.step()
-        stats = torch.stack([loss.detach(), bce.detach(), mse.detach()]).float().cpu()
+        stats = torch.stack([loss.detach(), bce.detach(), mse.detach()]).float()
         if ddp:
-            dist.all_reduce(stats)
+            dist.all_reduce(stats)  # on the device: NCCL reduces GPU tensors only
             stats /= world
+        stats = stats.cpu()
         row = dict(step=step + 1, loss=float(stats[0]), bce=float(stats[1]), mse=float(stats[2]), lr=lr,
                    seconds=round(time.time() - t0, 3))
         stop = False
@@ -509,34 +655,48 @@ def stage_meta(cfg):
             if sf:
                 opt.eval()  # schedule-free: evaluate (and save) the averaged weights
             if rank == 0:
-                ev = evaluate_meta(model, Xe, eval_fns, cfg["length"], cfg["eval_episodes"], seed=cfg["seed"] + 777,
-                                   heads=heads, mse_on_positives=mse_pos)
-                row.update(eval_accuracy=ev["accuracy"], eval_magnitude_r2=ev["magnitude_r2"], eval_bce=ev["bce"])
+                ev = evaluate_meta(model, Xe_d, eval_d, L, n_eval, seed=eval_seed, heads=heads,
+                                   mse_on_positives=mse_pos, raw_targets=raw, batch=eval_batch)
+                score = score_of(ev)
+                row.update(eval_accuracy=ev["accuracy"], eval_magnitude_r2=ev["magnitude_r2"], eval_bce=ev["bce"],
+                           eval_score=score, icl_ridge_bound=bound["accuracy"] if bound else "")
                 log.append(row)  # before the checkpoints: a kill between the two redoes this step on resume
-                if ev["accuracy"] > best:
-                    best, since_best = ev["accuracy"], 0
-                    best_metrics = dict(ev, step=step + 1)
+                # patience counts from --min-steps on, once accuracy reaches --min-accuracy; from then on a
+                # better score must beat the best by more than --min-delta
+                counting = step + 1 >= cfg["min_steps"] and ev["accuracy"] >= cfg["min_accuracy"]
+                if score > best + (cfg["min_delta"] if counting else 0.0):
+                    best, since_best = score, 0
+                    best_metrics = dict(ev, step=step + 1, score=score, select=cfg["select"], icl_ridge_bound=bound)
                     save(out, step + 1, best_metrics, with_opt=False)
-                else:
+                elif counting:
                     since_best += 1
                 save(last, step + 1, best_metrics, with_opt=True)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{ev['accuracy']:.3f}", best=f"{best:.3f}")
                 stop = cfg["patience"] > 0 and since_best >= cfg["patience"]
             if ddp:
-                flag = torch.tensor([float(stop)])
+                flag = torch.tensor([float(stop)], device=device)
                 dist.broadcast(flag, 0)
                 stop = bool(flag.item())
-        if rank == 0 and "eval_accuracy" not in row:
-            log.append(row)
+        if rank == 0:
+            if "eval_accuracy" not in row:
+                log.append(row)
+            if tb is not None:
+                for k in fields[1:]:
+                    if isinstance(row.get(k), (int, float)):
+                        tb.add_scalar(("eval/" if k.startswith(("eval", "icl")) else "train/") + k, row[k], step + 1)
         if stop:
             if rank == 0:
                 print(f"train.py: early stop at step {step + 1}: no held-out improvement in {cfg['patience']} "
                       "evaluations")
             break
     if rank == 0:
+        if tb is not None:
+            tb.close()
         _plot_curve(csv_path, png_path)
         r2 = best_metrics.get("magnitude_r2", float("nan"))
-        print(f"train.py: best held-out accuracy {best:.4f} (magnitude R^2 {r2:.3f}) "
+        vs = f" (online ridge bound {bound['accuracy']:.4f})" if bound else ""
+        print(f"train.py: best held-out {cfg['select']} score {best:.4f}: accuracy "
+              f"{best_metrics.get('accuracy', float('nan')):.4f}{vs}, magnitude R^2 {r2:.3f}, "
               f"at step {best_metrics.get('step')} -> {out}; log {csv_path}, curve {png_path}")
     if ddp:
         dist.destroy_process_group()
@@ -704,8 +864,8 @@ def parse(argv=None):
             ok = False
         if not ok:
             p.error(f"--n-latents {nl}: expected a count >= 1 (12288) or a positive multiple of d (16x)")
-    if stage == "meta" and not cfg["eval_features"]:  # the held-out pool beside the training pool, never elsewhere
-        cfg["eval_features"] = os.path.join(os.path.dirname(cfg["features"]), "things.h5")
+    if stage == "meta" and not cfg["eval_features"]:  # the selection pool beside the training pool, never elsewhere
+        cfg["eval_features"] = os.path.join(os.path.dirname(cfg["features"]), "coco_eval.h5")
     if stage == "meta" and not cfg["out"]:
         cfg["out"] = os.path.join("runs", "meta", os.path.splitext(os.path.basename(cfg["features"]))[0] + ".pt")
     return cfg

@@ -125,9 +125,9 @@ template <typename T, typename V>
 void episodes_loop(uint64_t seed, int64_t F, int64_t n, int64_t d, int64_t B, int64_t L, const T* fp, int64_t rs,
                    int64_t cs, const int64_t* pp, const int64_t* pi, const V* pv, bool has_neg, const int64_t* np,
                    const int64_t* ni, const V* nv, const V* scale, T* xp, T* yp, T* mp, int64_t* fnp, int64_t* rp,
-                   int64_t grid_threads) {
-  auto sample = [&](int64_t b) {
-    fnp[b] = ep_sample<V, T>(ep_key(seed, b), F, n, L, pp, pi, pv, has_neg, np, ni, nv, scale, rp + b * L,
+                   int64_t grid_threads, int64_t first) {
+  auto sample = [&](int64_t b) {  // output episode b is episode first + b of the seed's stream
+    fnp[b] = ep_sample<V, T>(ep_key(seed, first + b), F, n, L, pp, pi, pv, has_neg, np, ni, nv, scale, rp + b * L,
                              yp + b * L, mp + b * L);
   };
   if (grid_threads > 0) {  // the CUDA launch grid, serially: block b samples (thread 0), then every thread writes
@@ -166,9 +166,10 @@ void episodes_loop(uint64_t seed, int64_t F, int64_t n, int64_t d, int64_t B, in
 Out episodes_impl(const at::Tensor& features, const at::Tensor& pos_ptr_, const at::Tensor& pos_idx_,
                   const at::Tensor& pos_val_, const at::Tensor& neg_ptr_, const at::Tensor& neg_idx_,
                   const at::Tensor& neg_val_, const at::Tensor& mag_scale_, int64_t B, int64_t L, int64_t seed,
-                  int64_t grid_threads) {
+                  int64_t grid_threads, int64_t first) {
   episodes_check(features, pos_ptr_, pos_idx_, pos_val_, neg_ptr_, neg_idx_, neg_val_, mag_scale_, B, L);
   episodes_check_csr_cpu(features, pos_ptr_, pos_idx_, neg_ptr_, neg_idx_, L);
+  TORCH_CHECK(first >= 0, "first (index of the first episode) must be >= 0, got ", first);
   auto pos_ptr = pos_ptr_.contiguous(), pos_idx = pos_idx_.contiguous(), pos_val = pos_val_.contiguous();
   auto neg_ptr = neg_ptr_.contiguous(), neg_idx = neg_idx_.contiguous(), neg_val = neg_val_.contiguous();
   auto mag_scale = mag_scale_.contiguous();
@@ -185,7 +186,7 @@ Out episodes_impl(const at::Tensor& features, const at::Tensor& pos_ptr_, const 
                           pos_val.data_ptr<V>(), has_neg, has_neg ? neg_ptr.data_ptr<int64_t>() : nullptr,
                           has_neg ? neg_idx.data_ptr<int64_t>() : nullptr, has_neg ? neg_val.data_ptr<V>() : nullptr,
                           mag_scale.data_ptr<V>(), x.data_ptr<T>(), y.data_ptr<T>(), mag.data_ptr<T>(),
-                          fn.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), grid_threads);
+                          fn.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), grid_threads, first);
     });
   });
   return {x, y, mag, fn, rows};
@@ -194,18 +195,18 @@ Out episodes_impl(const at::Tensor& features, const at::Tensor& pos_ptr_, const 
 Out episodes_cpu(const at::Tensor& features, const at::Tensor& pos_ptr, const at::Tensor& pos_idx,
                  const at::Tensor& pos_val, const at::Tensor& neg_ptr, const at::Tensor& neg_idx,
                  const at::Tensor& neg_val, const at::Tensor& mag_scale, int64_t n_episodes, int64_t length,
-                 int64_t seed) {
+                 int64_t seed, int64_t first) {
   return episodes_impl(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes,
-                       length, seed, 0);
+                       length, seed, 0, first);
 }
 
 Out episodes_grid_cpu(const at::Tensor& features, const at::Tensor& pos_ptr, const at::Tensor& pos_idx,
                       const at::Tensor& pos_val, const at::Tensor& neg_ptr, const at::Tensor& neg_idx,
                       const at::Tensor& neg_val, const at::Tensor& mag_scale, int64_t n_episodes, int64_t length,
-                      int64_t seed, int64_t threads) {
+                      int64_t seed, int64_t threads, int64_t first) {
   TORCH_CHECK(threads > 0, "threads must be > 0, got ", threads);
   return episodes_impl(features, pos_ptr, pos_idx, pos_val, neg_ptr, neg_idx, neg_val, mag_scale, n_episodes,
-                       length, seed, threads);
+                       length, seed, threads, first);
 }
 
 }  // namespace
@@ -216,12 +217,14 @@ TORCH_LIBRARY_FRAGMENT(metalign_ops, m) {
   // explicit lists neg_* (same layout) or, when neg_ptr is empty, the complement of the positives with
   // magnitude 0. Returns x (B, L, 1+d) [previous item's magnitude * mag_scale[f], features of the item],
   // y (B, L) 1/0, mag (B, L) magnitude * mag_scale[f], fn (B,) int64 function, rows (B, L) int64 image rows.
+  // Output episode b is episode first + b of the seed's stream, so a DDP rank builds only its slice of a batch.
   m.def("episodes(Tensor features, Tensor pos_ptr, Tensor pos_idx, Tensor pos_val, Tensor neg_ptr, "
-        "Tensor neg_idx, Tensor neg_val, Tensor mag_scale, int n_episodes, int length, int seed) -> "
+        "Tensor neg_idx, Tensor neg_val, Tensor mag_scale, int n_episodes, int length, int seed, int first=0) -> "
         "(Tensor x, Tensor y, Tensor mag, Tensor fn, Tensor rows)");
   // CPU emulation of the CUDA launch grid (block = episode, thread 0 samples, `threads` threads write x).
   m.def("episodes_grid(Tensor features, Tensor pos_ptr, Tensor pos_idx, Tensor pos_val, Tensor neg_ptr, "
-        "Tensor neg_idx, Tensor neg_val, Tensor mag_scale, int n_episodes, int length, int seed, int threads) -> "
+        "Tensor neg_idx, Tensor neg_val, Tensor mag_scale, int n_episodes, int length, int seed, int threads, "
+        "int first=0) -> "
         "(Tensor x, Tensor y, Tensor mag, Tensor fn, Tensor rows)");
 }
 

@@ -72,11 +72,11 @@ __global__ void episodes_kernel(uint64_t seed, int64_t F, int64_t n, int64_t d, 
                                 const V* __restrict__ pv, bool has_neg, const int64_t* __restrict__ np,
                                 const int64_t* __restrict__ ni, const V* __restrict__ nv, const V* __restrict__ scale,
                                 T* __restrict__ xp, T* __restrict__ yp, T* __restrict__ mp, int64_t* __restrict__ fnp,
-                                int64_t* __restrict__ rp) {
+                                int64_t* __restrict__ rp, int64_t first) {
   const int64_t b = blockIdx.x;
-  if (threadIdx.x == 0)
-    fnp[b] = ep_sample<V, T>(ep_key(seed, b), F, n, L, pp, pi, pv, has_neg, np, ni, nv, scale, rp + b * L, yp + b * L,
-                             mp + b * L);
+  if (threadIdx.x == 0)  // block b writes episode first + b of the seed's stream
+    fnp[b] = ep_sample<V, T>(ep_key(seed, first + b), F, n, L, pp, pi, pv, has_neg, np, ni, nv, scale, rp + b * L,
+                             yp + b * L, mp + b * L);
   __syncthreads();  // rows and mag of this episode are in global memory, visible to the block after the barrier
   ep_write<T, T>(fp, rs, cs, d, L, rp + b * L, mp + b * L, xp + b * L * (d + 1), threadIdx.x, blockDim.x);
 }
@@ -84,8 +84,10 @@ __global__ void episodes_kernel(uint64_t seed, int64_t F, int64_t n, int64_t d, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> episodes_cuda(
     const at::Tensor& features, const at::Tensor& pos_ptr_, const at::Tensor& pos_idx_, const at::Tensor& pos_val_,
     const at::Tensor& neg_ptr_, const at::Tensor& neg_idx_, const at::Tensor& neg_val_, const at::Tensor& mag_scale_,
-    int64_t B, int64_t L, int64_t seed) {
+    int64_t B, int64_t L, int64_t seed, int64_t first) {
   episodes_check(features, pos_ptr_, pos_idx_, pos_val_, neg_ptr_, neg_idx_, neg_val_, mag_scale_, B, L);
+  TORCH_CHECK(first >= 0, "first (index of the first episode) must be >= 0, got ", first);
+  TORCH_CHECK(features.is_cuda(), "features must be a CUDA tensor");
   const at::cuda::CUDAGuard guard(features.device());
   auto pos_ptr = pos_ptr_.contiguous(), pos_idx = pos_idx_.contiguous(), pos_val = pos_val_.contiguous();
   auto neg_ptr = neg_ptr_.contiguous(), neg_idx = neg_idx_.contiguous(), neg_val = neg_val_.contiguous();
@@ -107,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> episodes_
           pos_ptr.data_ptr<int64_t>(), pos_idx.data_ptr<int64_t>(), pos_val.data_ptr<V>(), has_neg,
           has_neg ? neg_ptr.data_ptr<int64_t>() : nullptr, has_neg ? neg_idx.data_ptr<int64_t>() : nullptr,
           has_neg ? neg_val.data_ptr<V>() : nullptr, mag_scale.data_ptr<V>(), x.data_ptr<T>(), y.data_ptr<T>(),
-          mag.data_ptr<T>(), fn.data_ptr<int64_t>(), rows.data_ptr<int64_t>());
+          mag.data_ptr<T>(), fn.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), first);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

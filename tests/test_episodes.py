@@ -78,6 +78,23 @@ def test_episodes_grid(threads):
         _assert_same(OPS.episodes_grid(X, *fns, 19, 31, 99, threads), kernels.episodes_ref(X, *fns, 19, 31, 99))
 
 
+def test_episodes_first_slices_the_seed_stream():
+    """first = k: episode b of the output is episode k + b of the seed's stream, so DDP ranks that each build
+    their own slice (first = rank * B / N) together build exactly the global batch one process builds."""
+    X = torch.randn(301, 9)
+    for explicit in (False, True):
+        fns = _functions(301, 5, 0.4, seed=3, explicit_neg=explicit)
+        whole = OPS.episodes(X, *fns, 24, 17, 77)
+        parts = [OPS.episodes(X, *fns, 8, 17, 77, first=k) for k in (0, 8, 16)]
+        _assert_same(whole, [torch.cat([p[i] for p in parts]) for i in range(5)])
+        _assert_same(OPS.episodes(X, *fns, 5, 17, 77, first=13), kernels.episodes_ref(X, *fns, 5, 17, 77, first=13))
+        _assert_same(OPS.episodes_grid(X, *fns, 5, 17, 77, 32, first=13), [t[13:18] for t in whole])
+    with pytest.raises(RuntimeError, match="first .index of the first episode. must be >= 0, got -1"):
+        OPS.episodes(X, *fns, 5, 17, 77, first=-1)
+    with pytest.raises(ValueError, match="first .index of the first episode. must be >= 0, got -1"):
+        kernels.episodes_ref(X, *fns, 5, 17, 77, first=-1)
+
+
 def test_episodes_invariants_and_determinism(device):
     n, d, F, L, B = 500, 10, 7, 40, 300
     X = torch.randn(n, d)

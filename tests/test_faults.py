@@ -79,9 +79,11 @@ def stop(p):
 
 
 def meta_argv(features, eval_features, out, **kw):
-    """A tiny meta run on neuron functions (no codes needed): a few seconds."""
+    """A tiny meta run on neuron functions (no codes needed): a few seconds. These runs test the plumbing, so they
+    select on whatever pool they are given (--forbid none)."""
     cfg = dict(functions="neurons", features=features, eval_features=eval_features, out=out, length=8, batch=8,
-               steps=20, eval_every=10, eval_episodes=8, warmup=2, d_model=16, n_layers=1, n_heads=2, lr=1e-3)
+               steps=20, eval_every=10, eval_episodes=8, warmup=2, d_model=16, n_layers=1, n_heads=2, lr=1e-3,
+               forbid="none")
     cfg.update(kw)
     return ["--stage", "meta", "--no-progress"] + [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]
 
@@ -576,7 +578,7 @@ def test_per_dataset_feature_paths_follow_features(world, tmp_path, capsys):
     b3.parent.mkdir()
     os.symlink(world["features/things"], b3)
     assert evaluate.parse(["--task", "all", "--features", str(b3)])["levels_features"] == str(b3.parent / "levels.h5")
-    assert train.parse(["--stage", "meta", "--features", "x/coco.h5"])["eval_features"] == "x/things.h5"
+    assert train.parse(["--stage", "meta", "--features", "x/coco.h5"])["eval_features"] == "x/coco_eval.h5"
     evaluate.main(["--task", "all", "--tasks", "levels-ooo", "--features", str(b3), "--data", world["data"], "--out",
                    str(tmp_path / "all.json")])
     assert f"missing ['{b3.parent}/levels.h5']" in (tmp_path / "all.md").read_text()

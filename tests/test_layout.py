@@ -105,7 +105,8 @@ def test_every_task_lives_in_the_file_named_for_its_family():
         assert fn.__module__.startswith("eval_"), (task, fn.__module__)
         assert (ROOT / f"{fn.__module__}.py").exists()
         family[fn.__module__].append(task)
-    assert sorted(family) == ["eval_behaviour", "eval_fmri", "eval_geometry", "eval_warp"]
+    assert sorted(family) == ["eval_behaviour", "eval_fmri", "eval_geometry", "eval_paper", "eval_warp"]
+    assert family["eval_paper"] == ["paper-table"]
     assert {"things-ooo", "levels-ooo", "category-learning", "reward-learning", "icl"} == set(family["eval_behaviour"])
     assert {"cka", "rsa", "class-separation", "tsne", "similarity", "probe"} == set(family["eval_geometry"])
     assert {"fmri", "encsearch"} == set(family["eval_fmri"]) and family["eval_warp"] == ["dwarp"]
