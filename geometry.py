@@ -248,3 +248,64 @@ def few_shot_probe(Xtr, ytr, Xte, yte, shots, seeds, Cs=(0.01, 0.1, 1.0, 10.0), 
         best = max(Cs, key=lambda C: fitted(C, fit).score(scaler.transform(Xtr[val]), ytr[val]))
         accs.append(fitted(best, fit).score(scaler.transform(Xte), yte))
     return np.array(accs)
+
+
+# ---------------------------------------------------------------------------------- unsupervised controls
+# Post-hoc transforms of base features that a reviewer would try before crediting meta-learning: each is
+# fitted on the training pool only (never on an evaluated image set, never on human data). Arrays in,
+# float64 arrays out.
+
+def pool_pca(pool):
+    """The pool's (n, d) mean (d,), covariance eigenvalues (d,) in descending order and eigenvectors (d, d) as
+    columns, float64 (one d x d eigendecomposition: d is a feature width, at most a few thousand)."""
+    P = np.asarray(pool, dtype=np.float64)
+    if P.ndim != 2 or len(P) < 2:
+        raise ValueError(f"training pool must be (n >= 2, d), got shape {P.shape}")
+    mu = P.mean(0)
+    C = np.cov(P - mu, rowvar=False).reshape(P.shape[1], P.shape[1])
+    lam, V = np.linalg.eigh(C)
+    return mu, lam[::-1].clip(min=0), V[:, ::-1]
+
+
+def _check_width(X, pool):
+    X, P = np.asarray(X, dtype=np.float64), np.asarray(pool)
+    if X.ndim != 2 or P.ndim != 2 or X.shape[1] != P.shape[1]:
+        raise ValueError(f"features {X.shape} and training pool {P.shape} must be 2-d with the same width")
+    return X
+
+
+def zscore(X, pool):
+    """(X - pool mean) / pool sd per feature; features constant on the pool map to 0."""
+    X, P = _check_width(X, pool), np.asarray(pool, dtype=np.float64)
+    sd = P.std(0)
+    return np.where(sd > 0, (X - P.mean(0)) / np.where(sd > 0, sd, 1.0), 0.0)
+
+
+def pca_whiten(X, pool, rank=None, shrinkage=1e-6, pca=None):
+    """PCA whitening with the pool's covariance: (X - mu) @ V_r / sqrt(lam_r + shrinkage * mean(lam)), the top
+    `rank` components (None = all d). The shrinkage keeps directions the pool barely spans finite.
+    pca: pool_pca(pool) when already computed (several transforms of one pool)."""
+    X = _check_width(X, pool)
+    mu, lam, V = pool_pca(pool) if pca is None else pca
+    r = X.shape[1] if rank is None else int(rank)
+    if not 1 <= r <= X.shape[1]:
+        raise ValueError(f"whitening rank {rank} must be in 1..{X.shape[1]}")
+    return (X - mu) @ V[:, :r] / np.sqrt(lam[:r] + shrinkage * lam.mean() + 1e-300)
+
+
+def top_pcs_rule(d):
+    """How many principal components remove_top_pcs removes by default: max(1, round(d / 100)), the
+    "all-but-the-top" rule of Mu & Viswanath (2018). It depends on the feature width only, never on human data."""
+    return max(1, int(round(d / 100)))
+
+
+def remove_top_pcs(X, pool, k=None, pca=None):
+    """X minus the pool mean and its projection on the pool's top k principal components (k = top_pcs_rule(d)
+    when None; 0 only centres). pca: pool_pca(pool) when already computed."""
+    X = _check_width(X, pool)
+    k = top_pcs_rule(X.shape[1]) if k is None else int(k)
+    if not 0 <= k < X.shape[1]:
+        raise ValueError(f"number of removed components k = {k} must be in 0..{X.shape[1] - 1}")
+    mu, _, V = pool_pca(pool) if pca is None else pca
+    Xc = X - mu
+    return Xc - (Xc @ V[:, :k]) @ V[:, :k].T
