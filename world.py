@@ -81,8 +81,8 @@ SIZES = {
         n_concepts=1854, k_h=66, k_g=66, n_super=27, d=768, n_nuisance=256, n_images=26107, min_images=12,
         n_coco=20000, n_coco_eval=5000, n_levels_concepts=200, levels_images=10, n_levels_participants=100,
         levels_trials=150, n_triplets=200000, n_repeat=1000, repeat_subjects=30, n_subjects=5000,
-        n_cat_participants=100, cat_trials=120, n_reward_participants=100, reward_trials=120, reward_dims=12, fmri_sessions=12,
-        fmri_trials=750, fmri_test=100, n_voxels=2000,
+        n_cat_participants=100, cat_trials=120, n_reward_participants=100, reward_trials=120, reward_dims=12,
+        fmri_sessions=12, fmri_trials=750, fmri_test=100, n_voxels=2000,
         temperature=0.3,  # sparser h (66 dims): random triplets share fewer dims, so choices need a sharper softmax
         # reward_dims 12: with 3 of 66 sparse dims, 62 % of image pairs carry no reward signal at all
         diag_participants=30,  # the evaluations' online learners cost ~1 min per representation per 30 people
@@ -605,7 +605,8 @@ def make_world(out_dir, size="small", seed=0, verbose=True, **overrides):
             vm.to_csv(tmp, index=False)
         paths[f"fmri/{tag}/voxels"] = p
         is_test = np.isin(sess_img, test_img)
-        sm = pd.DataFrame(dict(subject_id=sub, session=session, run=(np.arange(len(session)) % n_tr) // max(1, n_tr // 10) + 1,
+        run = (np.arange(len(session)) % n_tr) // max(1, n_tr // 10) + 1
+        sm = pd.DataFrame(dict(subject_id=sub, session=session, run=run,
                                trial_type=np.where(is_test, "test", "train"),
                                concept=[concepts[ci] for ci in img_concept[sess_img]],
                                stimulus=[things_ids[i].split("/", 1)[1] for i in sess_img]))
@@ -636,7 +637,8 @@ def make_world(out_dir, size="small", seed=0, verbose=True, **overrides):
     with atomic_path(paths["truth"]) as tmp:
         with h5py.File(tmp, "w") as f:
             f["h"], f["superclass"], f["prototypes"] = hum_h, superclass, protos
-            f["sparse/h"], f["sparse/g"], f["sparse/g_superclass"], f["sparse/g_prototypes"] = h, g, superclass_g, protos_g
+            f["sparse/h"], f["sparse/g"] = h, g  # the planted factors (in the control world h is not people's space)
+            f["sparse/g_superclass"], f["sparse/g_prototypes"] = superclass_g, protos_g
             f["context"] = context
             f["concepts"] = np.array(concepts, dtype="S")
             f["directions"], f["g_directions"], f["nuisance_directions"] = D, Dg, N
@@ -668,7 +670,8 @@ def make_world(out_dir, size="small", seed=0, verbose=True, **overrides):
                 f.attrs["diagnostics"] = json.dumps(diag, default=float)
 
     say(f"world ({size}, seed {seed}{', negative control' if c['control'] else ''}) -> {out_dir}: {n_c} concepts x "
-        f"{k_h} dims, {len(things_ids)} THINGS / {len(lv_ids)} Levels / {c['n_coco']} + {c['n_coco_eval']} COCO images, "
+        f"{k_h} dims, {len(things_ids)} THINGS / {len(lv_ids)} Levels / {c['n_coco']} + {c['n_coco_eval']} COCO "
+        f"images, "
         f"d={d}, {len(trip)} triplets, {n_lv} Levels trials, {c['fmri_subjects']} fMRI subjects x {c['n_voxels']} "
         f"voxels x {n_ses * n_tr} trials ({time.perf_counter() - t_start:.1f} s)")
     return paths
@@ -729,8 +732,8 @@ def control_representations(X, pool, sparse_codes, pca=None):
     import geometry
     pca = geometry.pool_pca(pool) if pca is None else pca
     return dict(base=X.astype(np.float64), base_z=geometry.zscore(X, pool),
-                base_white=geometry.pca_whiten(X, pool, pca=pca), base_minus_pcs=geometry.remove_top_pcs(X, pool, pca=pca),
-                sae_codes=sparse_codes)
+                base_white=geometry.pca_whiten(X, pool, pca=pca),
+                base_minus_pcs=geometry.remove_top_pcs(X, pool, pca=pca), sae_codes=sparse_codes)
 
 
 def _ooo(R, t, choice):
@@ -743,7 +746,8 @@ def _ooo(R, t, choice):
 def _fit_summary(fit, ci, seed, n_options):
     """McFadden R^2 of a choice fit as a diagnostics entry: score, ci (bootstrap over participants)."""
     from choice import summarise_fit
-    s, _ = summarise_fit(fit["nll"], fit["correct"], fit["codes"], len(fit["labels"]), n_options, fit["labels"], ci, seed)
+    s, _ = summarise_fit(fit["nll"], fit["correct"], fit["codes"], len(fit["labels"]), n_options, fit["labels"], ci,
+                         seed)
     return dict(score=s["mcfadden_r2"], ci=s["r2_ci"])
 
 
@@ -810,13 +814,13 @@ def _diagnose(world_dir, truth, ci, seed, verbose):
         half = z * diff.std() / np.sqrt(len(diff))
         r[name]["h_minus"] = float(diff.mean())
         r[name]["h_minus_ci"] = [float(diff.mean() - half), float(diff.mean() + half)]
-    sweep = {}
+    sweep, acc = {}, lambda R: float(_ooo(R, t["triplets"], t["choice"])[0].mean())  # noqa: E731
     for k in (0, 1, 2, 4, 8, 16, 32, 64, 128):  # every k: no choice of k (even with hindsight) reaches h
         if k < X.shape[1]:
-            sweep[f"minus_pcs_{k}"] = float(_ooo(geometry.remove_top_pcs(X[rows], pool, k, pca), t["triplets"], t["choice"])[0].mean())
-    for rank in (4, 8, 16, 32, 64, 128, 256):
+            sweep[f"minus_pcs_{k}"] = acc(geometry.remove_top_pcs(X[rows], pool, k, pca))
+    for rank in (4, 8, 16, 32, 64, 128, 256):  # whitening of the top components only
         if rank < X.shape[1]:
-            sweep[f"white_rank_{rank}"] = float(_ooo(geometry.pca_whiten(X[rows], pool, rank, pca=pca), t["triplets"], t["choice"])[0].mean())
+            sweep[f"white_rank_{rank}"] = acc(geometry.pca_whiten(X[rows], pool, rank, pca=pca))
     res["things_ooo"] = dict(r, sweep=sweep, n_trials=int(len(t["choice"])), metric="zero-shot accuracy")
     say(f"diagnostics: THINGS odd-one-out done ({time.perf_counter() - t0:.1f} s)")
 
@@ -906,7 +910,8 @@ def diagnostics_table(diag, title=""):
     lines.append("")
     lines.append(f"variance shares: h {v['share_h']:.2f}, g {v['share_g']:.2f}, nuisance {v['share_nuisance']:.2f}, "
                  f"noise {v['share_noise']:.2f}; nuisance eigenvalues {v['nuisance_top']:.3g}..{v['nuisance_min']:.3g} "
-                 f"over {v['n_nuisance']} directions against h's {v['h_top_eigenvalue']:.3g}..{v['h_min_eigenvalue']:.3g} "
+                 f"over {v['n_nuisance']} directions against h's {v['h_top_eigenvalue']:.3g}.."
+                 f"{v['h_min_eigenvalue']:.3g} "
                  f"({100 * v['nuisance_in_h_range']:.0f} % inside h's range)")
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """The embedded world: loaders read every file it writes, and its ground truth has the promised properties:
 h beats every unsupervised control on every task (world_truth.h5 diagnostics, cross-checked here), the negative
-control's people use nothing an SAE can find, the model-selection pool is disjoint, the same seed gives the same files."""
+control's people use nothing an SAE can find, the model-selection pool is disjoint, the same seed gives the same
+files."""
 import hashlib
 import json
 import os
@@ -245,8 +246,10 @@ def test_diagnostics_h_beats_every_control(diag, things):
     X = things["X"][things["rows"]]
     sparse = np.c_[tr["codes"] ** 0.8, tr["g_scale"] * tr["g_codes"] ** 0.8][things["rows"]]
     for name, R in (("h", things["h"]), ("base", X), ("sae_codes", sparse)):
-        assert th[name]["score"] == pytest.approx(odd_one_out_accuracy(R, things["triplets"], things["choice"]), abs=1e-12)
-        assert diag["tasks"]["cka"][name]["score"] == pytest.approx(linear_cka(R.astype(np.float64), things["h"]), abs=1e-5)
+        acc = odd_one_out_accuracy(R, things["triplets"], things["choice"])
+        assert th[name]["score"] == pytest.approx(acc, abs=1e-12)
+        cka = linear_cka(R.astype(np.float64), things["h"])
+        assert diag["tasks"]["cka"][name]["score"] == pytest.approx(cka, abs=1e-5)
     table = diagnostics_table(diag)
     assert table.count("\n| ") == len(TASKS) and "sae_codes" in table
 
@@ -327,7 +330,8 @@ def test_factor_recovery_oracle(world, tmp_path):
     sae = _sae_ckpt(tmp_path / "a.pt", W)
     r = factor_recovery(str(tmp_path / "a.pt"), world["dir"], min_nonzero=50)
     assert r["h_recovered"] == 1.0 and r["g_recovered"] == 1.0
-    assert r["h_best_cosine_median"] == pytest.approx(1.0, abs=1e-6) and r["g_best_cosine_median"] == pytest.approx(0.9, abs=1e-5)
+    assert r["h_best_cosine_median"] == pytest.approx(1.0, abs=1e-6)
+    assert r["g_best_cosine_median"] == pytest.approx(0.9, abs=1e-5)
     X = torch.from_numpy(read_features(world["features/coco"])[0])
     v, i = torch.relu(X @ sae.W_enc + sae.b_enc).topk(sae.k, dim=1)  # the definition, not the fused kernel
     counts = np.bincount(i[v > 0].numpy(), minlength=sae.n_latents)
