@@ -94,7 +94,8 @@ COMMON = dict(
     g_ratio=1.0,               # total variance of the g part / total variance of the h part
     nuisance_ratio=1.5,        # total nuisance variance / total variance of the h part
     nuisance_top=1.0,          # largest nuisance eigenvalue / largest eigenvalue of the h part's covariance
-    nuisance_context=0.5,      # share of the nuisance shared by the images of a concept (context, background)
+    nuisance_context=0.8,      # share of the nuisance shared by the images of a concept (context, background);
+                               # what the negative control's people use, so more of it makes base less of a floor there
     noise_ratio=0.5,           # total isotropic noise variance / total variance of the h part
     offset_ratio=0.5,          # norm of the shared feature offset / rms norm of the h part
     levels_temperature=0.5,
@@ -213,9 +214,11 @@ def write_backbones(out_dir, rng, sets, W, n_backbones, cfg):
 def control_space(rng, context, k_h, n_active):
     """Negative-control human space from the concepts' dense context nuisance: (n, n_nuisance) -> h (n, k_h).
 
-    Each dim is a random unit projection of the context, thresholded so that on average n_active dims of a concept
-    are positive (the positive world's sparsity), then rows scaled like sample_concepts. The context is an
-    isotropic Gaussian, so no feature direction is special: an SAE has no sparse structure to find here."""
+    context: each concept's context as it enters the features (scaled by the nuisance sd per direction), so the
+    code leans on the directions that dominate the feature geometry. Each dim is a random unit projection of it,
+    thresholded so that on average n_active dims of a concept are positive (the positive world's sparsity), then
+    rows scaled like sample_concepts. The context is Gaussian, so no feature direction carries sparse structure:
+    an SAE has nothing of this code to find."""
     M = rng.normal(size=(context.shape[1], k_h))
     Z = context @ (M / np.linalg.norm(M, axis=0))  # (n, k_h) standard normal
     t = np.quantile(Z, 1 - n_active / k_h)
@@ -418,7 +421,7 @@ def make_world(out_dir, size="small", seed=0, verbose=True, **overrides):
     hum_rng = np.random.default_rng([seed, 2000])
     if c["control"]:
         active = float((h > 0).sum(1).mean())
-        hum_h, ctrl_proj = control_space(hum_rng, context, k_h, active)
+        hum_h, ctrl_proj = control_space(hum_rng, context * W["nuis_sd"], k_h, active)
         hum_things, hum_lv = sample_codes(hum_rng, hum_h[img_concept]), sample_codes(hum_rng, hum_h[lv_concept])
     else:
         hum_h, hum_things, hum_lv, ctrl_proj = h, things_codes, lv_codes, None

@@ -175,7 +175,7 @@ def test_h_near_ceiling_base_lower(things):
     assert n_rep == SIZES["small"]["n_repeat"]  # only the designated repeated triplets repeat
     acc_h = odd_one_out_accuracy(things["h"], things["triplets"], things["choice"])
     acc_base = odd_one_out_accuracy(things["X"][things["rows"]], things["triplets"], things["choice"])
-    # measured (seed 0): ceiling 0.70, h 0.70, base 0.50, chance 1/3
+    # measured (seed 0): ceiling 0.69, h 0.68, base 0.47, chance 1/3
     assert 0.6 < ceiling < 0.8
     assert abs(acc_h - ceiling) < 0.05
     assert acc_base < acc_h - 0.10
@@ -186,7 +186,7 @@ def test_cka_base_below_h(things):
     h, Xc = things["h"].astype(np.float64), things["X"][things["rows"]].astype(np.float64)
     assert linear_cka(h, h) == pytest.approx(1.0)
     cka = linear_cka(Xc, h)
-    assert 0.2 < cka < 0.7  # measured 0.54: g, the nuisance and the noise share the base geometry with h
+    assert 0.2 < cka < 0.7  # measured 0.51: g, the nuisance and the noise share the base geometry with h
     # the h part of the base features alone is far better aligned than the features themselves
     hpart = Xc @ things["truth"]["directions"].T
     assert linear_cka(hpart, h) > cka + 0.2
@@ -201,7 +201,7 @@ def test_directions_recoverable(things):
         X = np.c_[things["X"], np.ones(len(things["X"]))].astype(np.float64)
         coef = np.linalg.lstsq(X, C, rcond=None)[0]
         r2 = 1 - ((C - X @ coef) ** 2).sum(0) / ((C - C.mean(0)) ** 2).sum(0)
-        assert r2.min() > 0.5  # measured min 0.8
+        assert r2.min() > 0.5  # measured min 0.62
         proj = things["X"] @ D.T  # and the direction itself points at it: projecting on D_j correlates with code j
         assert min(np.corrcoef(proj[:, j], C[:, j])[0, 1] for j in range(C.shape[1])) > 0.7
     D = np.r_[tr["directions"], tr["g_directions"]]
@@ -221,7 +221,7 @@ def test_variance_and_spectrum(diag):
     assert v["n_nuisance"] == c["n_nuisance"] and v["nuisance_in_h_range"] > 0.9
     assert v["nuisance_top"] <= v["h_top_eigenvalue"] * 1.001
     top = v["top1_pcs_share"]  # the all-but-the-top rule's k = 1 at d = 64
-    assert top["nuisance"] < 0.25 and top["h"] < 0.1  # measured 0.16 and 0.03: no dominant direction to remove
+    assert top["nuisance"] < 0.25 and top["h"] < 0.1  # measured 0.13 and 0.007: no dominant direction
 
 
 def test_diagnostics_h_beats_every_control(diag, things):
@@ -239,7 +239,7 @@ def test_diagnostics_h_beats_every_control(diag, things):
         assert th[name]["h_minus_ci"][0] > 0, name  # paired over triplets
         assert th["h"]["mcfadden_r2"] > th[name]["mcfadden_r2"], name
     assert diag["checks"]["things_ooo"]["beyond_ci"]
-    # measured (seed 0): h 0.697, best control the ideal SAE codes 0.574, base 0.505; no k of removed PCs helps
+    # measured (seed 0): h 0.679, best control the ideal SAE codes 0.559, base 0.474; no k of removed PCs helps
     assert th["h"]["score"] - th["sae_codes"]["score"] > 0.08
     assert max(v for k, v in th["sweep"].items()) < th["h"]["score"] - 0.15
     tr = things["truth"]
@@ -288,7 +288,7 @@ def test_control_world(world, control, things):
         context = f["context"][...]
     r2_sparse, r2_context = cv_r2(sparse_c, hc), cv_r2(context, hc)
     assert r2_sparse < 0.05  # the sparse factors predict nothing of the people's space (measured -0.81)
-    assert r2_context > r2_sparse + 0.3  # while the dense context does: a thresholded linear code of it (0.24)
+    assert r2_context > r2_sparse + 0.3  # while the dense context does: a thresholded linear code of it (0.25)
     t = load_triplets(control["data"], len(concepts))
     X = read_features(control["features/things"])[0][things["rows"]]
     tr = things["truth"]
@@ -296,7 +296,7 @@ def test_control_world(world, control, things):
     acc = {name: odd_one_out_accuracy(R, t["triplets"], t["choice"]) for name, R in
            (("h", hc), ("base", X), ("sae_codes", sparse))}
     half = 1.96 * np.sqrt(0.25 / len(t["choice"]))
-    # measured (seed 0): h 0.66, base 0.42, ideal SAE codes 0.34 (chance 1/3)
+    # measured (seed 0): h 0.57, base 0.39, ideal SAE codes 0.34 (chance 1/3)
     assert abs(acc["sae_codes"] - 1 / 3) < 3 * half
     assert acc["base"] > acc["sae_codes"] + 3 * half and acc["h"] > acc["base"] + 0.1
 
