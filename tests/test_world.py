@@ -149,7 +149,8 @@ def _digest(folder):
             if name.endswith(".h5") and "brain_data" not in root:
                 with h5py.File(p, "r") as f:
                     f.visititems(lambda k, v: h.update(k.encode() + (str(v[...].tolist()).encode()
-                                 if v.dtype.kind == "O" else v[...].tobytes())) if isinstance(v, h5py.Dataset) else None)
+                                 if v.dtype.kind == "O" else v[...].tobytes()))
+                                 if isinstance(v, h5py.Dataset) else None)
             elif name.endswith(".h5"):
                 h.update(pd.read_hdf(p).to_numpy().tobytes())
             else:
