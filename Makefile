@@ -3,6 +3,7 @@ PY      ?= .venv/bin/python
 WORLD   ?= data/world
 SIZE    ?= small
 SEED    ?= 0
+CONTROL ?=
 RUN     ?= runs/demo
 TASK    ?= things-ooo
 STAGE   ?= sae
@@ -34,8 +35,9 @@ build/nvcc/ok: .venv/ok kernels.py $(wildcard csrc/*.cu csrc/*.h)
 
 nvcc: build/nvcc/ok
 
+# CONTROL=1: the negative-control world (same features; people use a code of the dense nuisance), e.g. WORLD=data/control
 $(WORLD)/world_truth.h5: .venv/ok world.py extract.py data.py
-	$(PY) extract.py --dataset synthetic --out $(WORLD) --size $(SIZE) --seed $(SEED) --overwrite
+	$(PY) extract.py --dataset synthetic --out $(WORLD) --size $(SIZE) --seed $(SEED) --overwrite$(if $(filter 1 true True yes,$(CONTROL)), --control True)
 
 world: $(WORLD)/world_truth.h5
 

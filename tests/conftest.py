@@ -13,7 +13,7 @@ def world(tmp_path_factory):
     """dict: every path make_world wrote, plus dir (world root) and data (the human-data folder)."""
     from world import make_world
     out = tmp_path_factory.mktemp("world")
-    paths = make_world(str(out), size="small", seed=0, verbose=False)
+    paths = make_world(str(out), size="small", seed=0, verbose=False, diagnostics=False)  # test_world runs them
     return dict(paths, dir=str(out), data=str(out / "data"))
 
 
