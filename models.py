@@ -403,9 +403,15 @@ def rope(x, base=10000.0):
 
 
 class Block(_nn.Module):
-    """Pre-LN block: x + causal self-attention(LN(x)) (SDPA, RoPE on q/k), then x + MLP(LN(x)) if mlp."""
+    """Pre-LN block: x + causal self-attention(LN(x)) (SDPA, RoPE on q/k), then x + MLP(LN(x)) if mlp.
 
-    def __init__(self, d_model, n_heads, mlp=True, dropout=0.0):
+    smear: "smeared keys" (Olsson et al. 2022, In-context learning and induction heads): each head's key at
+    position j is (1 - a) k_j + a k_{j-1}, a = sigmoid(a_head) learned per head (k_{-1} = 0). An episode's
+    token j holds image j and the label of image j - 1, so pairing an image with its own label takes a head
+    that looks one position back; with smeared keys one layer can match a query image against image j - 1 and
+    read label j - 1 from token j's value, without first learning a previous-token head in an earlier layer."""
+
+    def __init__(self, d_model, n_heads, mlp=True, dropout=0.0, smear=False):
         super().__init__()
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise ValueError(f"d_model={d_model} must split into n_heads={n_heads} heads of even size (RoPE)")
@@ -416,10 +422,14 @@ class Block(_nn.Module):
         self.ln2 = _nn.LayerNorm(d_model) if mlp else None
         self.mlp = (_nn.Sequential(_nn.Linear(d_model, 4 * d_model), _nn.GELU(), _nn.Linear(4 * d_model, d_model))
                     if mlp else None)
+        self.smear = _nn.Parameter(_torch.zeros(n_heads)) if smear else None  # logits of a per head (a = 1/2 at init)
 
     def forward(self, x):  # (B, L, d_model)
         B, L, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        if self.smear is not None:  # k (B, H, L, hd): mix each key with the previous position's
+            w = _torch.sigmoid(self.smear).to(k.dtype).view(1, -1, 1, 1)
+            k = (1 - w) * k + w * _F.pad(k, (0, 0, 1, 0))[:, :, :L]
         a = _F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True,
                                             dropout_p=self.dropout if self.training else 0.0)
         x = x + self.proj(a.transpose(1, 2).reshape(B, L, D))
@@ -518,10 +528,11 @@ class MetaLearner(_nn.Module):
     (d_model = d), so encode(x) returns x unchanged.
     forward(x (B, L, 1+d), fn (B,) head index, static_linear only) -> (logits (B, L), magnitudes (B, L)).
     encode(x (n, d)) -> (n, d_model): the embedding applied to [0, x], the aligned representation.
+    smear: smeared keys in every block (Block); off by default so that checkpoints written before it load.
     """
 
     def __init__(self, d, d_model=0, n_layers=2, n_heads=4, mlp=True, model="transformer", n_functions=0,
-                 no_embed=False, dropout=0.0, input_rank=0):
+                 no_embed=False, dropout=0.0, input_rank=0, smear=False):
         super().__init__()
         d_model = d_model or d
         if model not in ("transformer", "lstm", "static_linear"):
@@ -540,7 +551,7 @@ class MetaLearner(_nn.Module):
                 self.embedding.bias.zero_()
             self.embedding.requires_grad_(False)
         if model == "transformer":
-            self.layers = _nn.ModuleList([Block(d_model, n_heads, mlp, dropout) for _ in range(n_layers)])
+            self.layers = _nn.ModuleList([Block(d_model, n_heads, mlp, dropout, smear) for _ in range(n_layers)])
         elif model == "lstm":
             self.layers = _nn.LSTM(d_model, d_model, num_layers=n_layers, batch_first=True)
         else:

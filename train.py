@@ -290,7 +290,11 @@ defaults_meta = dict(
     n_heads=4,                                  # attention heads (head size must be even: RoPE)
     mlp=True,                                   # MLP in each block
     dropout=0.0,                                # attention dropout
+    smear=True,                                 # smeared keys: each key mixes in the previous position's (ours;
+                                                # the original has none: the paper presets set false)
     length=120,                                 # episode length L
+    length_start=0,                             # curriculum: training L grows linearly from this to --length (0 = off)
+    length_ramp=1000,                           # steps over which the curriculum reaches --length
     batch=64,                                   # episodes per step (global: split over torchrun ranks)
     steps=3000,                                 # optimisation steps
     lr=3e-4,                                    # peak learning rate
@@ -314,12 +318,14 @@ defaults_meta = dict(
     icl_bound=256,                              # online-ridge ICL bound on the first held-out episodes (0 = off)
     tensorboard="",                             # also write TensorBoard event files into this folder
     compile=False,                              # torch.compile the model
+    max_minutes=0.0,                            # stop at the first evaluation after this many minutes (0 = off)
     resume=False,                               # continue from <out>.last.pt
     overwrite=False,                            # start over: replace --out, its resume state and its log
 )
 # the settings a --resume must share with the run it continues (besides the model's shape)
 META_RESUME_KEYS = ("functions", "min_nonzero", "holdout", "length", "seed", "optimizer", "standardize", "input_pca",
-                    "mag_scale", "mag_target")
+                    "mag_scale", "mag_target",
+                    "length_start", "length_ramp")
 
 SELECT = ("accuracy", "paper")
 
@@ -494,6 +500,9 @@ def stage_meta(cfg):
     train_fns, eval_fns, heads = _meta_functions(cfg, X, ids, Xe, ide)
     X, Xe = torch.from_numpy(X), torch.from_numpy(Xe)
     F, L = len(train_fns["latents"]), cfg["length"]
+    if cfg["length_start"] > L:
+        sys.exit(f"train.py: error: --length-start {cfg['length_start']} must be in 0..--length {L} (0 = no "
+                 "curriculum)")
     n_eval = cfg["eval_per_function"] * len(eval_fns["latents"]) if cfg["eval_per_function"] > 0 else \
         cfg["eval_episodes"]
     eval_seed = cfg["seed"] + 777
@@ -512,7 +521,8 @@ def stage_meta(cfg):
                   f"({float(share[:basis.shape[1]].sum()):.1%} of its variance)")
     model_args = dict(d=X.shape[1], d_model=cfg["d_model"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
                       mlp=cfg["mlp"], model=cfg["model"], n_functions=F, no_embed=cfg["no_embed"],
-                      dropout=cfg["dropout"], input_rank=0 if basis is None else basis.shape[1])
+                      dropout=cfg["dropout"], input_rank=0 if basis is None else basis.shape[1],
+                      smear=cfg["smear"])
     model = MetaLearner(**model_args).to(device)
     if not cfg["no_embed"]:
         if cfg["standardize"] or basis is not None:  # the training pool's feature mean/std, folded into the embedding
@@ -573,7 +583,7 @@ def stage_meta(cfg):
     per_rank = cfg["batch"] // world
     eval_batch = max(64, per_rank)  # held-out episodes per forward pass; the ridge bound draws the same episodes
     fields = ["step", "loss", "bce", "mse", "lr", "eval_accuracy", "eval_magnitude_r2", "eval_bce", "eval_score",
-              "icl_ridge_bound", "seconds"]
+              "icl_ridge_bound", "length", "seconds"]
     # a resumed log is cut back to the checkpoint's step (later rows are redone) and its clock continues
     log = data.CsvLog(csv_path, fields, resume_step=start if resume else None) if rank == 0 else None
     mags = dict(scale=cfg["mag_scale"], target=cfg["mag_target"],
@@ -626,7 +636,9 @@ def stage_meta(cfg):
             opt.train()
         # each rank builds only its slice of the step's global batch: episodes rank * B/N .. of one counter-based
         # stream (seeded by step), so N ranks follow the trajectory of one process with the same global batch
-        x, y, mag, fn, _ = make_episodes(Xd, train_d, per_rank, L, cfg["seed"] * 1_000_003 + step,
+        L_step = L if not cfg["length_start"] else int(min(L, cfg["length_start"] + (
+            L - cfg["length_start"]) * step / cfg["length_ramp"]))  # the curriculum; the same on every rank
+        x, y, mag, fn, _ = make_episodes(Xd, train_d, per_rank, L_step, cfg["seed"] * 1_000_003 + step,
                                          first=rank * per_rank)
         if raw:  # the head predicts raw magnitudes; the input channel keeps the scaled ones
             mag = mag / train_d["mag_scale"][fn][:, None].to(mag.dtype)
@@ -649,8 +661,8 @@ def stage_meta(cfg):
             stats /= world
         stats = stats.cpu()
         row = dict(step=step + 1, loss=float(stats[0]), bce=float(stats[1]), mse=float(stats[2]), lr=lr,
-                   seconds=round(time.time() - t0, 3))
-        stop = False
+                   seconds=round(time.time() - t0, 3), length=L_step)
+        stop, why = False, f"no held-out improvement in {cfg['patience']} evaluations"
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
             if sf:
                 opt.eval()  # schedule-free: evaluate (and save) the averaged weights
@@ -673,6 +685,8 @@ def stage_meta(cfg):
                 save(last, step + 1, best_metrics, with_opt=True)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{ev['accuracy']:.3f}", best=f"{best:.3f}")
                 stop = cfg["patience"] > 0 and since_best >= cfg["patience"]
+                if cfg["max_minutes"] > 0 and time.time() - t0 > 60 * cfg["max_minutes"]:
+                    stop, why = True, f"--max-minutes {cfg['max_minutes']:g} reached"  # ranks agree by the broadcast
             if ddp:
                 flag = torch.tensor([float(stop)], device=device)
                 dist.broadcast(flag, 0)
@@ -686,8 +700,7 @@ def stage_meta(cfg):
                         tb.add_scalar(("eval/" if k.startswith(("eval", "icl")) else "train/") + k, row[k], step + 1)
         if stop:
             if rank == 0:
-                print(f"train.py: early stop at step {step + 1}: no held-out improvement in {cfg['patience']} "
-                      "evaluations")
+                print(f"train.py: early stop at step {step + 1}: {why}")
             break
     if rank == 0:
         if tb is not None:
@@ -838,7 +851,8 @@ CHECKS = {  # numeric flags checked at parse time (data.check_flags): a bad valu
     "meta": dict(min_nonzero=">= 1", holdout="in [0, 1)", input_pca=">= 0", embed_gain="> 0", d_model=">= 0",
                  n_layers=">= 1", n_heads=">= 1", dropout="in [0, 1)", length=">= 1", batch=">= 1", steps=">= 1",
                  lr="> 0", weight_decay=">= 0", warmup=">= 0", clip=">= 0", eval_every=">= 1",
-                 eval_episodes=">= 1", patience=">= 0"),
+                 eval_episodes=">= 1", patience=">= 0", length_start=">= 0", length_ramp=">= 1",
+                 max_minutes=">= 0"),
     "warp": dict(hidden=">= 0", lr="> 0", full_lr="> 0", steps=">= 1", batch=">= 1", eval_every=">= 1",
                  patience=">= 0", val_frac="in (0, 1)", test_frac="in (0, 1)"),
 }

@@ -46,28 +46,8 @@ def device(request):
 
 
 @pytest.fixture(scope="session")
-def coco_pools(world, tmp_path_factory):
+def coco_pools(world):
     """The world's training pool and its held-out split for checkpoint selection (the role of COCO train and
-    val+test): coco.h5 / coco_eval.h5 when the world writes both, else the last fifth of coco.h5's rows moved into
-    a separate file. Also the same split of the second stand-in backbone's features (coco_b1.h5)."""
-    import h5py
-    import data
-    tmp = tmp_path_factory.mktemp("coco_pools")
-
-    def split(src, a, b):
-        X, ids = data.read_features(src)
-        with h5py.File(src) as f:
-            attrs = {k: f.attrs[k] for k in f.attrs}
-        cut = len(ids) * 4 // 5
-        data.write_features(a, X[:cut], ids[:cut], attrs=attrs)
-        data.write_features(b, X[cut:], ids[cut:], attrs=attrs)
-        return str(a), str(b)
-
-    out = {}
-    if "features/coco_eval" in world:
-        out["train"], out["eval"] = world["features/coco"], world["features/coco_eval"]
-    else:
-        out["train"], out["eval"] = split(world["features/coco"], tmp / "coco.h5", tmp / "coco_eval.h5")
-    out["train_b1"], out["eval_b1"] = split(os.path.join(world["dir"], "features", "coco_b1.h5"), tmp / "coco_b1.h5",
-                                            tmp / "coco_b1_eval.h5")
-    return out
+    val+test): coco.h5 / coco_eval.h5, and the same two pools in the second stand-in backbone (coco_b1)."""
+    return dict(train=world["features/coco"], eval=world["features/coco_eval"], train_b1=world["features/coco_b1"],
+                eval_b1=world["features/coco_eval_b1"])

@@ -69,3 +69,51 @@ def test_ridge_icl_learns_planted_functions():
     r = models.ridge_icl_curve(X, fns, 40, n_episodes=64, seed=0, alphas=[1.0], shift=X.mean(0), scale=1 / X.std(0))
     acc = np.array(r["accuracy_by_position"][0])
     assert acc[30:].mean() > 0.8 and abs(acc[0] - 0.5) < 0.2
+
+
+def test_smeared_keys_mix_each_key_with_the_previous_one():
+    """models.Block(smear=True): head h's key at position j is (1 - a_h) k_j + a_h k_{j-1} (k_{-1} = 0),
+    a_h = sigmoid(smear_h); the block's output equals attention computed by hand with those keys, and a -> 0
+    gives the plain block with the same weights."""
+    torch.manual_seed(0)
+    B, L, D, H = 2, 7, 16, 2
+    blk = models.Block(D, H, mlp=False, smear=True)
+    with torch.no_grad():
+        blk.smear.copy_(torch.tensor([0.7, -1.2]))
+    x = torch.randn(B, L, D)
+    q, k, v = blk.qkv(blk.ln1(x)).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)
+    a = torch.sigmoid(blk.smear)
+    ks = torch.stack([(1 - a[h]) * k[:, h] + a[h] * torch.cat([torch.zeros_like(k[:, h, :1]), k[:, h, :-1]], 1)
+                      for h in range(H)], 1)
+    qr, kr = models.rope(q), models.rope(ks)
+    att = (qr @ kr.transpose(-1, -2)) / (D // H) ** 0.5
+    att = att.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    want = x + blk.proj((att @ v).transpose(1, 2).reshape(B, L, D))
+    torch.testing.assert_close(blk(x), want, atol=1e-5, rtol=1e-5)
+    plain = models.Block(D, H, mlp=False)
+    plain.load_state_dict({k: v for k, v in blk.state_dict().items() if k != "smear"})
+    with torch.no_grad():
+        blk.smear.fill_(-60.0)
+    torch.testing.assert_close(blk(x), plain(x), atol=1e-6, rtol=1e-6)
+    assert "smear" not in plain.state_dict()  # checkpoints written before smeared keys load into smear=False
+
+
+def test_train_length_curriculum_and_time_budget(world, coco_pools, tmp_path):
+    """train.py's meta stage: --length-start grows the training L linearly to --length over --length-ramp steps
+    (the CSV's length column; evaluation always at --length); --max-minutes stops at the first evaluation past
+    the budget; --smear is in the checkpoint's model arguments."""
+    import pandas as pd
+    import train
+    from test_meta import write_truth_codes
+    from test_paper import meta_args
+    pools = dict(coco_pools, codes=write_truth_codes(world, "coco", tmp_path / "codes.h5"))
+    argv = meta_args(pools, tmp_path / "c.pt", steps=40, eval_every=10, length_start=8, length_ramp=20,
+                     max_minutes=1e-6, smear=True)
+    train.main(argv)
+    log = pd.read_csv(tmp_path / "c.csv")
+    assert len(log) == 10 and log["eval_accuracy"].notna().sum() == 1  # stopped at the first evaluation
+    assert log["length"].tolist() == [int(8 + 24 * s / 20) for s in range(10)]  # L 32 = meta_args' --length
+    ck = torch.load(tmp_path / "c.pt", weights_only=False)
+    assert ck["model_args"]["smear"] is True and len(ck["metrics"]["accuracy_by_position"]) == 32
+    with pytest.raises(SystemExit, match="--length-start 40 must be in 0..--length 32"):
+        train.main(meta_args(pools, tmp_path / "d.pt", length_start=40))

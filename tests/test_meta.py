@@ -22,15 +22,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "demo.toml")  # the demo's SAE and meta settings (make demo)
 
 
-def write_truth_codes(world, split, out, k=4):
-    """The world's per-image h codes, top-k per row, written as /sae/indices (int32) + /sae/values (float16)."""
+def write_truth_codes(world, split, out, k=4, dtype=np.float16):
+    """The world's per-image h codes, top-k per row, written as /sae/indices (int32) + /sae/values (dtype) with
+    /image_ids. split "coco": the pool and its held-out split (coco_eval), so either matches by image id."""
+    splits = [s for s in (split, "coco_eval") if s == split or (split == "coco" and f"features/{s}" in world)]
     with h5py.File(world["truth"]) as f:
-        codes = f[f"{split}/codes"][...]
-    _, ids = data.read_features(world[f"features/{split}"])
+        codes = np.concatenate([f[f"{s}/codes"][...] for s in splits])
+    ids = sum((list(data.read_features(world[f"features/{s}"])[1]) for s in splits), [])
     idx = np.argsort(-codes, 1)[:, :k]
     with h5py.File(out, "w") as f:
         f["sae/indices"] = idx.astype(np.int32)
-        f["sae/values"] = np.take_along_axis(codes, idx, 1).astype(np.float16)
+        f["sae/values"] = np.take_along_axis(codes, idx, 1).astype(dtype)
         f["image_ids"] = np.array(ids, dtype=object)
     return str(out)
 

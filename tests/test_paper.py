@@ -19,6 +19,7 @@ import data
 import evaluate
 import models
 import train
+from test_meta import write_truth_codes
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "configs" / "paper"
@@ -97,17 +98,9 @@ def test_presets_hold_the_originals_values_as_the_readme_table_says():
 
 # ---------------------------------------------------------------------------------------- the world's pools
 
-def write_codes(world, split, out, k=4):
-    """The world's per-image h codes, top-k per row, in the /sae layout with /image_ids."""
-    with h5py.File(world["truth"]) as f:
-        codes = f[f"{split}/codes"][...]
-    _, ids = data.read_features(world[f"features/{split}"])
-    idx = np.argsort(-codes, 1)[:, :k]
-    with h5py.File(out, "w") as f:
-        f["sae/indices"] = idx.astype(np.int32)
-        f["sae/values"] = np.take_along_axis(codes, idx, 1).astype(np.float32)
-        f["image_ids"] = np.array(ids, dtype=object)
-    return str(out)
+def write_codes(world, split, out):
+    """The world's per-image h codes, top-4 per row, float32 (test_meta.write_truth_codes)."""
+    return write_truth_codes(world, split, out, dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
