@@ -152,7 +152,7 @@ def stage_sae(cfg):
     n, d = dset.shape
     if n == 0:
         raise data.DataError(f"{cfg['features']}: /features has 0 rows; nothing to train on")
-    cfg = _sae_sizes(cfg, n, d)  # auto / 0 values resolved by the sizing rule (models.sae_size)
+    cfg = resolve_sae_size(cfg, n, d)  # auto / 0 values resolved by the sizing rule (models.sae_size)
     n_latents = int(cfg["n_latents"])
     dev = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
                        ("cpu" if cfg["device"] == "auto" else cfg["device"]))
@@ -263,7 +263,7 @@ def stage_sae(cfg):
     return metrics
 
 
-def _sae_sizes(cfg, n_rows, d):
+def resolve_sae_size(cfg, n_rows, d):
     """cfg with --n-latents auto, --k 0 and --epochs 0 resolved by the sizing rule models.sae_size (on the pool's
     n_rows and d, --min-nonzero, and a --k given explicitly) and '16x' as a count; `sizing` records the flags
     as given and which came from the rule."""

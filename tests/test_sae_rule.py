@@ -32,15 +32,15 @@ def test_sae_size_rule():
 def test_auto_resolves_through_the_rule_and_explicit_values_stay():
     cfg = train.parse(["--stage", "sae"])
     assert (cfg["n_latents"], cfg["k"], cfg["epochs"], cfg["min_nonzero"]) == ("auto", 0, 0, 120)  # the defaults
-    r = train._sae_sizes(dict(cfg, min_nonzero=40), 3000, 64)
+    r = train.resolve_sae_size(dict(cfg, min_nonzero=40), 3000, 64)
     rule = sae_size(3000, 64, 40)
     assert (int(r["n_latents"]), r["k"], r["epochs"]) == (rule["n_latents"], rule["k"], rule["epochs"])
     assert r["sizing"]["from_rule"] == ["n_latents", "k", "epochs"] and r["sizing"]["given"]["n_latents"] == "auto"
-    r = train._sae_sizes(dict(cfg, n_latents="4x", k=16, epochs=30), 3000, 64)
+    r = train.resolve_sae_size(dict(cfg, n_latents="4x", k=16, epochs=30), 3000, 64)
     assert (r["n_latents"], r["k"], r["epochs"], r["sizing"]["from_rule"]) == ("256", 16, 30, [])
-    r = train._sae_sizes(dict(cfg, k=16, min_nonzero=40), 3000, 64)  # auto width follows the k given
+    r = train.resolve_sae_size(dict(cfg, k=16, min_nonzero=40), 3000, 64)  # auto width follows the k given
     assert (r["n_latents"], r["k"], r["sizing"]["from_rule"]) == ("320", 16, ["n_latents", "epochs"])
-    r = train._sae_sizes(dict(cfg, n_latents="32"), 3000, 64)  # the rule's k (8) fits in an explicit width
+    r = train.resolve_sae_size(dict(cfg, n_latents="32"), 3000, 64)  # the rule's k (8) fits in an explicit width
     assert (r["n_latents"], r["k"]) == ("32", 8)
 
 
