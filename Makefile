@@ -121,8 +121,10 @@ $(sort $(FEAT)/%.h5 $(FN_FEAT)/%.h5):
 	 echo "  or put an HDF5 file with /features and /image_ids there (README, Extraction)."; \
 	 exit 2
 
+# the SAE's width, k and epochs follow the sizing rule (models.sae_size: pool size, d, --min-nonzero 120) unless the
+# CONFIG preset's [sae] sets them (paper/main: 64x, k 64); flags on the command line would override the preset
 $(FN_RUN)/sae.pt: $(FN_FEAT)/coco.h5
-	$(PY) train.py --stage sae $(or $(PRESET),--n-latents 16x --k 64) --features $< --out $@
+	$(PY) train.py --stage sae $(or $(PRESET),--n-latents auto --k 0 --epochs 0) --features $< --out $@
 
 $(FN_RUN)/%_codes.h5: $(SAE_CKPT) $(FN_FEAT)/%.h5
 	$(PY) train.py --stage sae --encode --ckpt $(SAE_CKPT) --features $(FN_FEAT)/$*.h5 --codes-out $@

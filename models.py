@@ -123,25 +123,29 @@ class TopKSAE(_nn.Module):
             self.W_dec.grad -= (self.W_dec.grad * self.W_dec).sum(1, keepdim=True) * self.W_dec
 
 
-def sae_size(n_rows, d, min_nonzero=120, rows_seen=800_000, rows_per_step=256):
+def sae_size(n_rows, d, min_nonzero=120, rows_seen=800_000, batch=256, k=None):
     """The SAE sizing rule: width, k and epochs from the training pool's size and the feature width.
+    train.py --stage sae applies it by default (--n-latents auto, --k 0, --epochs 0); k: a k chosen elsewhere
+    (then the width follows that k, and it is returned as given).
 
         k          = clip(round(d / 24), 8, 128)              active latents per row (Gao et al. 2024: 32 at d 768)
         n_latents  = clip(n_rows k / (4 min_nonzero), d, 16 d), rounded up to a multiple of 64: on average every
                      latent fires on 4x the rows a function needs (min_nonzero, train.py --min-nonzero), so the
                      dictionary cannot outgrow the pool and most latents become functions
         epochs     = clip(ceil(rows_seen / n_rows), 1, 200)   about rows_seen rows in all (800k = ~3,000 steps of 256)
+        batch      = rows per Adam step, as measured (train.py's default)
 
     Measured on the full-size world (20,000 x 768 pool -> 1,344 latents, k 32, 40 epochs; README, Sparse
     autoencoders): 98 % of the planted h and g directions have a decoder row at cosine > 0.8, no dead
     latents, ~1,300 functions with >= 120 positives. -> dict of train.py --stage sae flags' values."""
-    if n_rows < 1 or d < 1 or min_nonzero < 1:
-        raise ValueError(f"sae_size needs positive n_rows, d and min_nonzero, got {n_rows}, {d}, {min_nonzero}")
-    k = int(min(128, max(8, round(d / 24))))
+    if n_rows < 1 or d < 1 or min_nonzero < 1 or (k is not None and k < 1):
+        raise ValueError(f"sae_size needs positive n_rows, d, min_nonzero and k, got {n_rows}, {d}, {min_nonzero}, {k}")
+    given = k is not None
+    k = int(k) if given else int(min(128, max(8, round(d / 24))))
     width = n_rows * k / (4 * min_nonzero)
     n_latents = int(-(-min(16 * d, max(d, width)) // 64) * 64)
     epochs = int(min(200, max(1, -(-rows_seen // n_rows))))
-    return dict(n_latents=n_latents, k=min(k, n_latents), epochs=epochs, rows_per_step=rows_per_step)
+    return dict(n_latents=n_latents, k=k if given else min(k, n_latents), epochs=epochs, batch=batch)
 
 
 def geometric_median(x, iters=50, eps=1e-8):

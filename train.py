@@ -48,15 +48,18 @@ defaults = dict(  # every stage
 # ------------------------------------------------------------------------------------------------ sae stage
 defaults_sae = dict(
     features="data/features/clip/coco.h5",      # training features (HDF5, /features + /image_ids); --encode: its input
-    n_latents="16x",                            # SAE latents: a count ("12288") or a multiple of d ("16x")
-    k=64,                                       # active latents per row (top-k)
+    n_latents="auto",                           # SAE latents: auto (models.sae_size), a count ("12288") or a multiple
+                                                # of d ("16x")
+    k=0,                                        # active latents per row (top-k; 0 = models.sae_size's)
+    min_nonzero=120,                            # a latent is a function if active on >= this many rows (as in --stage
+                                                # meta): sets the auto width and the report's function count
     normalize="expected_average",               # expected_average (E|x|^2 = d) | none | layer_norm |
                                                 # constant_norm_rescale (ViT-Prisma's options)
     aux_k=0,                                    # AuxK: dead latents used to model the residual (0 = d / 2, Gao et al.)
     aux_coef=1 / 32,                            # weight of the AuxK loss
     dead_rows=0,                                # a latent is dead after this many rows without firing (0 = one epoch)
-    epochs=20,                                  # passes over the features
-    batch=1024,                                 # rows per Adam step
+    epochs=0,                                   # passes over the features (0 = models.sae_size's: ~800k rows in all)
+    batch=256,                                  # rows per Adam step (as the sizing rule was measured)
     lr=0.0,                                     # Adam learning rate (0 = 2e-4 / sqrt(n_latents / 2^14), Gao et al.)
     chunk_rows=65536,                           # rows read from HDF5 at once (rows shuffled within chunks, chunks too)
     log_every=50,                               # steps between log lines (FVU, L0, dead fraction)
@@ -149,13 +152,8 @@ def stage_sae(cfg):
     n, d = dset.shape
     if n == 0:
         raise data.DataError(f"{cfg['features']}: /features has 0 rows; nothing to train on")
-    nl = cfg["n_latents"]
-    try:
-        n_latents = int(float(nl[:-1]) * d) if nl.endswith("x") else int(nl)
-    except ValueError:
-        sys.exit(f"train.py: error: --n-latents {nl!r}; expected a count (12288) or a multiple of d (16x)")
-    if not 1 <= cfg["k"] <= n_latents:
-        sys.exit(f"train.py: error: --k {cfg['k']} must be in 1..n_latents = {n_latents}")
+    cfg = resolve_sae_size(cfg, n, d)  # auto / 0 values resolved by the sizing rule (models.sae_size)
+    n_latents = int(cfg["n_latents"])
     dev = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
                        ("cpu" if cfg["device"] == "auto" else cfg["device"]))
     torch.manual_seed(cfg["seed"])
@@ -188,8 +186,11 @@ def stage_sae(cfg):
             sae.b_dec.copy_(geometric_median(sae.normalize_in(sample)[0]))
     steps_per_epoch = sum(len(b[3]) for b in _sae_epoch_batches(n, chunk, B, cfg["seed"], 0))
     total = cfg["epochs"] * steps_per_epoch
+    rule = cfg["sizing"]["from_rule"]
     print(f"train.py: SAE d={d} n_latents={n_latents} k={cfg['k']} normalize={cfg['normalize']} lr={lr:.2e} on "
-          f"{n} rows of {cfg['features']}: {cfg['epochs']} epochs x {steps_per_epoch} steps of {B} rows ({dev})")
+          f"{n} rows of {cfg['features']}: {cfg['epochs']} epochs x {steps_per_epoch} steps of {B} rows ({dev})"
+          + (f"; {', '.join(rule)} by the sizing rule (models.sae_size, min_nonzero {cfg['min_nonzero']})"
+             if rule else ""))
     bar = tqdm(total=total, initial=step, disable=not cfg["progress"], desc="sae", leave=False)
     hist, win = [], dict(fvu=0.0, l0=0.0, m=0)
     for epoch in range(epoch0, cfg["epochs"]):
@@ -230,7 +231,7 @@ def stage_sae(cfg):
     # final metrics over every row, with the fused encode (the path --encode takes)
     sse = sst = 0.0
     mean = None
-    fired = torch.zeros(n_latents, dtype=torch.bool)
+    positives = torch.zeros(n_latents, dtype=torch.int64)  # rows each latent is active on (value > 0)
     with torch.no_grad():
         for c0 in range(0, n, chunk):  # two streamed passes: the mean, then the residual and total sums
             x = feature_rows(cfg["features"], dset, c0, min(n, c0 + chunk)).to(dev)
@@ -242,13 +243,63 @@ def stage_sae(cfg):
             xr = sae.decode(x, v, i)
             sse += float(((x - xr) ** 2).sum())
             sst += float(((x - mean) ** 2).sum())
-            fired[i[v > 0].cpu()] = True
+            positives += torch.bincount(i[v > 0].cpu(), minlength=n_latents)
+    world_dir = _world_of(cfg["features"], f)
     f.close()
-    metrics = dict(fvu=sse / sst, dead_fraction=float(1 - fired.float().mean()), steps=step, history=hist)
+    metrics = dict(fvu=sse / sst, steps=step, **_sae_usage(positives.numpy(), cfg["min_nonzero"]), history=hist)
+    if world_dir:  # a synthetic world's pool: the decoder rows against its planted factors
+        from world import factor_directions
+        metrics["factor_recovery"] = dict(factor_directions(sae.W_dec, world_dir, name=cfg["out"]), world=world_dir)
     _sae_save(cfg["out"], sae.cpu(), cfg, step, cfg["epochs"], metrics=metrics)
-    print(f"train.py: SAE -> {cfg['out']}: FVU {metrics['fvu']:.4f} over all {n} rows, never-firing latents "
-          f"{metrics['dead_fraction']:.3f} (resume state in {last})")
+    print(f"train.py: SAE -> {cfg['out']}: FVU {metrics['fvu']:.4f} over all {n} rows; {metrics['n_dead']} of "
+          f"{n_latents} latents never active ({metrics['dead_fraction']:.3f}); {metrics['n_functions']} functions "
+          f"(latents active on >= {cfg['min_nonzero']} rows; median {metrics['function_positives_median']:.0f} "
+          f"positives) (resume state in {last})")
+    if world_dir:
+        r = metrics["factor_recovery"]
+        print(f"train.py: factor recovery on the world {world_dir}: h {r['h_recovered']:.2f}, "
+              f"g {r['g_recovered']:.2f} of the planted directions have a decoder row at cosine > {r['threshold']} "
+              f"(median best cosine {r['h_best_cosine_median']:.3f} / {r['g_best_cosine_median']:.3f})")
     return metrics
+
+
+def resolve_sae_size(cfg, n_rows, d):
+    """cfg with --n-latents auto, --k 0 and --epochs 0 resolved by the sizing rule models.sae_size (on the pool's
+    n_rows and d, --min-nonzero, and a --k given explicitly) and '16x' as a count; `sizing` records the flags
+    as given and which came from the rule."""
+    from models import sae_size
+    nl = cfg["n_latents"]
+    rule = sae_size(n_rows, d, cfg["min_nonzero"], k=cfg["k"] or None)
+    try:
+        n_latents = rule["n_latents"] if nl == "auto" else int(float(nl[:-1]) * d) if nl.endswith("x") else int(nl)
+    except ValueError:
+        sys.exit(f"train.py: error: --n-latents {nl!r}; expected auto, a count (12288) or a multiple of d (16x)")
+    k = cfg["k"] or min(rule["k"], n_latents)
+    if not 1 <= k <= n_latents:
+        sys.exit(f"train.py: error: --k {k} must be in 1..n_latents = {n_latents}")
+    auto = dict(n_latents=nl == "auto", k=not cfg["k"], epochs=not cfg["epochs"])
+    from_rule = [name for name, a in auto.items() if a]
+    sizing = dict(rule="models.sae_size", n_rows=n_rows, d=d, min_nonzero=cfg["min_nonzero"], from_rule=from_rule,
+                  given={key: cfg[key] for key in ("n_latents", "k", "epochs")})
+    return dict(cfg, n_latents=str(n_latents), k=k, epochs=cfg["epochs"] or rule["epochs"], sizing=sizing)
+
+
+def _sae_usage(positives, min_nonzero):
+    """positives (n_latents,): rows each latent is active on -> dead latents (never active) and functions (latents
+    active on >= min_nonzero rows, as models.functions_from_codes selects them)."""
+    import numpy as np
+    fn = positives[positives >= min_nonzero]
+    return dict(dead_fraction=float((positives == 0).mean()), n_dead=int((positives == 0).sum()),
+                n_functions=int(len(fn)), min_nonzero=int(min_nonzero),
+                function_positives_median=float(np.median(fn)) if len(fn) else 0.0)
+
+
+def _world_of(features, f):
+    """The root of the embedded world whose pool `features` is (open h5py file f with attr synthetic, and
+    world_truth.h5 two folders up: WORLD/features/coco.h5), else ''."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(features)))
+    ok = bool(f.attrs.get("synthetic", False)) and os.path.isfile(os.path.join(root, "world_truth.h5"))
+    return root if ok else ""
 
 
 def sae_encode(cfg):
@@ -846,8 +897,8 @@ def stage_defaults(stage):
 
 
 CHECKS = {  # numeric flags checked at parse time (data.check_flags): a bad value is a usage error, exit 2
-    "sae": dict(k=">= 1", aux_k=">= 0", aux_coef=">= 0", dead_rows=">= 0", epochs=">= 1", batch=">= 1", lr=">= 0",
-                chunk_rows=">= 1", log_every=">= 1", ckpt_every=">= 1"),
+    "sae": dict(k=">= 0", min_nonzero=">= 1", aux_k=">= 0", aux_coef=">= 0", dead_rows=">= 0", epochs=">= 0",
+                batch=">= 1", lr=">= 0", chunk_rows=">= 1", log_every=">= 1", ckpt_every=">= 1"),
     "meta": dict(min_nonzero=">= 1", holdout="in [0, 1)", input_pca=">= 0", embed_gain="> 0", d_model=">= 0",
                  n_layers=">= 1", n_heads=">= 1", dropout="in [0, 1)", length=">= 1", batch=">= 1", steps=">= 1",
                  lr="> 0", weight_decay=">= 0", warmup=">= 0", clip=">= 0", eval_every=">= 1",
@@ -873,11 +924,12 @@ def parse(argv=None):
     if stage == "sae":
         nl = cfg["n_latents"]
         try:
-            ok = float(nl[:-1]) > 0 if nl.endswith("x") else int(nl) >= 1
+            ok = nl == "auto" or (float(nl[:-1]) > 0 if nl.endswith("x") else int(nl) >= 1)
         except ValueError:
             ok = False
         if not ok:
-            p.error(f"--n-latents {nl}: expected a count >= 1 (12288) or a positive multiple of d (16x)")
+            p.error(f"--n-latents {nl}: expected a count >= 1 (12288), a positive multiple of d (16x) or auto (the "
+                    "sizing rule, models.sae_size)")
     if stage == "meta" and not cfg["eval_features"]:  # the selection pool beside the training pool, never elsewhere
         cfg["eval_features"] = os.path.join(os.path.dirname(cfg["features"]), "coco_eval.h5")
     if stage == "meta" and not cfg["out"]:

@@ -920,6 +920,29 @@ def diagnostics_table(diag, title=""):
 
 
 # ------------------------------------------------------------------------------------------- factor recovery
+def factor_directions(W_dec, world_dir, threshold=0.8, name="the SAE"):
+    """The direction part of factor_recovery (train.py --stage sae reports it on a world's pool): W_dec
+    (n_latents, d) decoder rows -> dict threshold, {h,g}_recovered (share of the planted directions with a row at
+    cosine > threshold), {h,g}_best_cosine_median and {h,g}_best_cosine (the best row per direction)."""
+    import torch
+
+    import data
+    with h5py.File(os.path.join(world_dir, "world_truth.h5"), "r") as f:
+        dirs = dict(h=f["directions"][...], g=f["g_directions"][...])
+    Wd = torch.as_tensor(W_dec).detach().cpu().double()
+    Wd = Wd / Wd.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    out = dict(threshold=threshold)
+    for key, Dm in dirs.items():
+        if Dm.shape[1] != Wd.shape[1]:
+            raise data.DataError(f"{name}: the SAE takes d = {Wd.shape[1]} features, the world's directions have "
+                                 f"d = {Dm.shape[1]} ({world_dir}/world_truth.h5)")
+        best = (torch.from_numpy(Dm) @ Wd.T).max(1).values.numpy()  # (k,) best cosine per planted direction
+        out[f"{key}_recovered"] = float((best > threshold).mean())
+        out[f"{key}_best_cosine_median"] = float(np.median(best))
+        out[f"{key}_best_cosine"] = best.round(4).tolist()
+    return out
+
+
 def factor_recovery(ckpt, world_dir, features=None, threshold=0.8, min_nonzero=120, chunk=8192):
     """How well an SAE checkpoint recovers the world's planted sparse factors, and how much of it is used.
 
@@ -933,19 +956,8 @@ def factor_recovery(ckpt, world_dir, features=None, threshold=0.8, min_nonzero=1
     import data
     from models import functions_from_codes, load_sae
     sae, _ = load_sae(ckpt)
-    with h5py.File(os.path.join(world_dir, "world_truth.h5"), "r") as f:
-        dirs = dict(h=f["directions"][...], g=f["g_directions"][...])
-    Wd = sae.W_dec.detach().double()
-    Wd = Wd / Wd.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    out = dict(ckpt=ckpt, n_latents=int(sae.n_latents), k=int(sae.k), threshold=threshold)
-    for name, Dm in dirs.items():
-        if Dm.shape[1] != sae.d:
-            raise data.DataError(f"{ckpt}: the SAE takes d = {sae.d} features, the world's directions have "
-                                 f"d = {Dm.shape[1]} ({world_dir}/world_truth.h5)")
-        best = (torch.from_numpy(Dm) @ Wd.T).max(1).values.numpy()  # (k,) best cosine per planted direction
-        out[f"{name}_recovered"] = float((best > threshold).mean())
-        out[f"{name}_best_cosine_median"] = float(np.median(best))
-        out[f"{name}_best_cosine"] = best.round(4).tolist()
+    out = dict(ckpt=ckpt, n_latents=int(sae.n_latents), k=int(sae.k),
+               **factor_directions(sae.W_dec, world_dir, threshold, ckpt))
     X, _ = data.read_features(features or os.path.join(world_dir, "features", "coco.h5"))
     vals, idxs = [], []
     for i in range(0, len(X), chunk):

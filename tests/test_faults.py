@@ -467,7 +467,10 @@ def test_an_error_on_the_command_line_is_one_line(tmp_path):
     (train.main, ["--stage", "meta", "--steps", "-3"], "--steps -3: expected an integer >= 1"),
     (train.main, ["--stage", "sae", "--batch", "0"], "--batch 0: expected an integer >= 1"),  # rows per step
     (train.main, ["--stage", "sae", "--n-latents", "0"], "--n-latents 0: expected a count >= 1"),
-    (train.main, ["--stage", "sae", "--k", "0"], "--k 0: expected an integer >= 1"),
+    (train.main, ["--stage", "sae", "--n-latents", "auto", "--k", "-1"], "--k -1: expected an integer >= 0"),  # 0: rule
+    (train.main, ["--stage", "sae", "--epochs", "-2"], "--epochs -2: expected an integer >= 0"),
+    (train.main, ["--stage", "sae", "--min-nonzero", "0"], "--min-nonzero 0: expected an integer >= 1"),
+    (train.main, ["--stage", "sae", "--n-latents", "automatic"], "--n-latents automatic: expected a count >= 1"),
     (train.main, ["--stage", "warp", "--val-frac", "1.5"], "--val-frac 1.5: expected a value in (0, 1)"),
     (evaluate.main, ["--task", "probe", "--shots", "1,-1"], "--shots '1,-1': expected integers >= 1"),
     (evaluate.main, ["--task", "cka", "--ci-method", "bootstrap", "--n-boot", "-5"], "--n-boot -5: expected an "

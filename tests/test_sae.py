@@ -28,17 +28,23 @@ def trained(world, tmp_path_factory):
 
 
 def test_sae_recovers_world_directions(world, trained):
-    """Measured on seed 0 (README): FVU 0.06, 10 of 12 directions with cosine > 0.8, median best cosine 0.90;
-    asserted with margins ("most": at least 8 of 12). Random unit vectors in d = 64 give best cosines around 0.35."""
+    """The demo's SAE (the sizing rule: 192 latents, k 8, 200 epochs). Measured on seed 0 (README): FVU 0.23 (the
+    dense nuisance and the noise stay in the residual), no dead latent, 191 functions with >= 40 positives; 21 of 24
+    h and 14 of 24 g directions with a decoder row at cosine > 0.8, median best cosine 0.90 / 0.85. Asserted with
+    margins; random unit vectors in d = 64 give best cosines around 0.35 (the demo's earlier 4x, k 16, 30 epochs:
+    4 and 2 of 24, medians 0.55 / 0.57)."""
     out, metrics = trained
     sae, info = load_sae(out)
-    assert info["format"] == "metalign" and info["config"]["k"] == 16 and "torch" in info["versions"]
-    assert metrics["fvu"] < 0.10 and metrics["dead_fraction"] < 0.05
+    assert info["format"] == "metalign" and info["config"]["k"] == 8 and "torch" in info["versions"]
+    assert metrics["fvu"] < 0.27 and metrics["dead_fraction"] < 0.05 and metrics["n_functions"] >= 150
     with h5py.File(world["truth"]) as f:
         D = torch.from_numpy(f["directions"][...]).float()  # (k_h, d) unit rows
     best = (D @ sae.W_dec.detach().T).max(1).values  # decoder rows have unit norm
-    assert (best > 0.8).sum() >= 8, best
-    assert best.median() > 0.82, best
+    assert (best > 0.8).sum() >= 18, best
+    assert best.median() > 0.85, best
+    fr = metrics["factor_recovery"]  # the stage's own report agrees with the direct computation
+    assert fr["h_recovered"] == pytest.approx(float((best > 0.8).float().mean()))
+    assert fr["g_recovered"] >= 11 / 24 and fr["g_best_cosine_median"] > 0.8, fr
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.n_latents), atol=1e-5)
 
 
@@ -53,14 +59,14 @@ def test_sae_encode_into_features_copy_and_codes_out(world, trained, tmp_path):
     with h5py.File(feats) as f:
         X = torch.from_numpy(f["features"][...])
         idx, val = f["sae/indices"][...], f["sae/values"][...]
-        assert idx.dtype == np.int32 and val.dtype == np.float16 and idx.shape == (len(X), 16)
+        assert idx.dtype == np.int32 and val.dtype == np.float16 and idx.shape == (len(X), sae.k)
         assert json.loads(f["sae"].attrs["config"])["encode"] and "versions" in f["sae"].attrs
         assert "image_ids" in f and "features" in f
     with h5py.File(tmp_path / "c.h5") as g:
         assert np.array_equal(g["sae/indices"][...], idx) and np.array_equal(g["sae/values"][...], val)
         assert len(g["image_ids"]) == len(X)
     xn = sae.normalize_in(X)[0]
-    rv, ri = kernels.topk_encode_ref(xn, sae.W_enc.detach(), sae.b_enc.detach(), 16, sae.b_dec.detach())
+    rv, ri = kernels.topk_encode_ref(xn, sae.W_enc.detach(), sae.b_enc.detach(), sae.k, sae.b_dec.detach())
     assert (torch.from_numpy(idx.astype(np.int64)) == ri).float().mean() > 0.999
     np.testing.assert_allclose(val.astype(np.float32), rv.numpy(), rtol=2e-3, atol=2e-3)
 

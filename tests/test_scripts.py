@@ -102,9 +102,9 @@ def test_demo_config_holds_the_demo_runs():
     assert (c["steps"], c["length"], c["batch"], c["d_model"], c["input_pca"], c["min_nonzero"]) == (600, 32, 32, 64,
                                                                                                      0.95, 40)
     s = train.parse(["--stage", "sae", "--config", str(ROOT / "configs" / "demo.toml")])
-    assert (s["n_latents"], s["k"], s["epochs"], s["batch"], s["lr"]) == ("4x", 16, 30, 256, 0.003)
+    assert (s["n_latents"], s["k"], s["epochs"], s["batch"], s["min_nonzero"]) == ("auto", 0, 0, 256, 40)  # the rule
     make = (ROOT / "Makefile").read_text()
-    assert make.count("--config $(CONFIG)") == 2 and "--steps" not in make and "--n-latents 4x" not in make
+    assert make.count("--config $(CONFIG)") == 2 and "--steps" not in make and "--min-nonzero 40" not in make
 
 
 def test_real_defaults_and_missing_data_folder(tmp_path, monkeypatch):
