@@ -521,7 +521,7 @@ def test_human_data_errors_point_at_the_cell(world, case, tmp_path, capsys):
         "triplets_empty": ("things-ooo", ["THINGS_triplets.csv: empty file; expected a header line, then triplets"]),
         "triplets_header_only": ("things-ooo", ["THINGS_triplets.csv: a header line and no rows; expected triplets"]),
         "triplets_cell": ("things-ooo", ["THINGS_triplets.csv: column 'image2', row 3: '4.5'; expected an integer"]),
-        "spose_missing_value": ("cka", ["spose_embedding_66d_sorted.txt: row 6 has 11 values, expected 12 (as row 1)"]),
+        "spose_missing_value": ("cka", ["spose_embedding_66d_sorted.txt: row 6 has 23 values, expected 24 (as row 1)"]),
     }[case]
     if case == "category_cell":
         cell("category_learning.csv", 5, "choice", "x")
