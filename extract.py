@@ -82,6 +82,18 @@ REAL = list(images.DATASETS)
 WORLD_ONLY = ("size",)  # flags of the synthetic world besides its knobs (world.SIZES, world.COMMON)
 
 
+def truth_value(text):
+    """A boolean world flag's value: true/false, yes/no, 1/0 (any case); anything else is a usage error (argparse's
+    type=bool would read 'False' as True)."""
+    import argparse
+    word = str(text).strip().lower()
+    if word in ("true", "yes", "1"):
+        return True
+    if word in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
+
+
 def parse(argv=None):
     """Flags; the world's (--size and every knob of world.py) only with --dataset synthetic: with a real
     dataset each is an error naming it, never silently ignored."""
@@ -92,7 +104,7 @@ def parse(argv=None):
     knobs = dict(world.SIZES["small"], **world.COMMON)
     for k, v in knobs.items():
         full = world.SIZES["full"].get(k, v)
-        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None,
+        p.add_argument("--" + k.replace("_", "-"), type=truth_value if isinstance(v, bool) else type(v), default=None,
                        help=f"world setting (small: {v}, full: {full}; --dataset synthetic only)")
     args = p.parse_args(argv)  # unknown flags are an error
     data.check_flags(p, vars(args), dict(batch=">= 1", workers=">= -1", threads=">= 0", pca=">= 0", pca_batch=">= 1",

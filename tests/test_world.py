@@ -358,3 +358,14 @@ def test_fmri_noise_ceiling_matches_truth(world):
     nc = fm["voxels"]["nc_singletrial"].to_numpy()
     assert np.corrcoef(r, nc)[0, 1] > 0.5  # reliable voxels are the ones with a high ceiling
     assert r[nc <= 5].mean() < r[nc > 40].mean() - 0.3
+
+
+def test_boolean_world_flags_read_false_as_false():
+    """extract.py's boolean world knobs: 'False' is False (argparse's type=bool reads any non-empty string as True,
+    so `--diagnostics False` used to run the diagnostics), and a word that is no truth value is a usage error."""
+    import extract
+    a = extract.parse(["--dataset", "synthetic", "--diagnostics", "False", "--control", "yes"])
+    assert a.diagnostics is False and a.control is True
+    assert extract.parse(["--dataset", "synthetic", "--control", "0"]).control is False
+    with pytest.raises(SystemExit):
+        extract.parse(["--dataset", "synthetic", "--control", "maybe"])
