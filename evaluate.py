@@ -540,9 +540,9 @@ def files(cfg, out):
         inputs.update({f"--warp-runs ({f})": f for f in glob.glob(p)})
     for where, flag in ((cfg["data"], "--data"), (os.path.join(cfg["data"], "brain_data"), "--data"),
                         (cfg["results"] if cfg["task"] == "report" else "", "--results")):
-        if where and os.path.isdir(where):
+        if where and os.path.isdir(where):  # the report reads only the .json files of --results, never its own .md
             inputs.update({f"{flag} ({f})": os.path.join(where, f) for f in sorted(os.listdir(where))
-                           if os.path.isfile(os.path.join(where, f))})
+                           if os.path.isfile(os.path.join(where, f)) and (flag != "--results" or f.endswith(".json"))})
     return outputs, inputs
 
 

@@ -157,3 +157,15 @@ def test_run_refuses_a_world_written_with_other_settings(tmp_path, capsys):
         seeds_table.main(["run", "--seeds", "2", "--worlds", "control", "--root", str(tmp_path), "--make", str(make),
                           "--size", "full"])
     assert f"{p}: config" in capsys.readouterr().err and len((tmp_path / "calls").read_text().splitlines()) == 1
+
+
+def test_report_rewrites_its_own_report_but_never_a_result(root, capsys):
+    """make demo over a finished run (what `run` does to resume) rewrites report.md in the results folder; a
+    result JSON there is still an input that --out may not overwrite."""
+    folder = root / "runs" / "control-s1"
+    before = (folder / "report.md").read_text()
+    evaluate.main(["--task", "report", "--results", str(folder), "--out", str(folder / "report.md")])
+    assert (folder / "report.md").read_text().split("written")[0] == before.split("written")[0]
+    with pytest.raises(SystemExit):
+        evaluate.main(["--task", "report", "--results", str(folder), "--out", str(folder / "tsne.json")])
+    assert "--out is the input --results (tsne.json)" in capsys.readouterr().err
