@@ -70,9 +70,10 @@ $(RUN)/reward-learning.json: $(WORLD)/world_truth.h5 $(EVAL) eval_behaviour.py c
 $(RUN)/icl.json: $(WORLD)/world_truth.h5 $(EVAL) eval_behaviour.py choice.py $(CKPT)
 	$(PY) evaluate.py --task icl --data $(DATA) --ckpt $(CKPT) --out $@
 
-# SAE on the world's unlabelled pool, then its codes in a separate file (the world's features stay as written)
+# SAE on the world's unlabelled pool, then its codes in a separate file (the world's features stay as written);
+# SEED seeds the world and both trainings, so each seed is a different world and a different training run
 $(RUN)/sae/world.pt: $(WORLD)/world_truth.h5 train.py models.py kernels.py $(CONFIG)
-	$(PY) train.py --stage sae --config $(CONFIG) --features $(WORLD)/features/coco.h5 --out $@ --overwrite
+	$(PY) train.py --stage sae --config $(CONFIG) --seed $(SEED) --features $(WORLD)/features/coco.h5 --out $@ --overwrite
 
 $(RUN)/coco_codes.h5: $(RUN)/sae/world.pt
 	$(PY) train.py --stage sae --encode --ckpt $< --features $(WORLD)/features/coco.h5 --codes-out $@
@@ -86,7 +87,7 @@ $(RUN)/coco_eval_codes.h5: $(RUN)/sae/world.pt
 # meta-learning on the pool's SAE functions; checkpoints selected on the pool's held-out split (coco_eval),
 # never on the THINGS or Levels images the evaluations score (train.py refuses those)
 $(RUN)/meta/world.pt: $(RUN)/coco_codes.h5 $(RUN)/coco_eval_codes.h5 models.py $(CONFIG)
-	$(PY) train.py --stage meta --config $(CONFIG) --features $(WORLD)/features/coco.h5 --codes $(RUN)/coco_codes.h5 --eval-features $(WORLD)/features/coco_eval.h5 --eval-codes $(RUN)/coco_eval_codes.h5 --out $@ --overwrite
+	$(PY) train.py --stage meta --config $(CONFIG) --seed $(SEED) --features $(WORLD)/features/coco.h5 --codes $(RUN)/coco_codes.h5 --eval-features $(WORLD)/features/coco_eval.h5 --eval-codes $(RUN)/coco_eval_codes.h5 --out $@ --overwrite
 
 
 demo: build $(RUN)/things-ooo.json $(RUN)/levels-ooo.json $(RUN)/category-learning.json $(RUN)/reward-learning.json $(RUN)/icl.json $(RUN)/cka.json $(RUN)/fmri.json $(RUN)/coco_codes.h5 $(GEOMETRY:%=$(RUN)/%.json) $(RUN)/similarity.json

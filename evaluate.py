@@ -240,7 +240,8 @@ def _value(v, key):
 def control_rows(docs):
     """One row per (task, aligned representation, measure): aligned, base, the best control (highest value among
     the controls, representations.CONTROLS) and the gain over it with its paired CI (the task's 'vs' entries;
-    tasks with no unit-level resampling, e.g. t-SNE, give the gain without a CI)."""
+    tasks with no unit-level resampling, e.g. t-SNE, give the gain without a CI); the gain over base likewise
+    (base_gain, base_ci)."""
     from representations import is_control, kind
     out = []
     for f, r in docs.items():
@@ -253,11 +254,14 @@ def control_rows(docs):
                 ctrl = {n: _value(c, key) for n, c in r.items() if is_control(n) and _value(c, key) is not None}
                 best = max(ctrl, key=ctrl.get) if ctrl else None
                 g = v.get("vs", {}).get(key, {}).get(best) if best else None
+                gb = v.get("vs", {}).get(key, {}).get("base")
                 out.append(dict(task=task + ("" if a == "aligned" else f" ({a})"), measure=MEASURES.get(key, key),
                                 key=key, aligned=_value(v, key), base=_value(r["base"], key), control=best,
                                 control_value=ctrl.get(best), gain=(g["delta"] if g else
                                                                    (_value(v, key) - ctrl[best] if best else None)),
-                                ci=g["ci"] if g else None, unit=g["unit"] if g else "no CI for this task"))
+                                ci=g["ci"] if g else None, unit=g["unit"] if g else "no CI for this task",
+                                base_gain=gb["delta"] if gb else _value(v, key) - _value(r["base"], key),
+                                base_ci=gb["ci"] if gb else None))
     return out
 
 
@@ -536,9 +540,9 @@ def files(cfg, out):
         inputs.update({f"--warp-runs ({f})": f for f in glob.glob(p)})
     for where, flag in ((cfg["data"], "--data"), (os.path.join(cfg["data"], "brain_data"), "--data"),
                         (cfg["results"] if cfg["task"] == "report" else "", "--results")):
-        if where and os.path.isdir(where):
+        if where and os.path.isdir(where):  # the report reads only the .json files of --results, never its own .md
             inputs.update({f"{flag} ({f})": os.path.join(where, f) for f in sorted(os.listdir(where))
-                           if os.path.isfile(os.path.join(where, f))})
+                           if os.path.isfile(os.path.join(where, f)) and (flag != "--results" or f.endswith(".json"))})
     return outputs, inputs
 
 
