@@ -72,8 +72,8 @@ def test_fmri_recovers_noise_ceilings(world):
     sess = sub["stimuli"]["session"].to_numpy()
     r2 = fmri.encode({"truth": Z[rows]}, sub["Y"], sess, np.logspace(-6, 3, 100))["truth"]["r2"].mean(0)
     norm = r2 / (sub["nc"] / 100)
-    high = sub["nc"] > 40  # measured 0.91: ~300 training trials for 20 weights cost a little even there
-    assert 0.85 < norm[high].mean() < 1.05
+    high = sub["nc"] > 40  # measured 0.84: ~300 training trials for 40 weights (24 h + 16 nuisance) cost some
+    assert 0.80 < norm[high].mean() < 1.05
     assert np.corrcoef(r2, sub["nc"])[0, 1] > 0.9
     assert norm.mean() < 1.0  # never above the ceiling on average
 
