@@ -90,7 +90,8 @@ def test_readme_layout_lists_the_files_as_they_are():
     block = text.split("## Layout\n", 1)[1].split("```\n", 2)[1]
     listed = {line.split()[0] for line in block.splitlines() if line and not line.startswith(" ")}
     folders = ("csrc", "configs", "experiments", "slurm", "tests")
-    have = {p.name for p in ROOT.glob("*.py")} | {p.name + "/" for p in ROOT.iterdir() if p.is_dir() and p.name in folders}
+    have = {p.name for p in ROOT.glob("*.py")} | {p.name + "/" for p in ROOT.iterdir()
+                                                  if p.is_dir() and p.name in folders}
     assert listed == have, (sorted(listed - have), sorted(have - listed))
 
 
