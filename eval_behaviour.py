@@ -432,6 +432,17 @@ def _trial_position(df):
     return df.groupby("participant", sort=False).cumcount().to_numpy()
 
 
+def _position_curve(pos):
+    """curve(v) -> (trial numbers 1..T, mean of v over participants at each trial position); participants a fit
+    skipped (v nan) are left out of that position's mean."""
+    T = pos.max() + 1
+
+    def curve(v):
+        return (np.arange(1, T + 1), np.bincount(pos, weights=np.nan_to_num(v), minlength=T)
+                / np.bincount(pos, weights=np.isfinite(v).astype(float), minlength=T))
+    return curve
+
+
 @with_threads
 def task_category_learning(cfg):
     """Category learning: online L2 logistic learner per representation; McFadden R^2 against ln 2."""
@@ -447,10 +458,7 @@ def task_category_learning(cfg):
                                      cfg["behav_l2"], cfg["seed"])
     pos = _trial_position(df)
     human = (df["choice"].to_numpy() == df["true_category_binary"].to_numpy()).astype(np.float64)
-    T = pos.max() + 1
-    curve = lambda v: (np.arange(1, T + 1), np.bincount(pos, weights=np.nan_to_num(v), minlength=T)  # noqa: E731
-                       # skipped participants: nan
-                       / np.bincount(pos, weights=np.isfinite(v).astype(float), minlength=T))
+    curve = _position_curve(pos)
     curves = {"human": curve(human)}
     return _learning_task(cfg, fits, 2, "category learning", curves, curve, lambda f: f["p_true"],
                           extra=lambda f: dict(C_median=float(np.median(f["chosen_C"])),
@@ -540,9 +548,7 @@ def task_reward_learning(cfg):
     pos = _trial_position(df)
     best = (df["right_reward"].to_numpy() > df["left_reward"].to_numpy()).astype(np.int64)
     human = (df["choice"].to_numpy() == best).astype(np.float64)
-    T = pos.max() + 1
-    curve = lambda v: (np.arange(1, T + 1), np.bincount(pos, weights=np.nan_to_num(v), minlength=T)  # noqa: E731
-                       / np.bincount(pos, weights=np.isfinite(v).astype(float), minlength=T))
+    curve = _position_curve(pos)
     curves = {"human": curve(human)}
     return _learning_task(cfg, fits, 2, "reward learning", curves, curve, lambda f: f["p_best"],
                           extra=lambda f: dict(beta_median=float(np.median(f["beta"])),
