@@ -380,6 +380,47 @@ def functions_from_neurons(X, latents=None):
     return out
 
 
+def densest_first(fns):
+    """The functions dict (neuron functions included) reordered by positives, most first (ties: latent id), so that
+    function_prefix(fns, k) is the k densest. The CSR arrays are rebuilt; latents and mag_scale follow."""
+    n_pos = fns["pos_ptr"].diff()
+    order = _np.lexsort((fns["latents"].numpy(), -n_pos.numpy()))
+    out = dict(fns)
+    for side in ("pos", "neg"):
+        ptr = fns[f"{side}_ptr"]
+        if not len(ptr):
+            continue
+        counts = ptr.diff()[order]
+        rows = _torch.cat([_torch.arange(int(ptr[f]), int(ptr[f + 1])) for f in order])
+        out[f"{side}_ptr"] = _torch.cat([ptr.new_zeros(1), counts.cumsum(0)])
+        out[f"{side}_idx"], out[f"{side}_val"] = fns[f"{side}_idx"][rows], fns[f"{side}_val"][rows]
+    t = _torch.from_numpy(order)
+    out["mag_scale"], out["latents"] = fns["mag_scale"][t], fns["latents"][t]
+    return out
+
+
+def function_prefix(fns, k, host_ptr=None):
+    """The first k functions of a functions dict (views: CSR prefixes, no copy). host_ptr: {"pos": ptr, "neg": ptr}
+    CPU copies of the pointers when fns lives on a GPU (no device-to-host sync per call)."""
+    k = int(k)
+    out = dict(fns, mag_scale=fns["mag_scale"][:k], latents=fns["latents"][:k])
+    for side in ("pos", "neg"):
+        ptr = fns[f"{side}_ptr"]
+        if len(ptr):
+            end = int((host_ptr or {}).get(side, ptr)[k])
+            out[f"{side}_ptr"] = ptr[:k + 1]
+            out[f"{side}_idx"], out[f"{side}_val"] = fns[f"{side}_idx"][:end], fns[f"{side}_val"][:end]
+    return out
+
+
+def functions_at(step, n_functions, start, ramp):
+    """Function curriculum: how many of the densest functions a step trains on, growing geometrically from `start`
+    to all n_functions over `ramp` steps (start 0 or >= n_functions: all from the first step)."""
+    if start <= 0 or start >= n_functions:
+        return n_functions
+    return int(round(min(n_functions, start * (n_functions / start) ** min(1.0, step / max(1, ramp)))))
+
+
 def make_episodes(features, fns, n_episodes, length, seed, first=0):
     """kernels.episodes on a functions dict -> x (B, L, 1+d), y (B, L), mag (B, L), fn (B,), rows (B, L).
     first: index of the first episode in the seed's stream (a DDP rank's slice of a global batch)."""

@@ -346,6 +346,9 @@ defaults_meta = dict(
     length=120,                                 # episode length L
     length_start=0,                             # curriculum: training L grows linearly from this to --length (0 = off)
     length_ramp=1000,                           # steps over which the curriculum reaches --length
+    functions_start=0,                          # function curriculum: train first on this many densest functions,
+                                                # widening geometrically to all (0 = all from the start; ours)
+    functions_ramp=3000,                        # steps over which the function curriculum reaches every function
     batch=64,                                   # episodes per step (global: split over torchrun ranks)
     steps=3000,                                 # optimisation steps
     lr=3e-4,                                    # peak learning rate
@@ -376,7 +379,7 @@ defaults_meta = dict(
 # the settings a --resume must share with the run it continues (besides the model's shape)
 META_RESUME_KEYS = ("functions", "min_nonzero", "holdout", "length", "seed", "optimizer", "standardize", "input_pca",
                     "mag_scale", "mag_target",
-                    "length_start", "length_ramp")
+                    "length_start", "length_ramp", "functions_start", "functions_ramp")
 
 SELECT = ("accuracy", "paper")
 
@@ -521,7 +524,8 @@ def stage_meta(cfg):
     import numpy as np
     import torch.distributed as dist
     from tqdm import tqdm
-    from models import MetaLearner, evaluate_meta, functions_to, make_episodes, principal_basis, ridge_icl_bound
+    from models import (MetaLearner, densest_first, evaluate_meta, function_prefix, functions_at, functions_to,
+                        make_episodes, principal_basis, ridge_icl_bound)
     for key, allowed in (("select", SELECT), ("mag_scale", ("function", "global")), ("mag_target", ("scaled", "raw")),
                          ("optimizer", ("adamw", "schedulefree"))):
         if cfg[key] not in allowed:
@@ -551,6 +555,14 @@ def stage_meta(cfg):
     train_fns, eval_fns, heads = _meta_functions(cfg, X, ids, Xe, ide)
     X, Xe = torch.from_numpy(X), torch.from_numpy(Xe)
     F, L = len(train_fns["latents"]), cfg["length"]
+    if cfg["functions_start"]:  # densest first, so that the curriculum's first k functions are a CSR prefix
+        if cfg["model"] == "static_linear":
+            sys.exit("train.py: error: --functions-start is a curriculum for in-context learners; static_linear "
+                     "has one head per function (use --functions-start 0)")
+        train_fns = densest_first(train_fns)
+        if rank == 0:
+            print(f"train.py: function curriculum: the {min(cfg['functions_start'], F)} densest of {F} functions "
+                  f"first, all of them from step {cfg['functions_ramp']} on")
     if cfg["length_start"] > L:
         sys.exit(f"train.py: error: --length-start {cfg['length_start']} must be in 0..--length {L} (0 = no "
                  "curriculum)")
@@ -614,8 +626,8 @@ def stage_meta(cfg):
         ck = data.load_checkpoint(last, "meta resume state", map_location=device)
         diff = [(k, ck.get("model_args", {}).get(k), v) for k, v in model_args.items()
                 if ck.get("model_args", {}).get(k) != v]
-        diff += [(k, ck.get("config", {}).get(k), cfg[k]) for k in META_RESUME_KEYS
-                 if ck.get("config", {}).get(k) != cfg[k]]
+        was = {k: ck.get("config", {}).get(k, defaults_meta[k]) for k in META_RESUME_KEYS}  # older runs: defaults
+        diff += [(k, was[k], cfg[k]) for k in META_RESUME_KEYS if was[k] != cfg[k]]
         if diff:
             sys.exit(f"train.py: error: {last}: --resume with other settings than its run: "
                      + ", ".join(f"{k} {old!r} (checkpoint) vs {new!r} (these flags)" for k, old, new in diff)
@@ -634,7 +646,7 @@ def stage_meta(cfg):
     per_rank = cfg["batch"] // world
     eval_batch = max(64, per_rank)  # held-out episodes per forward pass; the ridge bound draws the same episodes
     fields = ["step", "loss", "bce", "mse", "lr", "eval_accuracy", "eval_magnitude_r2", "eval_bce", "eval_score",
-              "icl_ridge_bound", "length", "seconds"]
+              "icl_ridge_bound", "length", "functions", "seconds"]
     # a resumed log is cut back to the checkpoint's step (later rows are redone) and its clock continues
     log = data.CsvLog(csv_path, fields, resume_step=start if resume else None) if rank == 0 else None
     mags = dict(scale=cfg["mag_scale"], target=cfg["mag_target"],
@@ -675,6 +687,7 @@ def stage_meta(cfg):
         tb.add_text("config", json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, default=str), start)
     # the pools and their functions move to the device once; every step's episodes are built there
     Xd, train_d = X.to(device), functions_to(train_fns, device)
+    host_ptr = {side: train_fns[f"{side}_ptr"] for side in ("pos", "neg")}  # the curriculum's prefixes, no sync
     Xe_d, eval_d = Xe.to(device), functions_to(eval_fns, device)
     t0, step = time.time() - (log.offset if log else 0.0), start
     bar = tqdm(range(start, cfg["steps"]), disable=rank != 0 or not cfg["progress"], mininterval=1.0)
@@ -689,7 +702,9 @@ def stage_meta(cfg):
         # stream (seeded by step), so N ranks follow the trajectory of one process with the same global batch
         L_step = L if not cfg["length_start"] else int(min(L, cfg["length_start"] + (
             L - cfg["length_start"]) * step / cfg["length_ramp"]))  # the curriculum; the same on every rank
-        x, y, mag, fn, _ = make_episodes(Xd, train_d, per_rank, L_step, cfg["seed"] * 1_000_003 + step,
+        F_step = functions_at(step, F, cfg["functions_start"], cfg["functions_ramp"])  # the same on every rank
+        step_fns = train_d if F_step == F else function_prefix(train_d, F_step, host_ptr)
+        x, y, mag, fn, _ = make_episodes(Xd, step_fns, per_rank, L_step, cfg["seed"] * 1_000_003 + step,
                                          first=rank * per_rank)
         if raw:  # the head predicts raw magnitudes; the input channel keeps the scaled ones
             mag = mag / train_d["mag_scale"][fn][:, None].to(mag.dtype)
@@ -712,7 +727,7 @@ def stage_meta(cfg):
             stats /= world
         stats = stats.cpu()
         row = dict(step=step + 1, loss=float(stats[0]), bce=float(stats[1]), mse=float(stats[2]), lr=lr,
-                   seconds=round(time.time() - t0, 3), length=L_step)
+                   seconds=round(time.time() - t0, 3), length=L_step, functions=F_step)
         stop, why = False, f"no held-out improvement in {cfg['patience']} evaluations"
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
             if sf:
@@ -903,6 +918,7 @@ CHECKS = {  # numeric flags checked at parse time (data.check_flags): a bad valu
                  n_layers=">= 1", n_heads=">= 1", dropout="in [0, 1)", length=">= 1", batch=">= 1", steps=">= 1",
                  lr="> 0", weight_decay=">= 0", warmup=">= 0", clip=">= 0", eval_every=">= 1",
                  eval_episodes=">= 1", patience=">= 0", length_start=">= 0", length_ramp=">= 1",
+                 functions_start=">= 0", functions_ramp=">= 1",
                  max_minutes=">= 0"),
     "warp": dict(hidden=">= 0", lr="> 0", full_lr="> 0", steps=">= 1", batch=">= 1", eval_every=">= 1",
                  patience=">= 0", val_frac="in (0, 1)", test_frac="in (0, 1)"),

@@ -189,6 +189,8 @@ def probe(a):
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     X, tr, Xe, ev = _pool(a.pool, a.length, a.min_nonzero)
+    tr = models.densest_first(tr)
+    F = len(tr["latents"])
     mean, std = X.mean(0), X.std(0)
     basis = models.principal_basis(X, a.input_pca, scale=1 / std)[0] if a.input_pca else None
     model = models.MetaLearner(d=X.shape[1], d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads, mlp=a.mlp,
@@ -198,6 +200,8 @@ def probe(a):
         model.embedding.set_input_basis(basis)
     if a.embed_init == "orthogonal":
         model.embedding.orthogonal_init(1.0)
+    if a.init:
+        model.load_state_dict(torch.load(a.init, map_location="cpu", weights_only=False)["model"])
     emb = [model.embedding.weight]
     mats = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embedding.")]
     rest = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -211,7 +215,8 @@ def probe(a):
     bnd = json.load(open(os.path.join(a.pool, "bound.json"))).get(str(a.length), {}).get("accuracy", float("nan"))
     os.makedirs(a.runs, exist_ok=True)
     path = os.path.join(a.runs, a.name + ".csv")
-    fields = ["step", "seconds", "L", "lr", "loss", "bce", "mse", "eval_accuracy", "eval_bce", "ridge_bound"]
+    fields = ["step", "seconds", "L", "functions", "lr", "loss", "bce", "mse", "eval_accuracy", "eval_bce",
+              "ridge_bound"]
     fh = open(path, "w", newline="")
     w = csv.writer(fh)
     fh.write("# " + json.dumps(vars(a)) + "\n")
@@ -230,7 +235,8 @@ def probe(a):
                 lr *= 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, step / a.steps)))
             for g in opt.param_groups:
                 g["lr"] = lr
-        x, y, mag, fn, _ = models.make_episodes(X, tr, a.batch, L, a.seed * 1_000_003 + step)
+        k = models.functions_at(step, F, a.fn_start, a.fn_ramp)
+        x, y, mag, fn, _ = models.make_episodes(X, models.function_prefix(tr, k), a.batch, L, a.seed * 1_000_003 + step)
         if a.flip:  # the original's early recipe: flip each episode's labels with probability 1/2
             f = (torch.rand(a.batch) < 0.5).float()[:, None]
             y = y * (1 - f) + (1 - y) * f
@@ -245,8 +251,9 @@ def probe(a):
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        row = dict(step=step + 1, seconds=round(time.time() - t0, 2), L=L, lr=lr, loss=float(total), bce=float(bce),
-                   mse=float(mse))
+        row = dict(step=step + 1, seconds=round(time.time() - t0, 2), L=L, functions=k, lr=lr,
+                   loss=float(total.detach()), bce=float(bce.detach()),
+                   mse=float(mse.detach()))
         done = step + 1 == a.steps or (a.minutes and time.time() - t0 > 60 * a.minutes)
         if (step + 1) % a.eval_every == 0 or done:
             if a.opt == "schedulefree":
@@ -255,7 +262,7 @@ def probe(a):
             row.update(eval_accuracy=e["accuracy"], eval_bce=e["bce"], ridge_bound=bnd)
             best = max(best, e["accuracy"])
             print(f"{a.name} step {step + 1} {row['seconds']:.0f}s L {L} loss {row['loss']:.3f} bce {row['bce']:.3f} "
-                  f"acc {e['accuracy']:.4f} (bound {bnd:.4f})", flush=True)
+                  f"F {k} acc {e['accuracy']:.4f} (bound {bnd:.4f})", flush=True)
         w.writerow([row.get(k, "") for k in fields])
         fh.flush()
         if done:
@@ -271,12 +278,14 @@ def _probe_parser(sub):
     q.add_argument("--name", required=True)
     for k, v in dict(length=32, batch=32, steps=600, minutes=0.0, d_model=64, n_layers=2, n_heads=4, dropout=0.0,
                      lr=2e-3, warmup=50, wd=0.05, embed_wd=0.05, input_pca=0.95, min_nonzero=120, eval_every=100,
-                     eval_episodes=256, seed=0, threads=1, curriculum=0, ramp=500, mag_weight=1.0).items():
+                     eval_episodes=256, seed=0, threads=1, curriculum=0, ramp=500, mag_weight=1.0,
+                     fn_start=0, fn_ramp=2000).items():
         q.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     for k, v in dict(mlp=True, smear=False, flip=False, cosine=True).items():
         q.add_argument("--" + k.replace("_", "-"), action=argparse.BooleanOptionalAction, default=v)
     q.add_argument("--loss", default="kendall", choices=["kendall", "bce", "sum"])
     q.add_argument("--opt", default="adamw", choices=["adamw", "schedulefree"])
+    q.add_argument("--init", default="", help="start from a train.py meta checkpoint's weights")
     q.add_argument("--embed-init", default="orthogonal", choices=["orthogonal", "default"])
 
 

@@ -1,0 +1,91 @@
+"""The function curriculum of the meta stage: models.densest_first / function_prefix / functions_at against
+functions built directly from the codes, and train.py --functions-start end to end (the CSV's functions column,
+the episodes each step draws from)."""
+import numpy as np
+import pytest
+import torch
+
+import models
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops on shared cores
+
+
+def _codes(n=400, n_latents=12, k=3, seed=0):
+    """Top-k codes with latents of very different densities (latent j is favoured with weight ~ 1 / (j + 1))."""
+    g = np.random.default_rng(seed)
+    s = g.gumbel(size=(n, n_latents)) + np.log(1.0 / (np.arange(n_latents) + 1))
+    idx = np.argsort(-s, 1)[:, :k]
+    val = g.uniform(0.1, 2.0, size=(n, k)).astype(np.float32)
+    return idx, val
+
+
+def _positives(fns, f):
+    ptr = fns["pos_ptr"]
+    return fns["pos_idx"][ptr[f]:ptr[f + 1]].numpy(), fns["pos_val"][ptr[f]:ptr[f + 1]].numpy()
+
+
+def test_densest_first_prefix_is_the_densest_functions():
+    """function_prefix(densest_first(fns), k) holds exactly the k latents with the most positives, each with the
+    same positive rows, values and magnitude scale as functions_from_codes builds for that latent alone."""
+    idx, val = _codes()
+    fns = models.functions_from_codes(idx, val, min_nonzero=5)
+    counts = fns["pos_ptr"].diff().numpy()
+    order = models.densest_first(fns)
+    assert sorted(order["latents"].tolist()) == sorted(fns["latents"].tolist())
+    assert (np.diff(order["pos_ptr"].diff().numpy()) <= 0).all()  # most positives first
+    for k in (1, 3, len(counts)):
+        pre = models.function_prefix(order, k)
+        want = fns["latents"].numpy()[np.lexsort((fns["latents"].numpy(), -counts))[:k]]
+        np.testing.assert_array_equal(pre["latents"].numpy(), want)
+        assert len(pre["pos_ptr"]) == k + 1 and len(pre["pos_idx"]) == int(pre["pos_ptr"][-1])
+        for f, lat in enumerate(want):
+            one = models.functions_from_codes(idx, val, min_nonzero=5, latents=[lat])
+            for got, ref in zip(_positives(pre, f), _positives(one, 0)):
+                np.testing.assert_array_equal(got, ref)
+            assert float(pre["mag_scale"][f]) == pytest.approx(float(one["mag_scale"][0]))
+    # episodes of a prefix only ever use its functions' rows as positives
+    pre = models.function_prefix(order, 2)
+    x, y, _, fn, rows = models.make_episodes(torch.randn(400, 5), pre, 16, 10, seed=3)
+    assert int(fn.max()) < 2
+    for b in range(16):
+        pos = set(_positives(pre, int(fn[b]))[0].tolist())
+        assert all((int(r) in pos) == bool(t) for r, t in zip(rows[b], y[b]))
+
+
+def test_densest_first_keeps_explicit_negatives():
+    """Neuron functions list their negatives: both CSR sides are reordered together."""
+    X = np.random.default_rng(1).normal(size=(50, 4)).astype(np.float32) * [1, 2, 3, 4]
+    fns = models.functions_from_neurons(X)
+    order = models.densest_first(fns)
+    for f, lat in enumerate(order["latents"].tolist()):
+        j = fns["latents"].tolist().index(lat)
+        for side in ("pos", "neg"):
+            a, b = order[f"{side}_ptr"], fns[f"{side}_ptr"]
+            np.testing.assert_array_equal(order[f"{side}_idx"][a[f]:a[f + 1]], fns[f"{side}_idx"][b[j]:b[j + 1]])
+
+
+def test_functions_at_grows_geometrically():
+    assert models.functions_at(0, 1000, 10, 100) == 10
+    assert models.functions_at(50, 1000, 10, 100) == 100  # halfway: the geometric mean
+    assert models.functions_at(100, 1000, 10, 100) == 1000 == models.functions_at(10 ** 6, 1000, 10, 100)
+    assert models.functions_at(0, 1000, 0, 100) == 1000 == models.functions_at(0, 1000, 5000, 100)
+    steps = [models.functions_at(s, 1000, 10, 100) for s in range(101)]
+    assert steps == sorted(steps)
+
+
+def test_train_function_curriculum(world, coco_pools, tmp_path):
+    """train.py --functions-start K --functions-ramp S: step s trains on functions_at(s, F, K, S) densest
+    functions (the CSV's functions column); the checkpoint lists every training latent; static_linear refuses."""
+    import pandas as pd
+    import train
+    from test_meta import write_truth_codes
+    from test_paper import meta_args
+    pools = dict(coco_pools, codes=write_truth_codes(world, "coco", tmp_path / "codes.h5"))
+    train.main(meta_args(pools, tmp_path / "c.pt", steps=12, eval_every=6, functions_start=2, functions_ramp=8))
+    log = pd.read_csv(tmp_path / "c.csv")
+    ck = torch.load(tmp_path / "c.pt", weights_only=False)
+    F = len(ck["latents"])
+    assert F > 2 and log["functions"].tolist() == [models.functions_at(s, F, 2, 8) for s in range(12)]
+    assert log["functions"].iloc[0] == 2 and log["functions"].iloc[-1] == F
+    with pytest.raises(SystemExit, match="--functions-start is a curriculum for in-context learners"):
+        train.main(meta_args(pools, tmp_path / "s.pt", model="static_linear", functions_start=2))
