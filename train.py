@@ -553,13 +553,14 @@ def stage_meta(cfg):
         print(f"train.py: note: the selection pool {cfg['eval_features']} shares {shared} of its {len(ide)} images "
               f"with the training pool {cfg['features']}; a held-out split scores generalisation to new images")
     train_fns, eval_fns, heads = _meta_functions(cfg, X, ids, Xe, ide)
+    bound_fns = train_fns
     X, Xe = torch.from_numpy(X), torch.from_numpy(Xe)
     F, L = len(train_fns["latents"]), cfg["length"]
     if cfg["functions_start"]:  # densest first, so that the curriculum's first k functions are a CSR prefix
         if cfg["model"] == "static_linear":
             sys.exit("train.py: error: --functions-start is a curriculum for in-context learners; static_linear "
                      "has one head per function (use --functions-start 0)")
-        train_fns = densest_first(train_fns)
+        train_fns, bound_fns = densest_first(train_fns), train_fns  # the bound picks alpha on the usual episodes
         if rank == 0:
             print(f"train.py: function curriculum: the {min(cfg['functions_start'], F)} densest of {F} functions "
                   f"first, all of them from step {cfg['functions_ramp']} on")
@@ -669,7 +670,7 @@ def stage_meta(cfg):
               f"{sum(p.numel() for p in params):,} parameters")
         if cfg["icl_bound"] > 0:  # what a linear learner on the standardised features reaches without meta-learning
             nb = min(cfg["icl_bound"], n_eval)
-            bound = ridge_icl_bound(X, train_fns, Xe, eval_fns, L, nb, seed=eval_seed, shift=X.mean(0),
+            bound = ridge_icl_bound(X, bound_fns, Xe, eval_fns, L, nb, seed=eval_seed, shift=X.mean(0),
                                     scale=1 / X.std(0).clamp_min(1e-6), batch=eval_batch)
             bound["n_episodes"] = nb
             print(f"train.py: online ridge bound (no meta-learning; alpha {bound['alpha']:g} chosen on training "

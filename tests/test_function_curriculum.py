@@ -81,11 +81,17 @@ def test_train_function_curriculum(world, coco_pools, tmp_path):
     from test_meta import write_truth_codes
     from test_paper import meta_args
     pools = dict(coco_pools, codes=write_truth_codes(world, "coco", tmp_path / "codes.h5"))
-    train.main(meta_args(pools, tmp_path / "c.pt", steps=12, eval_every=6, functions_start=2, functions_ramp=8))
+    train.main(meta_args(pools, tmp_path / "c.pt", steps=12, eval_every=6, functions_start=2, functions_ramp=8,
+                         icl_bound=16))
     log = pd.read_csv(tmp_path / "c.csv")
     ck = torch.load(tmp_path / "c.pt", weights_only=False)
     F = len(ck["latents"])
     assert F > 2 and log["functions"].tolist() == [models.functions_at(s, F, 2, 8) for s in range(12)]
     assert log["functions"].iloc[0] == 2 and log["functions"].iloc[-1] == F
+    # the ridge bound does not depend on the curriculum (its alpha is chosen on the same training episodes)
+    train.main(meta_args(pools, tmp_path / "n.pt", steps=6, eval_every=6, icl_bound=16))
+    plain = torch.load(tmp_path / "n.pt", weights_only=False)["metrics"]["icl_ridge_bound"]
+    assert ck["metrics"]["icl_ridge_bound"]["accuracy"] == plain["accuracy"]
+    assert ck["metrics"]["icl_ridge_bound"]["alpha"] == plain["alpha"]
     with pytest.raises(SystemExit, match="--functions-start is a curriculum for in-context learners"):
         train.main(meta_args(pools, tmp_path / "s.pt", model="static_linear", functions_start=2))
