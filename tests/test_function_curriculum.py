@@ -95,3 +95,16 @@ def test_train_function_curriculum(world, coco_pools, tmp_path):
     assert ck["metrics"]["icl_ridge_bound"]["alpha"] == plain["alpha"]
     with pytest.raises(SystemExit, match="--functions-start is a curriculum for in-context learners"):
         train.main(meta_args(pools, tmp_path / "s.pt", model="static_linear", functions_start=2))
+
+
+@pytest.mark.parametrize("name", ["icl_full_cpu", "icl_full_gpu"])
+def test_icl_presets_parse_with_the_curriculum(name):
+    """The ICL presets are train.py [meta] tables whose every key is a meta flag, with the function curriculum on."""
+    import tomllib
+    from pathlib import Path
+    import train
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
+    table = tomllib.loads(path.read_text())["meta"]
+    cfg = train.parse(["--stage", "meta", "--config", str(path)])
+    assert all(cfg[k] == v for k, v in table.items()), {k: (cfg[k], v) for k, v in table.items() if cfg[k] != v}
+    assert cfg["functions_start"] == 35 and cfg["length"] == 120 and cfg["d_model"] // cfg["n_heads"] == 128
