@@ -627,7 +627,8 @@ def stage_meta(cfg):
         ck = data.load_checkpoint(last, "meta resume state", map_location=device)
         diff = [(k, ck.get("model_args", {}).get(k), v) for k, v in model_args.items()
                 if ck.get("model_args", {}).get(k) != v]
-        was = {k: ck.get("config", {}).get(k, defaults_meta[k]) for k in META_RESUME_KEYS}  # older runs: defaults
+        flags = stage_defaults("meta")
+        was = {k: ck.get("config", {}).get(k, flags[k]) for k in META_RESUME_KEYS}  # older runs: the defaults
         diff += [(k, was[k], cfg[k]) for k in META_RESUME_KEYS if was[k] != cfg[k]]
         if diff:
             sys.exit(f"train.py: error: {last}: --resume with other settings than its run: "

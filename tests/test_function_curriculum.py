@@ -108,3 +108,22 @@ def test_icl_presets_parse_with_the_curriculum(name):
     cfg = train.parse(["--stage", "meta", "--config", str(path)])
     assert all(cfg[k] == v for k, v in table.items()), {k: (cfg[k], v) for k, v in table.items() if cfg[k] != v}
     assert cfg["functions_start"] == 35 and cfg["length"] == 120 and cfg["d_model"] // cfg["n_heads"] == 128
+
+
+def test_resume_a_run_from_before_the_curriculum(world, coco_pools, tmp_path):
+    """A resume state written before --functions-start existed (no such keys in its config) resumes with the
+    defaults; one written with another curriculum is refused, naming the setting."""
+    import train
+    from test_meta import write_truth_codes
+    from test_paper import meta_args
+    pools = dict(coco_pools, codes=write_truth_codes(world, "coco", tmp_path / "codes.h5"))
+    train.main(meta_args(pools, tmp_path / "r.pt", steps=6, eval_every=3))
+    last = tmp_path / "r.last.pt"
+    ck = torch.load(last, weights_only=False)
+    for k in ("functions_start", "functions_ramp"):
+        del ck["config"][k]
+    torch.save(ck, last)
+    train.main(meta_args(pools, tmp_path / "r.pt", steps=9, eval_every=3, resume=True))
+    assert torch.load(last, weights_only=False)["step"] == 9
+    with pytest.raises(SystemExit, match="functions_start 0 \\(checkpoint\\) vs 4"):
+        train.main(meta_args(pools, tmp_path / "r.pt", steps=12, eval_every=3, resume=True, functions_start=4))
