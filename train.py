@@ -560,7 +560,7 @@ def stage_meta(cfg):
         if cfg["model"] == "static_linear":
             sys.exit("train.py: error: --functions-start is a curriculum for in-context learners; static_linear "
                      "has one head per function (use --functions-start 0)")
-        train_fns, bound_fns = densest_first(train_fns), train_fns  # the bound picks alpha on the usual episodes
+        train_fns = densest_first(train_fns)  # bound_fns keeps the usual order: the bound's alpha episodes
         if rank == 0:
             print(f"train.py: function curriculum: the {min(cfg['functions_start'], F)} densest of {F} functions "
                   f"first, all of them from step {cfg['functions_ramp']} on")

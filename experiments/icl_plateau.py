@@ -189,7 +189,7 @@ def probe(a):
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     X, tr, Xe, ev = _pool(a.pool, a.length, a.min_nonzero)
-    tr = models.densest_first(tr)
+    tr = models.densest_first(tr) if a.fn_start else tr  # without the curriculum: the episodes as before
     F = len(tr["latents"])
     mean, std = X.mean(0), X.std(0)
     basis = models.principal_basis(X, a.input_pca, scale=1 / std)[0] if a.input_pca else None
