@@ -2,12 +2,15 @@
 
     export OMP_NUM_THREADS=1
     python experiments/seeds_table.py run   [--seeds 0 1 2] [--worlds positive control] [--root runs/seeds]
-                                            [--size small|full]
+                                            [--size small|full] [--config configs/demo.toml]
     python experiments/seeds_table.py table [--seeds 0 1 2] [--worlds positive control] [--root runs/seeds]
                                             [--out runs/seeds/table.md]
 
 run: for each seed and world kind, the demo chain through the Makefile into its own folders,
     make demo WORLD=<root>/worlds/<kind>-s<seed> RUN=<root>/runs/<kind>-s<seed> SEED=<seed> SIZE=<size> CONTROL=<1|>
+         CONFIG=<config>
+--config: the preset whose [sae] and [meta] tables train each seed (default the demo's; at full size
+configs/icl_full_cpu.toml, the recipe that learns in context at the ridge bound, with the SAE by the sizing rule).
 SEED seeds the world and both trainings (SAE, meta), so each seed is a different world and a different training
 run; the control world of a seed has the positive world's features bit for bit (world.py), only its people differ.
 Finished stages are skipped (the Makefile's file targets), so a killed run resumes; make's output goes to
@@ -38,6 +41,7 @@ defaults = dict(
     worlds=["positive", "control"],  # world kinds: positive | control (the negative control, make CONTROL=1)
     root="runs/seeds",              # <root>/worlds/<kind>-s<seed>, <root>/runs/<kind>-s<seed>, <root>/logs
     size="small",                   # run: world size (make SIZE=): small | full
+    config="configs/demo.toml",     # run: the training preset (make CONFIG=), [sae] and [meta] tables
     out="",                         # table: markdown file ('' -> <root>/table.md); its JSON beside it (.json)
     make="make",                    # run: the make program
 )
@@ -59,8 +63,18 @@ def parse(argv=None):
     if len(set(a["seeds"])) != len(a["seeds"]) or len(set(a["worlds"])) != len(a["worlds"]):
         p.error(f"--seeds {a['seeds']} and --worlds {a['worlds']}: each value once")
     a["root"] = os.path.abspath(a["root"])
+    a["config"] = config_path(a["config"], p)
     a["out"] = os.path.abspath(a["out"]) if a["out"] else os.path.join(a["root"], "table.md")
     return a
+
+
+def config_path(path, p):
+    """--config as an absolute path: as given (from the working folder), else under the repository; it must exist."""
+    for c in (os.path.abspath(path), os.path.join(ROOT, path)):
+        if os.path.isfile(c):
+            return c
+    p.error(f"--config {path}: file not found (looked in {os.getcwd()} and {ROOT}); expected a TOML preset with "
+            f"[sae] and/or [meta] tables, e.g. configs/demo.toml or configs/icl_full_cpu.toml")
 
 
 def name(kind, seed):
@@ -78,7 +92,7 @@ def world_dir(root, kind, seed):
 def make_command(a, kind, seed):
     """The make command line of one run (run in the repository root)."""
     return [a["make"], "demo", f"WORLD={world_dir(a['root'], kind, seed)}", f"RUN={run_dir(a['root'], kind, seed)}",
-            f"SEED={seed}", f"SIZE={a['size']}", f"CONTROL={'1' if kind == 'control' else ''}"]
+            f"SEED={seed}", f"SIZE={a['size']}", f"CONTROL={'1' if kind == 'control' else ''}", f"CONFIG={a['config']}"]
 
 
 def check_world(a, kind, seed):

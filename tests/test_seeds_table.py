@@ -131,15 +131,26 @@ def test_run_calls_make_per_seed_and_world_and_names_a_failure(tmp_path, capsys)
     make.chmod(0o755)
     with pytest.raises(SystemExit):
         seeds_table.main(["run", "--seeds", "0", "1", "--root", str(tmp_path / "r"), "--make", str(make),
-                          "--size", "full"])
+                          "--size", "full", "--config", "configs/icl_full_cpu.toml"])
     calls = (tmp_path / "calls").read_text().splitlines()
     r = tmp_path / "r"
-    assert calls == [f"demo WORLD={r}/worlds/positive-s0 RUN={r}/runs/positive-s0 SEED=0 SIZE=full CONTROL=",
-                     f"demo WORLD={r}/worlds/control-s0 RUN={r}/runs/control-s0 SEED=0 SIZE=full CONTROL=1",
-                     f"demo WORLD={r}/worlds/positive-s1 RUN={r}/runs/positive-s1 SEED=1 SIZE=full CONTROL="]
+    c = ROOT / "configs" / "icl_full_cpu.toml"
+    assert calls == [f"demo WORLD={r}/worlds/positive-s0 RUN={r}/runs/positive-s0 SEED=0 SIZE=full CONTROL= CONFIG={c}",
+                     f"demo WORLD={r}/worlds/control-s0 RUN={r}/runs/control-s0 SEED=0 SIZE=full CONTROL=1 CONFIG={c}",
+                     f"demo WORLD={r}/worlds/positive-s1 RUN={r}/runs/positive-s1 SEED=1 SIZE=full CONTROL= CONFIG={c}"]
     cap = capsys.readouterr()
     assert cap.out.count("done in") == 2 and "[2/4] control-s0" in cap.out
     assert "run positive-s1 failed (make exited with 3" in cap.err and "positive-s1.log" in cap.err
+
+
+def test_run_names_a_missing_config_before_running_anything(tmp_path, capsys):
+    make = tmp_path / "calls_make"
+    make.write_text("#!/bin/sh\necho \"$@\" >> \"$(dirname \"$0\")/calls\"\n")
+    make.chmod(0o755)
+    with pytest.raises(SystemExit):
+        seeds_table.main(["run", "--root", str(tmp_path), "--make", str(make), "--config", "configs/nope.toml"])
+    err = capsys.readouterr().err
+    assert "--config configs/nope.toml: file not found" in err and not (tmp_path / "calls").exists()
 
 
 def test_run_refuses_a_world_written_with_other_settings(tmp_path, capsys):
