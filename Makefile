@@ -13,7 +13,7 @@ CKPT    ?= $(RUN)/meta/world.pt
 # the demo's SAE and meta settings ([sae], [meta] tables; paths are passed on the command line below)
 CONFIG  ?= configs/demo.toml
 EVAL    := evaluate.py representations.py geometry.py data.py   # every evaluation's result depends on these
-# the README's "What the demo shows" is generated from the default demo's report (evaluate.demo_summary)
+# the README's "What the demo shows" is generated from the default demo's report (eval_report.demo_summary)
 README_SUMMARY := $(if $(filter runs/demo|data/world|small|0,$(RUN)|$(WORLD)|$(SIZE)|$(SEED)),--readme README.md,)
 , := ,
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions

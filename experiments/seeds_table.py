@@ -15,7 +15,7 @@ SEED seeds the world and both trainings (SAE, meta), so each seed is a different
 run; the control world of a seed has the positive world's features bit for bit (world.py), only its people differ.
 Finished stages are skipped (the Makefile's file targets), so a killed run resumes; make's output goes to
 <root>/logs/<kind>-s<seed>.log, one line per run here, and the first failing run stops the loop, named.
-table: every run's result JSONs through evaluate.control_rows (the report's table "Aligned against base and the
+table: every run's result JSONs through eval_report.control_rows (the report's table "Aligned against base and the
 controls": paired gains and CIs as each task computed them) -> <out> (markdown) and <out>.json beside it: per
 world kind, one row per task and measure; per seed the gain of aligned over base and over the best control (the
 highest control on that seed, named), then the mean over seeds and how many seeds have the CI above / straddling /
@@ -33,7 +33,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
-import evaluate  # noqa: E402  (its public report helpers: control_rows; never its main)
+import eval_report  # noqa: E402  (control_rows: the report's own gains and CIs)
 
 # ----------------------------------------------------------------------------------------------- defaults
 defaults = dict(
@@ -169,7 +169,7 @@ def summarise(a):
         per_seed = {}
         for seed in a["seeds"]:
             folder = run_dir(a["root"], kind, seed)
-            rows = evaluate.control_rows(read_run(folder))
+            rows = eval_report.control_rows(read_run(folder))
             if not rows:
                 raise data.DataError(f"{folder}: no aligned results (tasks run without --ckpt?)")
             per_seed[seed] = ({(t["task"], t["measure"]): t for t in rows}, folder)

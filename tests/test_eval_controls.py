@@ -15,6 +15,7 @@ from sklearn.preprocessing import StandardScaler
 
 import choice
 import data
+import eval_report
 import evaluate
 import geometry
 import kernels
@@ -161,14 +162,14 @@ def test_controls_in_things_ooo_and_cka(world, ckpts, tmp_path):
     n = len(loo)
     assert g["se"] == pytest.approx(math.sqrt((n - 1) / n * ((np.array(loo) - np.mean(loo)) ** 2).sum()), rel=1e-4)
     # the report: aligned, base, the best control and the gain over it with its CI; the demo summary lists losses
-    text = evaluate.task_report(dict(evaluate.defaults, results=str(tmp_path)))
+    text = eval_report.task_report(dict(evaluate.defaults, results=str(tmp_path)), evaluate.defaults)
     best = max(want, key=lambda n: r[n]["accuracy"])
     gain = r["aligned"]["vs"]["accuracy"][best]
     row = (f"| things-ooo | accuracy | {r['aligned']['accuracy']:.3f} | {r['base']['accuracy']:.3f} | {best} "
            f"{r[best]['accuracy']:.3f} | {gain['delta']:.3f} | [{gain['ci'][0]:.3f}, {gain['ci'][1]:.3f}] |")
     assert row in text, text
     summary = text.split("## What the demo shows\n\n")[1].split("\n\n")[0]
-    lost = [rw for rw in evaluate.control_rows({"t.json": r}) if rw["gain"] < 0]
+    lost = [rw for rw in eval_report.control_rows({"t.json": r}) if rw["gain"] < 0]
     assert f"it loses on {len(lost) + (c['aligned']['cka'] < c['base_z']['cka'])} of 2 measures" in summary
     if lost:
         assert f"against {best}" in summary
