@@ -624,15 +624,15 @@ def function_members(mc, ck, X, ids, codes_path):
     the codes of those images (latent active), neuron functions from X (above the column's median), F = the
     checkpoint's training latents in order."""
     import scipy.sparse as sp
-    from models import read_codes
+    from models import latent_positions, read_codes
     lat = np.asarray(ck["latents"])
     if mc.get("functions", "sae") == "neurons":
         Z = X[:, lat] > np.median(X[:, lat], 0)
         return sp.csr_matrix(Z.T)
     idx, val = read_codes(codes_path, len(X), ids)
     r, c = np.nonzero(val > 0)
-    j = np.searchsorted(lat, idx[r, c])
-    ok = (j < len(lat)) & (lat[np.minimum(j, len(lat) - 1)] == idx[r, c])
+    j = latent_positions(lat, idx[r, c])  # lat may be unsorted (the function curriculum's order)
+    ok = j >= 0
     return sp.csr_matrix((np.ones(int(ok.sum()), bool), (j[ok], r[ok])), shape=(len(lat), len(X)))
 
 
@@ -681,7 +681,8 @@ def _icl_one(cfg, path):
     the training functions (on the same pool), where memorisation can help."""
     if not os.path.exists(path):
         raise data.DataError(f"{path} not found; expected a meta checkpoint (train.py --stage meta)")
-    from models import functions_from_codes, functions_from_neurons, load_meta, read_codes, ridge_icl_bound
+    from models import (functions_from_codes, functions_from_neurons, latent_positions, load_meta, read_codes,
+                        ridge_icl_bound)
     try:
         model, ck = load_meta(path)
     except (ValueError, RuntimeError) as e:
@@ -706,7 +707,7 @@ def _icl_one(cfg, path):
         fns = functions_from_codes(idx, val, L, latents=held)
     heads = None
     if mc.get("model") == "static_linear":
-        heads = torch.from_numpy(np.searchsorted(np.asarray(ck["latents"]), fns["latents"].numpy()))
+        heads = torch.from_numpy(latent_positions(ck["latents"], fns["latents"].numpy()))
     Xt = torch.from_numpy(X)
     r = icl_curves(model, Xt, fns, L, n_ep, heads=heads)
     out = dict(accuracy=float(np.mean(r["accuracy"])), accuracy_by_position=r["accuracy"],
@@ -738,7 +739,7 @@ def _icl_one(cfg, path):
         raise data.DataError(f"{path}: no 'latents' (the training functions): the identifier bound needs them")
     if not trained:  # the memorisation bound for functions the model trained on: their episodes on this pool
         tf = functions_from_neurons(X, latents=lat) if neurons else functions_from_codes(idx, val, L, latents=lat)
-        th = torch.from_numpy(np.searchsorted(lat, tf["latents"].numpy())) if heads is not None else None
+        th = torch.from_numpy(latent_positions(lat, tf["latents"].numpy())) if heads is not None else None
         rt = icl_curves(model, Xt, tf, L, n_ep, heads=th)
         rb, idf = bounds(tf)
         out["on_training_functions"] = dict(accuracy=float(np.mean(rt["accuracy"])),

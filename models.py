@@ -328,6 +328,18 @@ def read_codes(path, n_rows=None, image_ids=None, features_path="the features fi
     return idx.astype(_np.int64), val
 
 
+def latent_positions(latents, ids):
+    """Position of each of `ids` in `latents`, which may be in any order (a checkpoint's training latents are in the
+    function curriculum's densest-first order, not sorted); ids not in `latents` -> -1."""
+    lat, ids = _np.asarray(latents), _np.asarray(ids)
+    if not len(lat):
+        return _np.full(ids.shape, -1)
+    order = _np.argsort(lat, kind="stable")
+    s = lat[order]
+    j = _np.minimum(_np.searchsorted(s, ids), len(s) - 1)
+    return _np.where(s[j] == ids, order[j], -1)
+
+
 def functions_from_codes(indices, values, min_nonzero=120, latents=None):
     """Binary functions from top-k codes: latent j is a function if active (value > 0) on >= min_nonzero rows.
 

@@ -90,11 +90,31 @@ def test_train_function_curriculum(world, coco_pools, tmp_path):
     assert log["functions"].iloc[0] == 2 and log["functions"].iloc[-1] == F
     # the ridge bound does not depend on the curriculum (its alpha is chosen on the same training episodes)
     train.main(meta_args(pools, tmp_path / "n.pt", steps=6, eval_every=6, icl_bound=16))
-    plain = torch.load(tmp_path / "n.pt", weights_only=False)["metrics"]["icl_ridge_bound"]
+    plain_ck = torch.load(tmp_path / "n.pt", weights_only=False)
+    plain = plain_ck["metrics"]["icl_ridge_bound"]
     assert ck["metrics"]["icl_ridge_bound"]["accuracy"] == plain["accuracy"]
     assert ck["metrics"]["icl_ridge_bound"]["alpha"] == plain["alpha"]
     with pytest.raises(SystemExit, match="--functions-start is a curriculum for in-context learners"):
         train.main(meta_args(pools, tmp_path / "s.pt", model="static_linear", functions_start=2))
+    # the identifier bound (evaluate.py --task icl) reads the training functions in the checkpoint's own order,
+    # densest first under the curriculum, not sorted: its members matrix must follow that order (a bug once made
+    # it a random one, and the identifier chance, at full size)
+    import scipy.sparse as sp
+
+    import data
+    from eval_behaviour import function_members, identifier_icl_curve
+    assert np.any(np.diff(np.asarray(ck["latents"])) < 0)  # the curriculum's order is not the sorted one
+    X, ids = data.read_features(coco_pools["eval"])
+    codes = pools["codes"]
+    idx, val = (np.asarray(a) for a in models.read_codes(codes, len(X), ids))  # this pool's rows, by image id
+    oracle = np.stack([((idx == lat) & (val > 0)).any(1) for lat in ck["latents"]])
+    M = function_members(ck["config"], ck, X, ids, codes)
+    assert M.shape == oracle.shape and (M.toarray() == oracle).all()
+    fns = models.functions_from_codes(idx, val, 16, latents=np.asarray(ck["latents"]))
+    Mp = function_members(plain_ck["config"], plain_ck, X, ids, codes)
+    a = identifier_icl_curve(torch.from_numpy(X), fns, M, 16, n_episodes=32)
+    b = identifier_icl_curve(torch.from_numpy(X), fns, sp.csr_matrix(Mp), 16, n_episodes=32)
+    assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-12) and a["accuracy"] > 0.8, (a, b)
 
 
 @pytest.mark.parametrize("name", ["icl_full_cpu", "icl_full_gpu"])
@@ -127,3 +147,9 @@ def test_resume_a_run_from_before_the_curriculum(world, coco_pools, tmp_path):
     assert torch.load(last, weights_only=False)["step"] == 9
     with pytest.raises(SystemExit, match="functions_start 0 \\(checkpoint\\) vs 4"):
         train.main(meta_args(pools, tmp_path / "r.pt", steps=12, eval_every=3, resume=True, functions_start=4))
+
+
+def test_latent_positions_in_any_order():
+    lat = np.array([7, 2, 9, 4])  # a checkpoint's latents in curriculum order
+    assert models.latent_positions(lat, np.array([9, 7, 4, 2, 5, 10])).tolist() == [2, 0, 3, 1, -1, -1]
+    assert models.latent_positions(np.array([], np.int64), np.array([3])).tolist() == [-1]
