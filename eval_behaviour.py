@@ -720,6 +720,7 @@ def _icl_one(cfg, path):
     lat = np.asarray(ck["latents"]) if ck.get("latents") is not None else None
     trained = lat is not None and bool(np.isin(fns["latents"].numpy(), lat).all())
     out["trained_functions"] = trained
+    members = function_members(mc, ck, X, ids, codes) if lat is not None else None  # the same for both calls
 
     def bounds(eval_fns):
         if train is not None:
@@ -730,8 +731,7 @@ def _icl_one(cfg, path):
             rb["alpha_selected_on"] = "other episodes (seed + 1,000,003) of the evaluated functions: no training pool"
         idf = None
         if lat is not None:
-            idf = identifier_icl_curve(Xt, eval_fns, function_members(mc, ck, X, ids, codes), L, n_ep,
-                                       noise=cfg.get("icl_noise", 0.01))
+            idf = identifier_icl_curve(Xt, eval_fns, members, L, n_ep, noise=cfg.get("icl_noise", 0.01))
         return rb, idf
 
     out["ridge_bound"], out["identifier"] = bounds(fns)
